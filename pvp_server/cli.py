@@ -47,6 +47,30 @@ def cmd_generate(args) -> None:
     print(f"wrote {args.out} ({G.cfg.resolution}x{G.cfg.resolution}, seed {args.seed}, {source})")
 
 
+def cmd_track(args) -> None:
+    from .tracking.align import write_aligned_frames
+    from .tracking.track import Track
+    from .tracking.tracker import TrackSettings, track_video
+
+    settings = TrackSettings(start=args.start, end=args.end, stride=args.stride, sigma_centre=args.sigma_centre,
+                             sigma_axes=args.sigma_axes)
+    face_model = Track.load(args.expression_space).face_model if args.expression_space else None
+    if args.backend == "deca":
+        from .tracking.deca_backend import track_video_deca
+
+        track = track_video_deca(args.video, settings, device=_device(args.device))
+    else:
+        track = track_video(args.video, settings, face_model=face_model)
+    track.save(args.output)
+    print(f"wrote {args.output}: {len(track)} frames, {int(track.valid.sum())} with a face, "
+          f"{track.expression.shape[1]} expression coefficients ({track.backend})")
+    for event in track.events:
+        print(f"  note: {event['type']} in {len(event['frames'])} frames: {event['frames'][:20]}")
+    if args.aligned:
+        n = write_aligned_frames(track, args.aligned, args.size)
+        print(f"wrote {n} aligned {args.size}px frames to {args.aligned}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pvp", description=__doc__)
     p.add_argument("--version", action="version", version=f"pvp {__version__}")
@@ -64,6 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resolution", type=int, default=256, help="random generator only")
     g.add_argument("--random-weights-seed", type=int, default=0, help="random generator only")
     g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("track", help="track a face through a video: pose, jaw, expression, FFHQ crop")
+    t.add_argument("video", type=Path, help="video file (mp4, mov, avi, webm, ...) or a folder of images")
+    t.add_argument("-o", "--output", type=Path, required=True, help="track file to write (.safetensors)")
+    t.add_argument("--start", type=int, default=0, help="first frame")
+    t.add_argument("--end", type=int, default=None, help="stop before this frame")
+    t.add_argument("--stride", type=int, default=1, help="take every Nth frame")
+    t.add_argument("--backend", choices=("mediapipe", "deca"), default="mediapipe")
+    t.add_argument("--expression-space", type=Path, help="express this (driving) video in another track's "
+                   "expression space")
+    t.add_argument("--aligned", type=Path, help="also write FFHQ-aligned frames to this folder")
+    t.add_argument("--size", type=int, default=512, choices=(256, 512, 1024), help="aligned frame size")
+    t.add_argument("--sigma-centre", type=float, default=1.0, help="temporal smoothing of the crop centre (frames)")
+    t.add_argument("--sigma-axes", type=float, default=3.0, help="temporal smoothing of the crop axes (frames)")
+    t.add_argument("--device", default="auto", help="DECA backend only")
+    t.set_defaults(func=cmd_track)
     return p
 
 
@@ -71,10 +111,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     from .checkpoints import CheckpointError
+    from .tracking.track import TrackError
+    from .video import VideoError
 
     try:
         args.func(args)
-    except (UserError, CheckpointError, FileNotFoundError) as e:
+    except (UserError, CheckpointError, VideoError, TrackError, FileNotFoundError) as e:
         print(f"pvp {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

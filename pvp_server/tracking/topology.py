@@ -1,0 +1,13 @@
+"""Landmark indices of MediaPipe's 468-point face mesh (the 10 iris points 468-477 follow them)."""
+
+RIGHT_EYE = (33, 7, 163, 144, 145, 153, 154, 155, 133, 173, 157, 158, 159, 160, 161, 246)  # subject's right
+LEFT_EYE = (362, 382, 381, 380, 374, 373, 390, 249, 263, 466, 388, 387, 386, 385, 384, 398)
+MOUTH_RIGHT, MOUTH_LEFT = 61, 291
+UPPER_LIP_INNER, LOWER_LIP_INNER = 13, 14
+CHIN, FOREHEAD = 152, 10
+NOSE_TIP = 1
+EAR_RIGHT, EAR_LEFT = 234, 454  # face outline beside the ears: the jaw hinge lies near their midpoint
+# Points that do not move with expressions (forehead, nose, eye corners, temples): the rigid fit uses them.
+RIGID = (10, 151, 9, 8, 168, 6, 197, 195, 5, 4, 1, 19, 94, 2, 98, 327, 33, 133, 362, 263, 234, 454, 127, 356,
+         109, 338, 67, 297, 103, 332, 54, 284, 21, 251, 162, 389, 226, 446, 35, 265, 143, 372, 116, 345)
+NUM_MESH = 468
