@@ -42,9 +42,22 @@ def _smooth(values: np.ndarray, valid: np.ndarray, sigma: float) -> np.ndarray:
     return out
 
 
-def smoothed_quads(lm2d: np.ndarray, valid: np.ndarray, sigma_centre: float = 1.0, sigma_axes: float = 3.0):
+def _bounded(raw: np.ndarray, smooth: np.ndarray, size: np.ndarray, max_shift: float) -> np.ndarray:
+    """Keep a smoothed value within max_shift x crop size of the raw one: jitter (small) is removed, while
+    fast real head motion, which a plain Gaussian would lag behind, is followed."""
+    delta = smooth - raw
+    norm = np.linalg.norm(delta, axis=-1, keepdims=True)
+    limit = max_shift * size[:, None]
+    return raw + delta * np.minimum(1.0, limit / np.maximum(norm, 1e-12))
+
+
+def smoothed_quads(lm2d: np.ndarray, valid: np.ndarray, sigma_centre: float = 1.0, sigma_axes: float = 3.0,
+                   max_shift: float = 0.012):
     c, x = ffhq_quad_params(lm2d)
-    return quad_from_params(_smooth(c, valid, sigma_centre), _smooth(x, valid, sigma_axes))
+    size = 2 * np.linalg.norm(x, axis=-1)
+    c_s = _bounded(c, _smooth(c, valid, sigma_centre), size, max_shift)
+    x_s = _bounded(x, _smooth(x, valid, sigma_axes), size, max_shift / 2)
+    return quad_from_params(c_s, x_s)
 
 
 def smooth_landmarks(lm: np.ndarray, valid: np.ndarray, sigma: float) -> np.ndarray:
