@@ -85,3 +85,38 @@ def test_tracks_aligned_frames_like_the_embedded_tracker(d3_track, shared_data):
     assert np.abs(pitch - d3_track.yaw_pitch_roll[idx, 1]).max() < 4
     corr = np.corrcoef(out["jaw"][:, 0].numpy(), d3_track.jaw_pose[idx, 0])[0, 1]
     assert corr > 0.9
+
+
+def test_port_reproduces_mediapipe_face_mesh_landmarks(landmark_net, shared_data):
+    """Pipeline level: MediaPipe's face mesh (without the iris refinement, i.e. this very model) tracks a
+    face by cropping each frame around the previous frame's landmarks (box x 1.5, square, rotated to level
+    the eye corners 33-263). Given that crop, the port returns MediaPipe's own landmarks."""
+    import mediapipe as mp
+
+    mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=False)
+    cap = cv2.VideoCapture(str(shared_data / "lp_d12.mp4"))
+    frames, landmarks = [], []
+    while len(frames) < 120:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        face = mesh.process(rgb).multi_face_landmarks[0]
+        frames.append(rgb)
+        landmarks.append(np.array([(p.x * rgb.shape[1], p.y * rgb.shape[0]) for p in face.landmark]))
+    errors = []
+    for i in range(1, len(frames), 5):
+        prev = landmarks[i - 1]
+        lo, hi = prev.min(0), prev.max(0)
+        centre, side = (lo + hi) / 2, (hi - lo).max() * 1.5
+        angle = np.arctan2(prev[263, 1] - prev[33, 1], prev[263, 0] - prev[33, 0])
+        k = side / 192
+        M = np.array([[np.cos(angle) * k, -np.sin(angle) * k, 0], [np.sin(angle) * k, np.cos(angle) * k, 0]])
+        M[:, 2] = centre - M[:, :2] @ [96, 96]  # crop pixel -> image pixel
+        crop192 = cv2.warpAffine(frames[i], cv2.invertAffineTransform(M), (192, 192), flags=cv2.INTER_LINEAR)
+        with torch.no_grad():
+            out = landmark_net(torch.from_numpy(crop192.astype(np.float32) / 255).permute(2, 0, 1)[None])[0]
+        back = out.reshape(468, 3)[:, :2].numpy() @ M[:, :2].T + M[:, 2]
+        errors.append((np.linalg.norm(back - landmarks[i], axis=1) / k).max())  # in 192-px units
+    # Frames where MediaPipe re-ran its face detector used another crop; most frames follow the rule.
+    assert np.median(errors) < 1.0
