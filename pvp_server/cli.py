@@ -71,6 +71,40 @@ def cmd_track(args) -> None:
         print(f"wrote {n} aligned {args.size}px frames to {args.aligned}")
 
 
+def _preset_overrides(preset, items):
+    from dataclasses import fields
+
+    types = {f.name: f.type for f in fields(preset)}
+    values = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in types or key == "name":
+            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(set(types) - {'name'})}")
+        current = getattr(preset, key)
+        try:
+            values[key] = type(current)(raw) if not isinstance(current, tuple) else tuple(int(v) for v in raw.split(","))
+        except ValueError:
+            raise UserError(f"--set {item!r}: {raw!r} is not a valid {type(current).__name__}") from None
+    return preset.with_overrides(**values)
+
+
+def cmd_fit(args) -> None:
+    from .fit.pipeline import FitInputs, FitJob
+    from .fit.presets import PRESETS
+
+    preset = _preset_overrides(PRESETS[args.preset], args.set)
+    for flag in ("prior", "e4e", "arcface", "vgg"):
+        path = getattr(args, flag)
+        if path is not None and not path.is_file():
+            raise UserError(f"--{flag} {path}: no such file")
+    job = FitJob(FitInputs(source=args.source, avatar=args.output, preset=preset, prior=args.prior, e4e=args.e4e,
+                           vgg=args.vgg, train_frames=args.train_frames, pivot_method=args.pivots,
+                           resume=args.resume, device=_device(args.device)))
+    metrics = job.run()
+    print(f"fit {args.output}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in metrics.items() if not isinstance(v, dict)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pvp", description=__doc__)
     p.add_argument("--version", action="version", version=f"pvp {__version__}")
@@ -104,6 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sigma-axes", type=float, default=3.0, help="temporal smoothing of the crop axes (frames)")
     t.add_argument("--device", default="auto", help="DECA backend only")
     t.set_defaults(func=cmd_track)
+
+    f = sub.add_parser("fit", help="fit an avatar to a portrait video (personalized prior, then mappers)")
+    f.add_argument("source", type=Path, help="video, folder of images, or a track file from pvp track")
+    f.add_argument("-o", "--output", type=Path, required=True, help="avatar directory")
+    f.add_argument("--preset", choices=("tiny", "small", "paper"), default="tiny")
+    f.add_argument("--prior", type=Path, help="pretrained StyleGAN2: ffhq.pkl or stylegan2-ffhq-config-f.pt")
+    f.add_argument("--e4e", type=Path, help="e4e_ffhq_encode.pt: encode the pivots instead of optimising")
+    f.add_argument("--arcface", type=Path, help="model_ir_se50.pth for the identity loss")
+    f.add_argument("--vgg", type=Path, help="vgg16-397923af.pth, the backbone of the LPIPS loss")
+    f.add_argument("--train-frames", help="A:B, the track frames to train on (default all)")
+    f.add_argument("--pivots", choices=("kmeans", "uniform"), default="kmeans", help="pivot selection")
+    f.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a preset field (repeatable)")
+    f.add_argument("--resume", action="store_true", help="continue an interrupted fit in the same directory")
+    f.add_argument("--device", default="auto")
+    f.set_defaults(func=cmd_fit)
     return p
 
 
@@ -112,11 +161,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     from .checkpoints import CheckpointError
     from .tracking.track import TrackError
+    from .fit.pipeline import FitError
+    from .losses import MissingWeights
     from .video import VideoError
 
     try:
         args.func(args)
-    except (UserError, CheckpointError, VideoError, TrackError, FileNotFoundError) as e:
+    except (UserError, CheckpointError, VideoError, TrackError, FitError, MissingWeights, FileNotFoundError) as e:
         print(f"pvp {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

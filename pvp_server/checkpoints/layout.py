@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -97,14 +97,14 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], source: str, **fixed) ->
 
 
 def check_shapes(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], source: str,
-                 describe: Callable[[str], str] = str) -> None:
+                 what: str = "a StyleGAN2 generator") -> None:
     """Raise one error that lists every missing, unexpected and mis-shaped tensor (by the file's names)."""
-    missing = sorted(describe(k) for k in expected if k not in found)
-    unexpected = sorted(describe(k) for k in found if k not in expected)
-    wrong = sorted(f"{describe(k)}: expected {list(expected[k])}, found {list(found[k])}"
+    missing = sorted(k for k in expected if k not in found)
+    unexpected = sorted(k for k in found if k not in expected)
+    wrong = sorted(f"{k}: expected {list(expected[k])}, found {list(found[k])}"
                    for k in expected if k in found and tuple(found[k]) != tuple(expected[k]))
     if missing or unexpected or wrong:
-        lines = [f"{source}: the tensors do not match a StyleGAN2 generator"]
+        lines = [f"{source}: the tensors do not match {what}"]
         if missing:
             lines.append("missing: " + ", ".join(missing))
         if unexpected:

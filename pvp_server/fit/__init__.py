@@ -1,0 +1,1 @@
+"""`pvp fit`: from a video to an avatar (tracking, pivots, personalized prior, mappers)."""

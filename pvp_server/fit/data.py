@@ -1,0 +1,53 @@
+"""Training frames: FFHQ-aligned crops of the track's valid frames at the preset's resolution."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from ..atomic import atomic_path
+from ..tracking.align import SIZES, aligned_frames
+from ..tracking.track import Track
+
+
+def parse_range(text: str | None, n: int, what: str = "--train-frames") -> tuple[int, int]:
+    """'A:B' (Python slice of the track's frames; either side may be empty) -> (start, stop)."""
+    if not text:
+        return 0, n
+    try:
+        a, b = text.split(":")
+        start, stop = int(a) if a else 0, int(b) if b else n
+    except ValueError:
+        raise ValueError(f"{what} {text!r}: expected A:B, e.g. 0:280") from None
+    start, stop = max(0, start if start >= 0 else n + start), min(n, stop if stop >= 0 else n + stop)
+    if stop <= start:
+        raise ValueError(f"{what} {text!r}: empty range for a track of {n} frames")
+    return start, stop
+
+
+def build_frames(track: Track, resolution: int, path: Path, progress: bool = True) -> dict[str, np.ndarray]:
+    """Aligned crops [N, R, R, 3] uint8 of every valid frame, cached in ``path``."""
+    if path.is_file():
+        return load_file(str(path))
+    crop_size = min(s for s in SIZES if s >= min(resolution, 1024))
+    images, indices = [], []
+    from tqdm import tqdm
+
+    for i, img, _ in tqdm(aligned_frames(track, crop_size), total=int(track.valid.sum()), unit="frame",
+                          desc=f"align {resolution}px", disable=not progress):
+        if resolution != crop_size:
+            img = cv2.resize(img, (resolution, resolution), interpolation=cv2.INTER_AREA)
+        images.append(img)
+        indices.append(i)
+    arrays = {"images": np.stack(images), "frame_index": np.array(indices, dtype=np.int64)}
+    with atomic_path(path) as tmp:
+        save_file(arrays, str(tmp))
+    return arrays
+
+
+def to_tensor(images: np.ndarray, device="cpu") -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1]."""
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1

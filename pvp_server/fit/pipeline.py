@@ -1,0 +1,214 @@
+"""`pvp fit`, stage by stage. Every stage writes its result atomically under AVATAR/work/; a finished
+stage is never redone, and a stage that was interrupted resumes from its last checkpoint (--resume).
+
+Stages: track -> frames (aligned crops) -> pivots -> prior (from scratch, or inversion + pivotal
+tuning of a pretrained generator)."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..atomic import atomic_path, write_text
+from ..checkpoints import load_generator, save_generator
+from ..losses import PerceptualLoss, psnr
+from ..tracking.track import Track, TrackError
+from ..tracking.tracker import track_video
+from .data import build_frames, parse_range, to_tensor
+from .inversion import optimize_latents
+from .pivots import select_pivots
+from .presets import Preset
+from .pti import pivotal_tuning
+from .scratch_prior import standardized_controls, train_scratch_prior
+
+log = logging.getLogger("pvp.fit")
+
+
+class FitError(ValueError):
+    """Bad fit input or state; the message names it."""
+
+
+@dataclass
+class FitInputs:
+    source: Path  # a video, a folder of images, or a pvp track file
+    avatar: Path
+    preset: Preset
+    prior: Path | None = None
+    e4e: Path | None = None
+    vgg: Path | None = None
+    train_frames: str | None = None
+    pivot_method: str = "kmeans"
+    resume: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    progress: bool = True
+    seed: int = 0
+
+
+def _is_track_file(path: Path) -> bool:
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        Track.load(path)
+        return True
+    except TrackError:
+        return False
+
+
+class FitJob:
+    def __init__(self, inputs: FitInputs):
+        self.x = inputs
+        self.work = inputs.avatar / "work"
+        self.metrics_path = self.work / "metrics.json"
+
+    # -- bookkeeping ------------------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        x = self.x
+        if not x.source.exists():
+            raise FitError(f"{x.source}: no such video, image folder or track file")
+        if x.preset.needs_prior and x.prior is None:
+            raise FitError(f"preset {x.preset.name!r} fine-tunes a pretrained generator: pass --prior ffhq.pkl or "
+                           "stylegan2-ffhq-config-f.pt (NVlabs stylegan2-ada-pytorch or rosinality stylegan2-pytorch "
+                           "downloads); the CPU presets 'tiny' and 'small' need none")
+        settings_path = self.work / "settings.json"
+        settings = {"source": str(x.source), "preset": x.preset.to_json(), "prior": str(x.prior) if x.prior else None,
+                    "e4e": str(x.e4e) if x.e4e else None, "train_frames": x.train_frames,
+                    "pivot_method": x.pivot_method, "seed": x.seed}
+        if settings_path.is_file():
+            if not x.resume:
+                raise FitError(f"{x.avatar}: a fit already started there; pass --resume to continue it, "
+                               "or choose another output directory")
+            previous = json.loads(settings_path.read_text())
+            if previous != settings:
+                changed = sorted(k for k in settings if previous.get(k) != settings[k])
+                raise FitError(f"{x.avatar}: --resume with different settings ({', '.join(changed)}); "
+                               "use the original ones or another output directory")
+        self.work.mkdir(parents=True, exist_ok=True)
+        write_text(settings_path, json.dumps(settings, indent=1))
+        handler = logging.FileHandler(self.work / "fit.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logging.getLogger("pvp").addHandler(handler)
+        logging.getLogger("pvp").setLevel(logging.INFO)
+        logging.getLogger("pvp_server").addHandler(handler)
+
+    def _metrics(self) -> dict:
+        return json.loads(self.metrics_path.read_text()) if self.metrics_path.is_file() else {}
+
+    def _record(self, **values) -> None:
+        write_text(self.metrics_path, json.dumps({**self._metrics(), **values}, indent=1))
+
+    # -- stages -----------------------------------------------------------------------------------------
+    def track(self) -> Track:
+        path = self.work / "track.safetensors"
+        if path.is_file():
+            return Track.load(path)
+        if _is_track_file(self.x.source):
+            track = Track.load(self.x.source)
+        else:
+            log.info("stage track: %s", self.x.source)
+            track = track_video(self.x.source, progress=self.x.progress)
+        track.save(path)
+        return track
+
+    def frames(self, track: Track, resolution: int) -> dict[str, np.ndarray]:
+        log.info("stage frames: aligned crops at %dpx", resolution)
+        return build_frames(track, resolution, self.work / f"frames_{resolution}.safetensors", self.x.progress)
+
+    def training_rows(self, track: Track, frame_index: np.ndarray) -> np.ndarray:
+        """Rows of the frames array inside --train-frames (positions in the track)."""
+        start, stop = parse_range(self.x.train_frames, len(track))
+        wanted = set(int(i) for i in track.frame_index[start:stop])
+        rows = np.array([r for r, i in enumerate(frame_index) if int(i) in wanted])
+        if len(rows) < 2:
+            raise FitError(f"--train-frames {self.x.train_frames!r} leaves {len(rows)} frames with a face; need >= 2")
+        return rows
+
+    def pivots(self, track: Track, frame_index: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        path = self.work / "pivots.json"
+        if path.is_file():
+            return np.array(json.loads(path.read_text())["rows"])
+        pos = {int(i): k for k, i in enumerate(track.frame_index)}
+        tr = np.array([pos[int(frame_index[r])] for r in rows])
+        chosen = rows[select_pivots(track.yaw_pitch_roll[tr, :2], track.expression[tr], self.x.preset.pivots,
+                                    self.x.pivot_method, self.x.seed)]
+        write_text(path, json.dumps({"rows": chosen.tolist(), "frame_index": frame_index[chosen].tolist(),
+                                     "method": self.x.pivot_method}))
+        log.info("stage pivots: %d pivots (%s)", len(chosen), self.x.pivot_method)
+        return chosen
+
+    def prior(self, track: Track, frames: torch.Tensor, frame_index: np.ndarray, rows: np.ndarray,
+              pivots: np.ndarray):
+        gen_path, lat_path = self.work / "generator.safetensors", self.work / "latents.safetensors"
+        if gen_path.is_file() and lat_path.is_file():
+            return load_generator(gen_path, self.x.device), load_file(str(lat_path))
+        x, device = self.x, self.x.device
+        if x.prior is None:
+            pos = {int(i): k for k, i in enumerate(track.frame_index)}
+            tr = np.array([pos[int(frame_index[r])] for r in rows])
+            controls = standardized_controls(track.yaw_pitch_roll[tr, :2], track.jaw_pose[tr], track.expression[tr])
+            log.info("stage prior: from scratch on %d frames, %d steps", len(rows), x.preset.prior_steps)
+            G, latents, _ = train_scratch_prior(frames[rows], controls, x.preset, self.work / "prior_checkpoint.pt",
+                                                device, x.resume, x.seed, x.progress)
+            with torch.no_grad():
+                frame_w = latents(torch.arange(len(rows), device=device))
+            row_of = {int(r): k for k, r in enumerate(rows)}
+            pivot_w = frame_w[[row_of[int(p)] for p in pivots]]
+        else:
+            G, pivot_w = self._tune_pretrained(frames[pivots])
+            frame_w = pivot_w
+        with torch.no_grad():
+            recon = torch.cat([G.synthesis(pivot_w[i:i + 8], noise_mode="const") for i in range(0, len(pivot_w), 8)])
+            pivot_psnr = psnr(recon, frames[pivots].to(device))
+        self._record(pivot_psnr_mean=float(pivot_psnr.mean()), pivot_psnr_min=float(pivot_psnr.min()),
+                     pivots=len(pivots), training_frames=len(rows))
+        log.info("stage prior: pivot reconstructions PSNR %.2f dB (min %.2f)", pivot_psnr.mean(), pivot_psnr.min())
+        latents = {"pivot_w": pivot_w.cpu().contiguous(), "frame_w": frame_w.cpu().contiguous(),
+                   "pivot_rows": torch.as_tensor(pivots), "train_rows": torch.as_tensor(rows)}
+        save_generator(G, gen_path)
+        with atomic_path(lat_path) as tmp:
+            save_file(latents, str(tmp))
+        return G, latents
+
+    def _tune_pretrained(self, targets: torch.Tensor):
+        x, device = self.x, self.x.device
+        G_orig = load_generator(x.prior, device)
+        if G_orig.cfg.resolution != targets.shape[-1]:
+            raise FitError(f"{x.prior}: a {G_orig.cfg.resolution}px generator, but the frames are "
+                           f"{targets.shape[-1]}px")
+        perceptual = PerceptualLoss(x.preset.perceptual, vgg=x.vgg).to(device)
+        inv_path = self.work / "inversion.safetensors"
+        if inv_path.is_file():
+            pivot_w = load_file(str(inv_path))["pivot_w"].to(device)
+        else:
+            if x.e4e:
+                from ..e4e import encode_pivots
+
+                pivot_w = encode_pivots(x.e4e, targets.to(device), G_orig, device)
+            else:
+                log.info("stage inversion: optimising %d pivots (W then W+)", len(targets))
+                pivot_w = optimize_latents(G_orig, targets.to(device), perceptual, x.preset.invert_w_steps,
+                                           x.preset.invert_wplus_steps, x.preset.invert_lr, progress=x.progress)
+            with atomic_path(inv_path) as tmp:
+                save_file({"pivot_w": pivot_w.cpu().contiguous()}, str(tmp))
+        log.info("stage tuning: pivotal tuning on %d pivots", len(targets))
+        G, metrics = pivotal_tuning(G_orig, pivot_w, targets.to(device), perceptual, x.preset,
+                                    self.work / "pti_checkpoint.pt", x.resume, seed=x.seed, progress=x.progress)
+        self._record(tuning=metrics, perceptual_loss=perceptual.kind)
+        return G, pivot_w
+
+    def run(self) -> dict:
+        self._prepare()
+        track = self.track()
+        resolution = self.x.preset.resolution
+        if self.x.prior is not None:
+            resolution = load_generator(self.x.prior).cfg.resolution
+        data = self.frames(track, resolution)
+        frames = to_tensor(data["images"])
+        rows = self.training_rows(track, data["frame_index"])
+        pivots = self.pivots(track, data["frame_index"], rows)
+        self.prior(track, frames, data["frame_index"], rows, pivots)
+        return self._metrics()

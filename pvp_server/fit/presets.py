@@ -1,0 +1,60 @@
+"""Fit presets. ``paper`` is the paper's setting on the FFHQ prior; ``tiny`` and ``small`` learn a
+personal prior from scratch on CPU, with no downloaded weights (perceptual loss: 1 - MS-SSIM, + L2)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    resolution: int  # training and output resolution
+    pivots: int  # K
+    perceptual: str  # 'msssim' (no weights needed), 'lpips-vgg' or 'lpips-alex'
+    needs_prior: bool  # True: a pretrained generator (--prior) is required
+    # from-scratch prior (GLO: generator and per-frame latents learned together)
+    channels: tuple[int, ...] = ()
+    w_dim: int = 512
+    mapping_layers: int = 8
+    prior_steps: int = 0
+    prior_batch: int = 8
+    prior_lr: float = 2e-3
+    latent_lr: float = 1e-2
+    residual_weight: float = 1e-2  # keeps per-frame latents near their controls' linear prediction
+    # inversion of the pivots in a pretrained prior (optimisation; e4e when given)
+    invert_w_steps: int = 300
+    invert_wplus_steps: int = 200
+    invert_lr: float = 0.01
+    # pivotal tuning (PTI, multi-pivot)
+    pti_steps_per_pivot: int = 350
+    pti_lpips_threshold: float = 0.03
+    pti_lr: float = 3e-4
+    pti_l2_weight: float = 1.0
+    locality_weight_l2: float = 0.1
+    locality_weight_perceptual: float = 0.1
+    locality_alpha: float = 30.0
+    locality_truncation: float = 0.5
+    # mappers
+    mapper_steps: int = 50_000
+    mapper_lr: float = 5e-4
+    mapper_batch: int = 1
+    checkpoint_every: int = 500
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+    def with_overrides(self, **kw) -> "Preset":
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+PRESETS = {
+    "tiny": Preset("tiny", resolution=64, pivots=32, perceptual="msssim", needs_prior=False,
+                   channels=(128, 128, 128, 64, 32), w_dim=128, mapping_layers=2, prior_steps=4000, prior_batch=8,
+                   pti_steps_per_pivot=10, mapper_steps=1500, mapper_batch=8, checkpoint_every=250),
+    "small": Preset("small", resolution=128, pivots=64, perceptual="msssim", needs_prior=False,
+                    channels=(256, 256, 256, 128, 64, 32), w_dim=256, mapping_layers=2, prior_steps=20000,
+                    prior_batch=8, pti_steps_per_pivot=50, mapper_steps=10000, mapper_batch=8, checkpoint_every=500),
+    "paper": Preset("paper", resolution=1024, pivots=200, perceptual="lpips-vgg", needs_prior=True),
+}

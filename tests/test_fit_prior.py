@@ -1,0 +1,122 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pvp_server.checkpoints import load_generator
+from pvp_server.fit.pivots import select_pivots
+from pvp_server.fit.presets import PRESETS
+from pvp_server.fit.pti import locality_latents, pivotal_tuning
+from pvp_server.fit.training import step_generator
+from pvp_server.losses import PerceptualLoss
+from tests.official_layouts import random_generator, write_nvlabs_pkl, write_rosinality_pt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_pivots_span_the_pose_range(d3_track):
+    yp, ex = d3_track.yaw_pitch_roll[:, :2], d3_track.expression
+    idx = select_pivots(yp, ex, 20)
+    assert len(idx) == 20 and len(set(idx)) == 20
+    for j in range(2):
+        assert yp[idx, j].min() == yp[:, j].min() and yp[idx, j].max() == yp[:, j].max()
+    assert len(select_pivots(yp[:7], ex[:7], 200)) == 7  # capped by the frame count
+    uniform = select_pivots(yp, ex, 10, method="uniform")
+    assert uniform[0] == 0 and uniform[-1] == len(yp) - 1 and len(uniform) == 10
+    with pytest.raises(ValueError, match="pivot selection"):
+        select_pivots(yp, ex, 10, method="random")
+
+
+def _drift(G_orig, G, pivots, seed=123, n=16):
+    gen = step_generator(seed, 0)
+    w = locality_latents(G_orig, pivots[torch.randint(len(pivots), (n,), generator=gen)], 30.0, 0.5, gen)
+    with torch.no_grad():
+        return (G.synthesis(w, noise_mode="none") - G_orig.synthesis(w, noise_mode="none")).abs().mean().item()
+
+
+def test_locality_regularizer_keeps_far_latents_in_place(tmp_path):
+    G_orig = random_generator(resolution=16, w_dim=32)
+    targets = torch.tanh(random_generator(resolution=16, w_dim=32, seed=7).synthesis(torch.randn(4, 6, 32)))
+    pivots = G_orig.map_z(torch.randn(4, 32))
+    preset = PRESETS["tiny"].with_overrides(pti_steps_per_pivot=40, pti_lr=3e-3, locality_weight_l2=1.0,
+                                            locality_weight_perceptual=0.0, checkpoint_every=10_000)
+    loss = PerceptualLoss("msssim")
+    results = {}
+    for locality in (False, True):
+        G, _ = pivotal_tuning(G_orig, pivots, targets, loss, preset, tmp_path / f"c{locality}.pt", resume=False,
+                              batch=2, locality=locality, progress=False)
+        results[locality] = _drift(G_orig, G, pivots)
+    assert results[True] < 0.7 * results[False]
+
+
+def _fit(args, **kw):
+    return subprocess.run([sys.executable, "-m", "pvp_server.cli", "fit", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def d3_track_file(d3_track, tmp_path_factory):
+    path = tmp_path_factory.mktemp("track") / "d3.safetensors"
+    d3_track.save(path)
+    return path
+
+
+@pytest.mark.parametrize("layout", ["nvlabs", "rosinality"])
+def test_tuning_path_with_official_layout_priors(layout, d3_track_file, tmp_path):
+    G = random_generator(resolution=32, channels=(32, 32, 32, 16), w_dim=32)
+    prior = tmp_path / ("g.pkl" if layout == "nvlabs" else "g.pt")
+    (write_nvlabs_pkl if layout == "nvlabs" else write_rosinality_pt)(G, prior)
+    out = tmp_path / "avatar"
+    r = _fit([d3_track_file, "-o", out, "--prior", prior, "--train-frames", "0:30", "--device", "cpu",
+              "--set", "pivots=4", "--set", "invert_w_steps=3", "--set", "invert_wplus_steps=3",
+              "--set", "pti_steps_per_pivot=2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    tuned = load_generator(out / "work" / "generator.safetensors")
+    assert tuned.cfg == load_generator(prior).cfg
+    assert not torch.equal(tuned.synthesis.b32.conv1.weight, load_generator(prior).synthesis.b32.conv1.weight)
+    metrics = json.loads((out / "work" / "metrics.json").read_text())
+    assert metrics["pivots"] == 4 and np.isfinite(metrics["pivot_psnr_mean"])
+    assert "pivotal tuning" in (out / "work" / "fit.log").read_text() or metrics["tuning"]
+
+
+def test_fit_killed_during_training_resumes(d3_track_file, tmp_path):
+    out = tmp_path / "avatar"
+    args = [d3_track_file, "-o", out, "--train-frames", "0:40", "--device", "cpu", "--set", "prior_steps=400",
+            "--set", "checkpoint_every=40", "--set", "pivots=6"]
+    proc = subprocess.Popen([sys.executable, "-m", "pvp_server.cli", "fit", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "work" / "prior_checkpoint.pt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert ckpt.exists(), "no checkpoint was written"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_at_kill = torch.load(ckpt, weights_only=True)["step"]
+    assert 0 < step_at_kill < 400
+    again = _fit(args)
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+    resumed = _fit([*args, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    log = (out / "work" / "fit.log").read_text()
+    assert "resuming from step" in log
+    assert torch.load(ckpt, weights_only=True)["step"] == 400
+    assert (out / "work" / "generator.safetensors").is_file()
+    changed = _fit([*args[:-2], "--set", "pivots=7", "--resume"])
+    assert changed.returncode == 2 and "different settings" in changed.stderr
+
+
+def test_paper_preset_needs_a_prior_and_vgg(d3_track_file, tmp_path):
+    r = _fit([d3_track_file, "-o", tmp_path / "a", "--preset", "paper"])
+    assert r.returncode == 2 and "--prior" in r.stderr
+    G = random_generator(resolution=32, channels=(32, 32, 32, 16), w_dim=32)
+    write_nvlabs_pkl(G, tmp_path / "g.pkl")
+    r = _fit([d3_track_file, "-o", tmp_path / "b", "--preset", "paper", "--prior", tmp_path / "g.pkl",
+              "--train-frames", "0:10"])
+    assert r.returncode == 2 and "vgg16-397923af.pth" in r.stderr
