@@ -159,7 +159,7 @@ class FitJob:
             pivot_w = frame_w[[row_of[int(p)] for p in pivots]]
         else:
             G, pivot_w = self._tune_pretrained(frames[pivots])
-            frame_w = pivot_w
+            frame_w = pivot_w.clone()  # only the pivots have latents in a pretrained prior
         with torch.no_grad():
             recon = torch.cat([G.synthesis(pivot_w[i:i + 8], noise_mode="const") for i in range(0, len(pivot_w), 8)])
             pivot_psnr = psnr(recon, frames[pivots].to(device))

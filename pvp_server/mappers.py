@@ -1,0 +1,95 @@
+"""The pose and expression mappers (paper 4.2, appendix B).
+
+F_rot: (pitch, yaw) -> blend weights over the K pivots, inside the beta-dilated convex hull
+P_beta = {sum_i a_i w_i : sum_i a_i = 1, a_i >= -beta} (Eq. 6-7). The MLP predicts residuals around the
+centroid (1/K each); softplus after a shift by beta keeps every weight above -beta, and the shifted
+weights are normalised so that the weights sum to 1 exactly while staying >= -beta.
+
+F_expr: (jaw, expression) -> residuals of W+ layers 0..7 only, one MLP per layer (Eq. 8-9).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BETA = 0.02  # the authors' code (ken2576/pvp)
+SOFTPLUS_SHARPNESS = 100.0
+EXPR_LAYERS = 8
+
+
+@dataclass(frozen=True)
+class MapperConfig:
+    num_pivots: int
+    num_ws: int
+    w_dim: int
+    expression_dim: int  # jaw (3) + expression coefficients
+    hidden: int = 128
+    beta: float = BETA
+    expr_layers: int = EXPR_LAYERS
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """Linear -> LeakyReLU -> Linear -> Tanh, the last layer starting at zero (output 0 at initialisation)."""
+    net = nn.Sequential(nn.Linear(in_dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, out_dim), nn.Tanh())
+    nn.init.zeros_(net[2].weight)
+    nn.init.zeros_(net[2].bias)
+    return net
+
+
+def hull_weights(residual: torch.Tensor, beta: float) -> torch.Tensor:
+    """Residuals [B, K] around the centroid -> weights with sum 1 and every weight >= -beta."""
+    k = residual.shape[-1]
+    # >= 0, ~ alpha + beta; the epsilon keeps the sum positive when every weight is pushed to -beta
+    shifted = F.softplus(residual + 1.0 / k + beta, beta=SOFTPLUS_SHARPNESS) + 1e-12
+    return shifted / shifted.sum(-1, keepdim=True) * (1 + k * beta) - beta
+
+
+class PoseMapper(nn.Module):
+    def __init__(self, cfg: MapperConfig, pivots: torch.Tensor):
+        super().__init__()
+        if pivots.shape != (cfg.num_pivots, cfg.num_ws, cfg.w_dim):
+            raise ValueError(f"pivots must be [{cfg.num_pivots}, {cfg.num_ws}, {cfg.w_dim}], got {list(pivots.shape)}")
+        self.cfg = cfg
+        self.net = mlp(2, cfg.hidden, cfg.num_pivots)
+        self.register_buffer("pivots", pivots.float())
+
+    def weights(self, pitch_yaw: torch.Tensor) -> torch.Tensor:
+        return hull_weights(self.net(pitch_yaw), self.cfg.beta)
+
+    def forward(self, pitch_yaw: torch.Tensor) -> torch.Tensor:
+        """[B, 2] radians -> w_rot [B, num_ws, w_dim]."""
+        return torch.einsum("bk,kld->bld", self.weights(pitch_yaw), self.pivots)
+
+
+class ExpressionMapper(nn.Module):
+    def __init__(self, cfg: MapperConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.nets = nn.ModuleList(mlp(cfg.expression_dim, cfg.hidden, cfg.w_dim) for _ in range(cfg.expr_layers))
+
+    def forward(self, jaw_expression: torch.Tensor) -> torch.Tensor:
+        """[B, 3 + E] -> delta W+ [B, num_ws, w_dim], zero beyond the first expr_layers layers."""
+        deltas = torch.stack([net(jaw_expression) for net in self.nets], 1)
+        rest = deltas.new_zeros(deltas.shape[0], self.cfg.num_ws - self.cfg.expr_layers, self.cfg.w_dim)
+        return torch.cat([deltas, rest], 1)
+
+
+class Mappers(nn.Module):
+    """w_final = F_rot(pitch, yaw) + F_expr(jaw, expression)."""
+
+    def __init__(self, cfg: MapperConfig, pivots: torch.Tensor):
+        super().__init__()
+        self.cfg = cfg
+        self.pose = PoseMapper(cfg, pivots)
+        self.expression = ExpressionMapper(cfg)
+
+    def forward(self, pitch_yaw: torch.Tensor, jaw_expression: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (w_final, delta_w_expr)."""
+        delta = self.expression(jaw_expression)
+        return self.pose(pitch_yaw) + delta, delta
