@@ -98,11 +98,44 @@ def cmd_fit(args) -> None:
         if path is not None and not path.is_file():
             raise UserError(f"--{flag} {path}: no such file")
     job = FitJob(FitInputs(source=args.source, avatar=args.output, preset=preset, prior=args.prior, e4e=args.e4e,
-                           vgg=args.vgg, train_frames=args.train_frames, pivot_method=args.pivots,
+                           arcface=args.arcface, vgg=args.vgg, train_frames=args.train_frames, pivot_method=args.pivots,
                            resume=args.resume, device=_device(args.device)))
     metrics = job.run()
     print(f"fit {args.output}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in metrics.items() if not isinstance(v, dict)))
+
+
+def cmd_avatar_random(args) -> None:
+    from .avatar import random_avatar
+
+    avatar = random_avatar(args.resolution, args.expression_dim, seed=args.seed)
+    avatar.save(args.output)
+    print(f"wrote a random {args.resolution}px avatar to {args.output} ({avatar.num_channels} controls)")
+
+
+def cmd_edits(args) -> None:
+    from .avatar import Avatar
+    from .edits import add_edit, discover, load_direction
+
+    if args.edits_command == "list":
+        meta = Avatar.load(args.avatar).meta
+        for e in meta.edits:
+            print(f"{e['name']}\t{e['kind']}\t{e['source']}")
+        if not meta.edits:
+            print("no edit directions (add one with pvp edits add, or pvp edits discover)")
+        return
+    if args.edits_command == "add":
+        avatar = Avatar.load(args.avatar)
+        direction = load_direction(args.file, avatar.mappers.cfg.num_ws, avatar.mappers.cfg.w_dim,
+                                   component=args.component, layers=args.layers) * args.scale
+        add_edit(args.avatar, args.name, direction, "file", str(args.file))
+        print(f"added edit {args.name!r} to {args.avatar}")
+        return
+    avatar = Avatar.load(args.avatar)
+    found = discover(avatar, args.count)
+    for name, direction in found:
+        add_edit(args.avatar, name, direction, "discovered", "principal direction of the avatar's latents")
+    print(f"added {len(found)} discovered directions to {args.avatar}: {', '.join(n for n, _ in found)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +186,31 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", action="store_true", help="continue an interrupted fit in the same directory")
     f.add_argument("--device", default="auto")
     f.set_defaults(func=cmd_fit)
+
+    a = sub.add_parser("avatar", help="avatar utilities").add_subparsers(dest="avatar_command", required=True)
+    r = a.add_parser("random", help="write a tiny random but complete avatar (for tests and development)")
+    r.add_argument("-o", "--output", type=Path, required=True)
+    r.add_argument("--resolution", type=int, default=64)
+    r.add_argument("--expression-dim", type=int, default=8)
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(func=cmd_avatar_random)
+
+    e = sub.add_parser("edits", help="appearance edit directions of an avatar")
+    es = e.add_subparsers(dest="edits_command", required=True)
+    el = es.add_parser("list", help="list an avatar's edit directions")
+    el.add_argument("avatar", type=Path)
+    ea = es.add_parser("add", help="add a direction: InterFaceGAN .npy/.pt, GANSpace ffhq_pca.pt")
+    ea.add_argument("avatar", type=Path)
+    ea.add_argument("name")
+    ea.add_argument("file", type=Path)
+    ea.add_argument("--component", type=int, help="GANSpace component")
+    ea.add_argument("--layers", help="A:B, the W+ layers the direction acts on (default all)")
+    ea.add_argument("--scale", type=float, default=1.0, help="scale of one unit of strength")
+    ed = es.add_parser("discover", help="add principal directions of the avatar's own latent space")
+    ed.add_argument("avatar", type=Path)
+    ed.add_argument("--count", type=int, default=8)
+    for sp in (el, ea, ed):
+        sp.set_defaults(func=cmd_edits)
     return p
 
 
@@ -161,13 +219,16 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     from .checkpoints import CheckpointError
     from .tracking.track import TrackError
+    from .avatar import AvatarError
+    from .edits import EditError
     from .fit.pipeline import FitError
     from .losses import MissingWeights
     from .video import VideoError
 
     try:
         args.func(args)
-    except (UserError, CheckpointError, VideoError, TrackError, FitError, MissingWeights, FileNotFoundError) as e:
+    except (UserError, CheckpointError, VideoError, TrackError, FitError, MissingWeights,
+            AvatarError, EditError, FileNotFoundError) as e:
         print(f"pvp {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

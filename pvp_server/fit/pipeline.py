@@ -2,7 +2,7 @@
 stage is never redone, and a stage that was interrupted resumes from its last checkpoint (--resume).
 
 Stages: track -> frames (aligned crops) -> pivots -> prior (from scratch, or inversion + pivotal
-tuning of a pretrained generator)."""
+tuning of a pretrained generator) -> mappers -> the avatar bundle (with held-out metrics)."""
 from __future__ import annotations
 
 import json
@@ -21,6 +21,7 @@ from ..tracking.track import Track, TrackError
 from ..tracking.tracker import track_video
 from .data import build_frames, parse_range, to_tensor
 from .inversion import optimize_latents
+from .mapper_training import LossWeights, eyes_mouth_masks, losses_record, train_mappers
 from .pivots import select_pivots
 from .presets import Preset
 from .pti import pivotal_tuning
@@ -40,6 +41,7 @@ class FitInputs:
     preset: Preset
     prior: Path | None = None
     e4e: Path | None = None
+    arcface: Path | None = None
     vgg: Path | None = None
     train_frames: str | None = None
     pivot_method: str = "kmeans"
@@ -200,6 +202,110 @@ class FitJob:
         self._record(tuning=metrics, perceptual_loss=perceptual.kind)
         return G, pivot_w
 
+    def track_positions(self, track: Track, frame_index: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        pos = {int(i): k for k, i in enumerate(track.frame_index)}
+        return np.array([pos[int(frame_index[r])] for r in rows])
+
+    def mappers(self, track: Track, G, latents: dict, frames: torch.Tensor, frame_index: np.ndarray,
+                rows: np.ndarray, expression_dim: int):
+        path = self.work / "mappers.safetensors"
+        x, device = self.x, self.x.device
+        if path.is_file():
+            return load_file(str(path))
+        from ..tracking.differentiable import DifferentiableTracker
+
+        tr = self.track_positions(track, frame_index, rows)
+        pitch_yaw = torch.tensor(np.radians(track.yaw_pitch_roll[tr][:, [1, 0]]), dtype=torch.float32)
+        jaw_expr = torch.tensor(np.concatenate([track.jaw_pose[tr], track.expression[tr, :expression_dim]], 1),
+                                dtype=torch.float32)
+        masks = torch.from_numpy(eyes_mouth_masks(track.landmarks_2d[tr], track.align_quad[tr], frames.shape[-1]))
+        identity = None
+        if x.arcface is not None:
+            from ..arcface import IdentityLoss, load_arcface
+
+            identity = IdentityLoss(load_arcface(x.arcface, device))
+        elif x.preset.needs_prior:
+            raise FitError(f"preset {x.preset.name!r} uses the identity loss: pass --arcface model_ir_se50.pth "
+                           "(TreB1eN/InsightFace_Pytorch, as pSp/e4e/PTI distribute it)")
+        else:
+            log.warning("identity loss off: no --arcface given (allowed by preset %r)", x.preset.name)
+        tracker = DifferentiableTracker(track.face_model).to(device) if track.face_model is not None else None
+        if tracker is None:
+            log.warning("pose and expression losses off: the %s track has no differentiable tracker", track.backend)
+        perceptual = PerceptualLoss(x.preset.perceptual, vgg=x.vgg).to(device)
+        log.info("stage mappers: %d steps on %d frames, %d expression coefficients", x.preset.mapper_steps,
+                 len(rows), expression_dim)
+        mappers, metrics = train_mappers(
+            G, latents["pivot_w"].to(device), frames[rows].to(device), pitch_yaw.to(device), jaw_expr.to(device),
+            masks.to(device), perceptual, x.preset.mapper_steps, x.preset.mapper_batch, x.preset.mapper_lr,
+            self.work / "mappers_checkpoint.pt", x.preset.checkpoint_every, x.resume, tracker, identity,
+            seed=x.seed, progress=x.progress)
+        self._record(mapper_training=metrics, losses=losses_record(LossWeights(), perceptual.kind,
+                                                                   identity is not None, tracker is not None))
+        state = {k: v.detach().cpu().contiguous() for k, v in mappers.state_dict().items()}
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp), metadata={"config": json.dumps(mappers.cfg.to_json())})
+        return state
+
+    def bundle(self, track: Track, G, frames: torch.Tensor, frame_index: np.ndarray, rows: np.ndarray,
+               expression_dim: int) -> Path:
+        from .. import __version__, controls
+        from ..avatar import Avatar, AvatarMeta, ExpressionStats
+        from ..mappers import MapperConfig, Mappers
+
+        x = self.x
+        from safetensors import safe_open
+
+        with safe_open(str(self.work / "mappers.safetensors"), "pt") as f:
+            cfg = MapperConfig(**json.loads(f.metadata()["config"]))
+        state = load_file(str(self.work / "mappers.safetensors"))
+        mappers = Mappers(cfg, state["pose.pivots"])
+        mappers.load_state_dict(state)
+        tr = self.track_positions(track, frame_index, rows)
+        ypr = track.yaw_pitch_roll[tr]
+        jaw_deg = np.degrees(track.jaw_pose[tr, :2])
+        drive = np.concatenate([jaw_deg, track.expression[tr, :expression_dim]], 1)
+        margin = 5.0
+        schema = controls.schema(expression_dim, (ypr[:, 0].min() - margin, ypr[:, 0].max() + margin),
+                                 (ypr[:, 1].min() - margin, ypr[:, 1].max() + margin),
+                                 (min(0.0, jaw_deg[:, 0].min()), jaw_deg[:, 0].max() + margin))
+        metrics = self._metrics()
+        meta = AvatarMeta(schema=schema, resolution=G.cfg.resolution, stats=ExpressionStats.of(drive),
+                          name=x.avatar.name, preset=x.preset.name, tracker_backend=track.backend,
+                          losses=metrics.get("losses", {}), metrics={}, provenance={
+                              "source": str(x.source), "frames": len(track), "train_frames": x.train_frames or ":",
+                              "training_frames_used": len(rows), "prior": str(x.prior) if x.prior else "from scratch",
+                              "pvp_version": __version__, "preset": x.preset.to_json()})
+        face_model = track.face_model
+        avatar = Avatar(meta, G, mappers, face_model, {}).to(x.device)
+        meta.metrics = {**{k: v for k, v in metrics.items() if k != "losses"}, **self.evaluate(avatar, track, frames,
+                                                                                              frame_index, rows)}
+        avatar.save(x.avatar)
+        log.info("wrote the avatar %s", x.avatar)
+        return x.avatar
+
+    def evaluate(self, avatar, track: Track, frames: torch.Tensor, frame_index: np.ndarray, rows: np.ndarray) -> dict:
+        """PSNR and SSIM of renders at the tracked controls: training frames and held-out frames (valid
+        frames outside --train-frames)."""
+        from ..losses import ssim
+        from .controls_io import controls_from_track
+
+        held = np.setdiff1d(np.arange(len(frame_index)), rows)
+        out = {}
+        for name, sel in (("train", rows), ("heldout", held)):
+            if len(sel) == 0:
+                continue
+            ctrl = controls_from_track(track, avatar.meta.schema, self.track_positions(track, frame_index, sel))
+            ctrl[:, 2] = 0.0  # the aligned crops are already upright
+            renders = torch.cat([avatar.render(torch.from_numpy(ctrl[i:i + 32]).float())
+                                 for i in range(0, len(sel), 32)]).cpu()
+            target = frames[sel]
+            out[f"{name}_psnr"] = float(psnr(renders, target).mean())
+            out[f"{name}_ssim"] = float(ssim(renders, target).mean())
+            out[f"{name}_frames"] = int(len(sel))
+        log.info("metrics: %s", ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
+        return out
+
     def run(self) -> dict:
         self._prepare()
         track = self.track()
@@ -210,5 +316,18 @@ class FitJob:
         frames = to_tensor(data["images"])
         rows = self.training_rows(track, data["frame_index"])
         pivots = self.pivots(track, data["frame_index"], rows)
-        self.prior(track, frames, data["frame_index"], rows, pivots)
-        return self._metrics()
+        G, latents = self.prior(track, frames, data["frame_index"], rows, pivots)
+        expression_dim = choose_expression_dim(track)
+        self.mappers(track, G, latents, frames, data["frame_index"], rows, expression_dim)
+        self.bundle(track, G, frames, data["frame_index"], rows, expression_dim)
+        return json.loads((self.x.avatar / "avatar.json").read_text())["metrics"]
+
+
+def choose_expression_dim(track: Track, variance: float = 0.98, lo: int = 8) -> int:
+    """The leading expression coefficients that hold ``variance`` of the pose-free landmark variance (at
+    least ``lo``): the rest is landmark noise no render can show."""
+    k = track.expression.shape[1]
+    if track.face_model is None:
+        return k
+    cumulative = np.cumsum(track.face_model.explained)
+    return int(min(k, max(lo, int(np.searchsorted(cumulative, variance)) + 1)))
