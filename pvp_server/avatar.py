@@ -120,16 +120,20 @@ class Avatar(nn.Module):
         stacked = torch.stack([edits[n] for n in self.edit_names]) if edits else torch.zeros(0, num_ws, w_dim)
         self.register_buffer("edit_directions", stacked.float())
         self.num_channels = len(meta.schema["channels"])
+        channels = meta.schema["channels"]
+        self.register_buffer("ctrl_min", torch.tensor([c["min"] for c in channels], dtype=torch.float32))
+        self.register_buffer("ctrl_max", torch.tensor([c["max"] for c in channels], dtype=torch.float32))
 
     @property
     def device(self) -> torch.device:
         return self.edit_directions.device
 
     def latents(self, ctrl: torch.Tensor, edits: torch.Tensor | None = None) -> torch.Tensor:
-        """ctrl [B, C]; edits [B, E] strengths (E = number of edit directions) -> W+ [B, num_ws, w_dim]."""
+        """ctrl [B, C]; edits [B, E] strengths (E = number of edit directions) -> W+ [B, num_ws, w_dim].
+        Controls are clamped to the schema's ranges: the region the avatar learned."""
         if ctrl.ndim != 2 or ctrl.shape[1] != self.num_channels:
             raise ValueError(f"controls must be [batch, {self.num_channels}], got {list(ctrl.shape)}")
-        ctrl = ctrl.to(self.device, torch.float32)
+        ctrl = torch.maximum(torch.minimum(ctrl.to(self.device, torch.float32), self.ctrl_max), self.ctrl_min)
         pitch_yaw = torch.deg2rad(torch.stack([ctrl[:, 1], ctrl[:, 0]], 1))
         jaw = torch.deg2rad(torch.stack([ctrl[:, 3], ctrl[:, 4], torch.zeros_like(ctrl[:, 3])], 1))
         w, _ = self.mappers(pitch_yaw, torch.cat([jaw, ctrl[:, 5:]], 1))

@@ -138,6 +138,51 @@ def cmd_edits(args) -> None:
     print(f"added {len(found)} discovered directions to {args.avatar}: {', '.join(n for n, _ in found)}")
 
 
+def cmd_serve(args) -> None:
+    import torch
+
+    from .avatar import Avatar
+    from .render_service import RenderService
+    from .server import CurveConfig, Server, ServerConfigError
+
+    device = _device(args.device)
+    dtype = torch.float32
+    if args.half:
+        if device.type != "cuda":
+            raise UserError("--half needs --device cuda (half precision is for GPUs)")
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    curve = None
+    if args.curve_secret or args.clients:
+        if not (args.curve_secret and args.clients):
+            raise UserError("CURVE needs both --curve-secret (the server's key pair) and --clients (accepted keys)")
+        curve = CurveConfig(args.curve_secret, args.clients)
+    service = RenderService(Avatar.load(args.avatar, device), dtype=dtype, max_batch=args.max_batch)
+    try:
+        server = Server(service, args.bind, curve, batch_window_s=args.batch_window_ms / 1000)
+    except ServerConfigError as e:
+        raise UserError(str(e)) from None
+    service.warm_up()
+    print(f"pvp serve: {service.avatar.meta.name} ({service.avatar.meta.resolution}px, {device}) on "
+          f"{server.endpoint}", flush=True)
+    server.serve_forever()
+
+
+def cmd_keys(args) -> None:
+    import zmq.auth
+
+    args.directory.mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(str(args.directory), args.name)
+    print(f"wrote {public} (public: give it to the other side) and {secret} (secret: keep it)")
+
+
+def cmd_render(args) -> None:
+    from .batch_render import render_track
+
+    n = render_track(args.avatar, args.track, args.output, normalize=args.normalize, device=_device(args.device),
+                     size=args.size, batch=args.batch, fps=args.fps)
+    print(f"rendered {n} frames to {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pvp", description=__doc__)
     p.add_argument("--version", action="version", version=f"pvp {__version__}")
@@ -194,6 +239,35 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--expression-dim", type=int, default=8)
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(func=cmd_avatar_random)
+
+    sv = sub.add_parser("serve", help="serve an avatar over ZeroMQ (protocol v1, docs/protocol.md)")
+    sv.add_argument("avatar", type=Path)
+    sv.add_argument("--bind", default="tcp://127.0.0.1:5555", help="endpoint; non-loopback addresses need CURVE")
+    sv.add_argument("--device", default="auto")
+    sv.add_argument("--half", action="store_true", help="bf16 (or fp16) synthesis on CUDA")
+    sv.add_argument("--max-batch", type=int, default=16, help="most frames rendered together")
+    sv.add_argument("--batch-window-ms", type=float, default=2.0, help="how long to wait for more live requests")
+    sv.add_argument("--curve-secret", type=Path, help="the server's .key_secret (pvp keys)")
+    sv.add_argument("--clients", type=Path, help="folder of accepted clients' .key files")
+    sv.set_defaults(func=cmd_serve)
+
+    k = sub.add_parser("keys", help="make a CURVE key pair (NAME.key public, NAME.key_secret secret)")
+    k.add_argument("directory", type=Path)
+    k.add_argument("name")
+    k.set_defaults(func=cmd_keys)
+
+    rd = sub.add_parser("render", help="render a whole track through an avatar (video or PNG folder)")
+    rd.add_argument("avatar", type=Path)
+    rd.add_argument("--track", type=Path, required=True, help="a pvp track (the avatar's video or a driving one)")
+    rd.add_argument("-o", "--output", type=Path, required=True, help="OUT.mp4 or a folder of PNGs")
+    rd.add_argument("--normalize", choices=("auto", "on", "off"), default="auto",
+                    help="renormalise a driving track's jaw/expression statistics to the avatar's (auto: when "
+                         "the track is not the avatar's own video)")
+    rd.add_argument("--size", type=int, help="output size (default: the avatar's resolution)")
+    rd.add_argument("--batch", type=int, default=16)
+    rd.add_argument("--fps", type=float, help="video frame rate (default: the track's)")
+    rd.add_argument("--device", default="auto")
+    rd.set_defaults(func=cmd_render)
 
     e = sub.add_parser("edits", help="appearance edit directions of an avatar")
     es = e.add_subparsers(dest="edits_command", required=True)

@@ -17,15 +17,17 @@ def expression_names(k: int) -> list[str]:
 
 
 def schema(expression_dim: int, yaw_range, pitch_range, jaw_open_range, roll_range=(-30.0, 30.0),
-           jaw_lateral_range=(-10.0, 10.0)) -> dict:
-    """The control schema stored in avatar.json and sent to clients."""
+           jaw_lateral_range=(-10.0, 10.0), expression_ranges=None) -> dict:
+    """The control schema stored in avatar.json and sent to clients. ``expression_ranges`` ([K] pairs):
+    per-coefficient ranges (default +-3 sd)."""
     def channel(name, unit, lo, hi, group):
         return {"name": name, "unit": unit, "min": float(lo), "max": float(hi), "default": 0.0, "group": group}
 
     channels = [channel("head_yaw", "deg", *yaw_range, "head"), channel("head_pitch", "deg", *pitch_range, "head"),
                 channel("head_roll", "deg", *roll_range, "head"), channel("jaw_open", "deg", *jaw_open_range, "jaw"),
                 channel("jaw_lateral", "deg", *jaw_lateral_range, "jaw")]
-    channels += [channel(n, "sd", -EXPRESSION_RANGE, EXPRESSION_RANGE, "expression") for n in expression_names(expression_dim)]
+    ranges = expression_ranges or [(-EXPRESSION_RANGE, EXPRESSION_RANGE)] * expression_dim
+    channels += [channel(n, "sd", lo, hi, "expression") for n, (lo, hi) in zip(expression_names(expression_dim), ranges)]
     for c in channels:  # a default must be a valid value even when the range excludes 0
         c["default"] = min(max(0.0, c["min"]), c["max"])
     return {"version": 1, "channels": channels}

@@ -21,7 +21,7 @@ from ..tracking.track import Track, TrackError
 from ..tracking.tracker import track_video
 from .data import build_frames, parse_range, to_tensor
 from .inversion import optimize_latents
-from .mapper_training import LossWeights, eyes_mouth_masks, losses_record, train_mappers
+from .mapper_training import eyes_mouth_masks, losses_record, train_mappers
 from .pivots import select_pivots
 from .presets import Preset
 from .pti import pivotal_tuning
@@ -239,8 +239,8 @@ class FitJob:
             G, latents["pivot_w"].to(device), frames[rows].to(device), pitch_yaw.to(device), jaw_expr.to(device),
             masks.to(device), perceptual, x.preset.mapper_steps, x.preset.mapper_batch, x.preset.mapper_lr,
             self.work / "mappers_checkpoint.pt", x.preset.checkpoint_every, x.resume, tracker, identity,
-            seed=x.seed, progress=x.progress)
-        self._record(mapper_training=metrics, losses=losses_record(LossWeights(), perceptual.kind,
+            weights=x.preset.loss_weights(), seed=x.seed, progress=x.progress)
+        self._record(mapper_training=metrics, losses=losses_record(x.preset.loss_weights(), perceptual.kind,
                                                                    identity is not None, tracker is not None))
         state = {k: v.detach().cpu().contiguous() for k, v in mappers.state_dict().items()}
         with atomic_path(path) as tmp:
@@ -265,10 +265,15 @@ class FitJob:
         ypr = track.yaw_pitch_roll[tr]
         jaw_deg = np.degrees(track.jaw_pose[tr, :2])
         drive = np.concatenate([jaw_deg, track.expression[tr, :expression_dim]], 1)
+        # The ranges the avatar learned, with a margin: poses a little beyond the video, expressions up to
+        # half a standard deviation beyond (the renderer clamps to them).
         margin = 5.0
+        expr = track.expression[tr, :expression_dim]
         schema = controls.schema(expression_dim, (ypr[:, 0].min() - margin, ypr[:, 0].max() + margin),
                                  (ypr[:, 1].min() - margin, ypr[:, 1].max() + margin),
-                                 (min(0.0, jaw_deg[:, 0].min()), jaw_deg[:, 0].max() + margin))
+                                 (min(0.0, jaw_deg[:, 0].min()), jaw_deg[:, 0].max() + 1.0),
+                                 jaw_lateral_range=(jaw_deg[:, 1].min() - 1.0, jaw_deg[:, 1].max() + 1.0),
+                                 expression_ranges=list(zip(expr.min(0) - 0.5, expr.max(0) + 0.5)))
         metrics = self._metrics()
         meta = AvatarMeta(schema=schema, resolution=G.cfg.resolution, stats=ExpressionStats.of(drive),
                           name=x.avatar.name, preset=x.preset.name, tracker_backend=track.backend,

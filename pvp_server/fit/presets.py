@@ -38,6 +38,15 @@ class Preset:
     mapper_steps: int = 50_000
     mapper_lr: float = 5e-4
     mapper_batch: int = 1
+    # Eq. 15 weights (the paper's by default)
+    loss_l2: float = 10.0
+    loss_perceptual: float = 10.0
+    loss_identity: float = 0.5
+    loss_pose: float = 0.1
+    loss_expression: float = 0.1
+    loss_consistency: float = 1.0
+    loss_locality: float = 0.5
+    perturbation_sigma: float = 0.5
     checkpoint_every: int = 500
 
     def to_json(self) -> dict:
@@ -45,16 +54,26 @@ class Preset:
         d["channels"] = list(self.channels)
         return d
 
+    def loss_weights(self):
+        from .mapper_training import LossWeights
+
+        return LossWeights(l2=self.loss_l2, perceptual=self.loss_perceptual, identity=self.loss_identity,
+                           pose=self.loss_pose, expression=self.loss_expression, consistency=self.loss_consistency,
+                           locality=self.loss_locality, sigma=self.perturbation_sigma)
+
     def with_overrides(self, **kw) -> "Preset":
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
 
 
 PRESETS = {
+    # The CPU presets weigh pose consistency 100x the paper: their renders are small, and a degree of
+    # head rotation is a far smaller change there than at 1024 px.
     "tiny": Preset("tiny", resolution=64, pivots=32, perceptual="msssim", needs_prior=False,
                    channels=(128, 128, 128, 64, 32), w_dim=128, mapping_layers=2, prior_steps=4000, prior_batch=8,
-                   pti_steps_per_pivot=10, mapper_steps=1500, mapper_batch=8, checkpoint_every=250),
+                   pti_steps_per_pivot=10, mapper_steps=1500, mapper_batch=8, loss_pose=10.0, checkpoint_every=250),
     "small": Preset("small", resolution=128, pivots=64, perceptual="msssim", needs_prior=False,
                     channels=(256, 256, 256, 128, 64, 32), w_dim=256, mapping_layers=2, prior_steps=20000,
-                    prior_batch=8, pti_steps_per_pivot=50, mapper_steps=10000, mapper_batch=8, checkpoint_every=500),
+                    prior_batch=8, pti_steps_per_pivot=50, mapper_steps=10000, mapper_batch=8, loss_pose=10.0,
+                    checkpoint_every=500),
     "paper": Preset("paper", resolution=1024, pivots=200, perceptual="lpips-vgg", needs_prior=True),
 }
