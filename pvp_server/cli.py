@@ -246,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="auto")
     sv.add_argument("--half", action="store_true", help="bf16 (or fp16) synthesis on CUDA")
     sv.add_argument("--max-batch", type=int, default=16, help="most frames rendered together")
-    sv.add_argument("--batch-window-ms", type=float, default=2.0, help="how long to wait for more live requests")
+    sv.add_argument("--batch-window-ms", type=float, default=0.0,
+                    help="extra wait for more live requests before rendering (requests that arrive while a batch "
+                         "renders are batched anyway)")
     sv.add_argument("--curve-secret", type=Path, help="the server's .key_secret (pvp keys)")
     sv.add_argument("--clients", type=Path, help="folder of accepted clients' .key files")
     sv.set_defaults(func=cmd_serve)

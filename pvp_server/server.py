@@ -64,7 +64,7 @@ class Pending:
 
 class Server:
     def __init__(self, service: RenderService, bind: str = "tcp://127.0.0.1:5555", curve: CurveConfig | None = None,
-                 batch_window_s: float = 0.002, context: zmq.Context | None = None):
+                 batch_window_s: float = 0.0, context: zmq.Context | None = None):
         if not is_loopback(bind) and curve is None:
             raise ServerConfigError(f"--bind {bind} is not a loopback address: binding there requires CURVE "
                                     "authentication (--curve-secret and --clients, keys from pvp keys)")
@@ -171,6 +171,7 @@ class Server:
         while len(self.pending.live) < self.service.max_batch and time.perf_counter() < deadline:
             self._drain(0)
             time.sleep(0.0002)
+        self._drain(0)
         batch, self.pending.live = (self.pending.live[:self.service.max_batch],
                                     self.pending.live[self.service.max_batch:])
         results = self._safe_render([job for _, _, job in batch], [(p, i) for p, i, _ in batch])

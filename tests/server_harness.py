@@ -11,11 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class ServerProcess:
-    def __init__(self, avatar_dir, *extra, bind="tcp://127.0.0.1:*"):
+    def __init__(self, avatar_dir, *extra, bind="tcp://127.0.0.1:*", threads: int | None = 1):
         self.proc = subprocess.Popen([sys.executable, "-u", "-m", "pvp_server.cli", "serve", str(avatar_dir),
                                       "--bind", bind, "--device", "cpu", *map(str, extra)], cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                     env={**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})})
         deadline = time.time() + 60
         line = ""
         while time.time() < deadline:
