@@ -2,14 +2,11 @@
 the official model_ir_se50.pth. Embeddings are L2-normalised 512-d vectors."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints.layout import CheckpointError
-from .irse import input_layer, ir_se50_body, load_checked
+from .irse import input_layer, ir_se50_body, load_checked, read_weights
 
 WHERE = "model_ir_se50.pth comes from TreB1eN/InsightFace_Pytorch (as pSp/e4e/PTI distribute it)"
 
@@ -28,13 +25,7 @@ class ArcFace(nn.Module):
 
 
 def load_arcface(path, device="cpu") -> ArcFace:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file; {WHERE}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated or unsafe
-        raise CheckpointError(f"{path}: not a readable ArcFace checkpoint ({e})") from None
+    state = read_weights(path, "ArcFace", WHERE)
     net = ArcFace()
     load_checked(net, state, str(path), "an ArcFace IR-SE50 network")
     return net.eval().requires_grad_(False).to(device)

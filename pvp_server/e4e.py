@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoints.layout import CheckpointError
-from .irse import input_layer, ir_se50_body, load_checked
+from .irse import input_layer, ir_se50_body, load_checked, read_weights
 
 INPUT_SIZE = 256
 COARSE, MIDDLE = 3, 7  # W+ layers from the 16x16, 32x32 and 64x64 feature maps
@@ -76,12 +76,7 @@ class Encoder4Editing(nn.Module):
 
 def load_e4e(path, device="cpu") -> tuple[Encoder4Editing, torch.Tensor]:
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file; {WHERE}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated or unsafe
-        raise CheckpointError(f"{path}: not a readable e4e checkpoint ({e})") from None
+    ckpt = read_weights(path, "e4e", WHERE)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: expected {{'state_dict', 'opts', 'latent_avg'}}; {WHERE}")
     encoder_state = {k[len("encoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("encoder.")}

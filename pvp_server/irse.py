@@ -48,6 +48,23 @@ def input_layer() -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
 
 
+def read_weights(path, what: str, where: str) -> dict:
+    """torch.load(weights_only) of a weight file the user gives, with errors that name it."""
+    from pathlib import Path
+
+    import torch
+
+    from .checkpoints.layout import CheckpointError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file; {where}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated or unsafe
+        raise CheckpointError(f"{path}: not a readable {what} checkpoint ({e})") from None
+
+
 def load_checked(module: nn.Module, state: dict, source: str, what: str) -> None:
     """load_state_dict that names every missing, unexpected and mis-shaped key of a weight file."""
     from .checkpoints.layout import check_shapes
