@@ -25,7 +25,7 @@ def test_pose_weights_for_any_input_and_weights(pitch, yaw, seed):
     m = _mappers(seed=seed)
     for p in m.pose.net.parameters():  # trained-looking (non-zero) weights
         torch.nn.init.normal_(p, std=3.0)
-    a = m.pose.weights(torch.tensor([[pitch, yaw]]))
+    a = m.pose.weights(torch.tensor([[pitch, yaw]])).detach()
     assert torch.all(a >= -BETA - 1e-6) and abs(float(a.sum()) - 1) < 1e-5
 
 

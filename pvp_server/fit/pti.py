@@ -44,19 +44,20 @@ def pivotal_tuning(G_orig: Generator, pivots: torch.Tensor, targets: torch.Tenso
     def step(i: int) -> dict[str, float]:
         gen = step_generator(seed, i)
         idx = torch.randint(k, (batch,), generator=gen).to(pivots.device)
-        img = G.synthesis(pivots[idx], noise_mode="const")
-        p_loss = perceptual(img, targets[idx]).mean()
-        loss = p_loss + preset.pti_l2_weight * (img - targets[idx]).square().mean()
-        metrics = {"perceptual": p_loss.item()}
-        if locality:
-            w_r = locality_latents(G_orig, pivots[idx], preset.locality_alpha, preset.locality_truncation, gen)
-            with torch.no_grad():
-                ref = G_orig.synthesis(w_r, noise_mode="none")
-            new = G.synthesis(w_r, noise_mode="none")
-            reg = (preset.locality_weight_l2 * (new - ref).square().mean()
-                   + preset.locality_weight_perceptual * perceptual(new, ref).mean())
-            loss = loss + reg
-            metrics["locality"] = reg.item()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=pivots.is_cuda):  # mixed precision on GPUs
+            img = G.synthesis(pivots[idx], noise_mode="const")
+            p_loss = perceptual(img, targets[idx]).mean()
+            loss = p_loss + preset.pti_l2_weight * (img - targets[idx]).square().mean()
+            metrics = {"perceptual": p_loss.item()}
+            if locality:
+                w_r = locality_latents(G_orig, pivots[idx], preset.locality_alpha, preset.locality_truncation, gen)
+                with torch.no_grad():
+                    ref = G_orig.synthesis(w_r, noise_mode="none")
+                new = G.synthesis(w_r, noise_mode="none")
+                reg = (preset.locality_weight_l2 * (new - ref).square().mean()
+                       + preset.locality_weight_perceptual * perceptual(new, ref).mean())
+                loss = loss + reg
+                metrics["locality"] = reg.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
