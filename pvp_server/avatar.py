@@ -27,7 +27,7 @@ from . import __version__, controls
 from .atomic import atomic_path, write_text
 from .checkpoints import load_generator, save_generator
 from .generator import Generator, to_uint8
-from .mappers import MapperConfig, Mappers
+from .mappers import MapperConfig, Mappers, load_mappers, save_mappers
 from .tracking.face_model import FaceModel
 
 FORMAT = "pvp.avatar"
@@ -162,9 +162,7 @@ class Avatar(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         save_generator(self.generator, d / "generator.safetensors")
-        mapper_state = {k: v.detach().cpu().contiguous() for k, v in self.mappers.state_dict().items()}
-        with atomic_path(d / "mappers.safetensors") as tmp:
-            save_file(mapper_state, str(tmp), metadata={"config": json.dumps(self.mappers.cfg.to_json())})
+        save_mappers(self.mappers, d / "mappers.safetensors")
         if self.face_model is not None:
             with atomic_path(d / "face_model.safetensors") as tmp:
                 save_np(self.face_model.arrays(), str(tmp))
@@ -188,13 +186,8 @@ class Avatar(nn.Module):
             if not (d / name).is_file():
                 raise AvatarError(f"{d}: {name} is missing")
         generator = load_generator(d / "generator.safetensors")
-        from safetensors import safe_open
-
-        with safe_open(str(d / "mappers.safetensors"), "pt") as f:
-            cfg = MapperConfig(**json.loads(f.metadata()["config"]))
-        state = load_file(str(d / "mappers.safetensors"))
-        mappers = Mappers(cfg, state["pose.pivots"])
-        mappers.load_state_dict(state, strict=True)
+        mappers = load_mappers(d / "mappers.safetensors")
+        cfg = mappers.cfg
         face_model = FaceModel.from_arrays(load_np(str(d / "face_model.safetensors"))) \
             if (d / "face_model.safetensors").is_file() else None
         edits = {}

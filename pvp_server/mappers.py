@@ -9,7 +9,9 @@ F_expr: (jaw, expression) -> residuals of W+ layers 0..7 only, one MLP per layer
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -93,3 +95,26 @@ class Mappers(nn.Module):
         """Returns (w_final, delta_w_expr)."""
         delta = self.expression(jaw_expression)
         return self.pose(pitch_yaw) + delta, delta
+
+
+def save_mappers(mappers: Mappers, path) -> None:
+    """safetensors with the config in the metadata (atomic)."""
+    from safetensors.torch import save_file
+
+    from .atomic import atomic_path
+
+    state = {k: v.detach().cpu().contiguous() for k, v in mappers.state_dict().items()}
+    with atomic_path(Path(path)) as tmp:
+        save_file(state, str(tmp), metadata={"config": json.dumps(mappers.cfg.to_json())})
+
+
+def load_mappers(path) -> Mappers:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        cfg = MapperConfig(**json.loads(f.metadata()["config"]))
+    state = load_file(str(path))
+    mappers = Mappers(cfg, state["pose.pivots"])
+    mappers.load_state_dict(state, strict=True)
+    return mappers

@@ -154,6 +154,3 @@ def frame_header(request_id: int, width: int, height: int, fmt: str, seq: int | 
         header["seq"] = seq
     return header
 
-
-def bytes_per_pixel(fmt: str) -> int | None:
-    return {"rgb8": 3, "rgba8": 4}.get(fmt)

@@ -78,9 +78,6 @@ class RenderService:
         if unknown:
             raise protocol.ProtocolError(protocol.INVALID_FIELD, f"unknown edit directions {unknown}", "edits")
 
-    def face_model_arrays(self) -> dict[str, np.ndarray] | None:
-        return self.avatar.face_model.arrays() if self.avatar.face_model is not None else None
-
     def controls_tensor(self, jobs: list[FrameJob]) -> tuple[torch.Tensor, torch.Tensor | None]:
         ctrl = np.clip(np.array([j.controls for j in jobs], np.float32), self.lo, self.hi)
         edits = None

@@ -20,6 +20,7 @@ from ..losses import PerceptualLoss, psnr
 from ..tracking.track import Track, TrackError
 from ..tracking.tracker import track_video
 from .data import build_frames, parse_range, to_tensor
+from ..mappers import load_mappers, save_mappers
 from .inversion import optimize_latents
 from .mapper_training import eyes_mouth_masks, losses_record, train_mappers
 from .pivots import select_pivots
@@ -211,7 +212,7 @@ class FitJob:
         path = self.work / "mappers.safetensors"
         x, device = self.x, self.x.device
         if path.is_file():
-            return load_file(str(path))
+            return load_mappers(path)
         from ..tracking.differentiable import DifferentiableTracker
 
         tr = self.track_positions(track, frame_index, rows)
@@ -242,25 +243,15 @@ class FitJob:
             weights=x.preset.loss_weights(), seed=x.seed, progress=x.progress)
         self._record(mapper_training=metrics, losses=losses_record(x.preset.loss_weights(), perceptual.kind,
                                                                    identity is not None, tracker is not None))
-        state = {k: v.detach().cpu().contiguous() for k, v in mappers.state_dict().items()}
-        with atomic_path(path) as tmp:
-            save_file(state, str(tmp), metadata={"config": json.dumps(mappers.cfg.to_json())})
-        return state
+        save_mappers(mappers, path)
+        return mappers
 
-    def bundle(self, track: Track, G, frames: torch.Tensor, frame_index: np.ndarray, rows: np.ndarray,
+    def bundle(self, track: Track, G, mappers, frames: torch.Tensor, frame_index: np.ndarray, rows: np.ndarray,
                expression_dim: int) -> Path:
         from .. import __version__, controls
         from ..avatar import Avatar, AvatarMeta, ExpressionStats
-        from ..mappers import MapperConfig, Mappers
 
         x = self.x
-        from safetensors import safe_open
-
-        with safe_open(str(self.work / "mappers.safetensors"), "pt") as f:
-            cfg = MapperConfig(**json.loads(f.metadata()["config"]))
-        state = load_file(str(self.work / "mappers.safetensors"))
-        mappers = Mappers(cfg, state["pose.pivots"])
-        mappers.load_state_dict(state)
         tr = self.track_positions(track, frame_index, rows)
         ypr = track.yaw_pitch_roll[tr]
         jaw_deg = np.degrees(track.jaw_pose[tr, :2])
@@ -323,8 +314,8 @@ class FitJob:
         pivots = self.pivots(track, data["frame_index"], rows)
         G, latents = self.prior(track, frames, data["frame_index"], rows, pivots)
         expression_dim = choose_expression_dim(track)
-        self.mappers(track, G, latents, frames, data["frame_index"], rows, expression_dim)
-        self.bundle(track, G, frames, data["frame_index"], rows, expression_dim)
+        mappers = self.mappers(track, G, latents, frames, data["frame_index"], rows, expression_dim)
+        self.bundle(track, G, mappers, frames, data["frame_index"], rows, expression_dim)
         return json.loads((self.x.avatar / "avatar.json").read_text())["metrics"]
 
 

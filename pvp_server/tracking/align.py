@@ -60,10 +60,6 @@ def smoothed_quads(lm2d: np.ndarray, valid: np.ndarray, sigma_centre: float = 1.
     return quad_from_params(c_s, x_s)
 
 
-def smooth_landmarks(lm: np.ndarray, valid: np.ndarray, sigma: float) -> np.ndarray:
-    return _smooth(lm, valid, sigma)
-
-
 def unit_transform(quad: np.ndarray) -> np.ndarray:
     """[N, 4, 2] quads -> [N, 2, 3] affine maps from image pixels to the unit square of the crop."""
     src = quad[:, [0, 1, 3]].astype(np.float64)  # top-left, bottom-left, top-right

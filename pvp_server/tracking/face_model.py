@@ -53,10 +53,6 @@ class FaceModel:
         d = (posefree - self.mean).reshape(len(posefree), -1)
         return d @ self.components.reshape(len(self.components), -1).T / self.scales
 
-    def mesh_from_expression(self, coeffs: np.ndarray) -> np.ndarray:
-        """[N, K] -> [N, 468, 3] pose-free meshes (the inverse of :meth:`expression` within the span)."""
-        return self.mean + np.einsum("nk,kvc->nvc", coeffs * self.scales, self.components)
-
     def jaw(self, posefree: np.ndarray) -> np.ndarray:
         """FLAME-like jaw pose [N, 3] (axis-angle, radians): opening about X (> 0 opens), lateral about Y."""
         angles = _jaw_angles(posefree)

@@ -46,7 +46,7 @@ def detect_landmarks(path, settings: TrackSettings, landmarker=None, progress: b
         lm, n = landmarker(rgb)
         indices.append(i)
         counts.append(n)
-        landmarks.append(lm if lm is not None else None)
+        landmarks.append(lm)
     if not indices:
         raise VideoError(f"{source.path}: no frames in the range start={settings.start} end={settings.end}")
     n_points = next((len(lm) for lm in landmarks if lm is not None), 478)
