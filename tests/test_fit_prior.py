@@ -75,7 +75,7 @@ def test_tuning_path_with_official_layout_priors(layout, d3_track_file, tmp_path
     out = tmp_path / "avatar"
     r = _fit([d3_track_file, "-o", out, "--prior", prior, "--train-frames", "0:30", "--device", "cpu",
               "--set", "pivots=4", "--set", "invert_w_steps=3", "--set", "invert_wplus_steps=3",
-              "--set", "pti_steps_per_pivot=2"])
+              "--set", "pti_steps_per_pivot=2", "--set", "mapper_steps=5"])
     assert r.returncode == 0, r.stderr[-2000:]
     tuned = load_generator(out / "work" / "generator.safetensors")
     assert tuned.cfg == load_generator(prior).cfg
@@ -88,7 +88,7 @@ def test_tuning_path_with_official_layout_priors(layout, d3_track_file, tmp_path
 def test_fit_killed_during_training_resumes(d3_track_file, tmp_path):
     out = tmp_path / "avatar"
     args = [d3_track_file, "-o", out, "--train-frames", "0:40", "--device", "cpu", "--set", "prior_steps=400",
-            "--set", "checkpoint_every=40", "--set", "pivots=6"]
+            "--set", "checkpoint_every=40", "--set", "pivots=6", "--set", "mapper_steps=5"]
     proc = subprocess.Popen([sys.executable, "-m", "pvp_server.cli", "fit", *map(str, args)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = out / "work" / "prior_checkpoint.pt"
@@ -108,7 +108,7 @@ def test_fit_killed_during_training_resumes(d3_track_file, tmp_path):
     assert "resuming from step" in log
     assert torch.load(ckpt, weights_only=True)["step"] == 400
     assert (out / "work" / "generator.safetensors").is_file()
-    changed = _fit([*args[:-2], "--set", "pivots=7", "--resume"])
+    changed = _fit([*args[:-4], "--set", "pivots=7", "--set", "mapper_steps=5", "--resume"])
     assert changed.returncode == 2 and "different settings" in changed.stderr
 
 
