@@ -109,6 +109,12 @@ def cmd_avatar_random(args) -> None:
     from .avatar import random_avatar
 
     avatar = random_avatar(args.resolution, args.expression_dim, seed=args.seed)
+    if args.face_model_from:
+        from .tracking.track import Track
+
+        avatar.face_model = Track.load(args.face_model_from).face_model
+        if avatar.face_model is None or len(avatar.face_model.scales) < args.expression_dim:
+            raise UserError(f"{args.face_model_from}: no face model with {args.expression_dim} expression components")
     avatar.save(args.output)
     print(f"wrote a random {args.resolution}px avatar to {args.output} ({avatar.num_channels} controls)")
 
@@ -238,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resolution", type=int, default=64)
     r.add_argument("--expression-dim", type=int, default=8)
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--face-model-from", type=Path, metavar="TRACK",
+                   help="give the avatar this pvp track's face model (a face mesh for Blender rigs)")
     r.set_defaults(func=cmd_avatar_random)
 
     sv = sub.add_parser("serve", help="serve an avatar over ZeroMQ (protocol v1, docs/protocol.md)")

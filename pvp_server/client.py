@@ -164,6 +164,11 @@ class Client:
         self.info, _ = self.call("hello")
         return self.info
 
+    def face_mesh(self) -> dict:
+        """The avatar's face mesh (see RenderService.face_mesh); a ServerError when it has none."""
+        reply, _ = self.call("face_mesh")
+        return reply
+
     def ping(self) -> float:
         t0 = time.perf_counter()
         self.call("ping")

@@ -23,8 +23,8 @@ MIN_SIZE, MAX_SIZE = 16, 2048
 MAX_CONTROL = 1.0e4  # magnitude; each channel is then clamped to its schema range
 MAX_EDIT_STRENGTH = 100.0
 FORMATS = ("rgb8", "rgba8", "jpeg", "png")
-REQUEST_TYPES = ("hello", "ping", "render", "render_sequence", "cancel")
-REPLY_TYPES = ("info", "pong", "frame", "done", "cancelled", "error")
+REQUEST_TYPES = ("hello", "ping", "face_mesh", "render", "render_sequence", "cancel")
+REPLY_TYPES = ("info", "pong", "face_mesh", "frame", "done", "cancelled", "error")
 
 # error codes
 BAD_MESSAGE = "bad_message"  # not decodable msgpack, or not a map

@@ -10,6 +10,8 @@ import torch
 
 from . import __version__, protocol
 from .avatar import Avatar
+from .controls import expression_dim, expression_names
+from .tracking.topology import mesh_triangles
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,21 @@ class RenderService:
                 "limits": {"max_batch": self.max_batch, "max_sequence": protocol.MAX_SEQUENCE,
                            "min_size": protocol.MIN_SIZE, "max_size": protocol.MAX_SIZE,
                            "formats": list(protocol.FORMATS), "max_message_bytes": protocol.MAX_MESSAGE_BYTES}}
+
+    def face_mesh(self) -> dict:
+        """The avatar's face model as a mesh for client rigs (FLAME frame: X right, Y up, Z towards the
+        camera; interocular distance 1): mean vertices, triangles, and per expression channel the vertex
+        offsets of +1 sd. Arrays are little-endian float32 / int32 bytes."""
+        fm = self.avatar.face_model
+        if fm is None:
+            raise protocol.ProtocolError(protocol.INVALID_FIELD, "this avatar has no face model "
+                                         "(info.avatar.has_face_model is false)", "type")
+        k = expression_dim(self.avatar.meta.schema)
+        offsets = fm.components[:k] * fm.scales[:k, None, None]
+        return {"v": protocol.VERSION, "type": "face_mesh", "vertex_count": int(fm.mean.shape[0]),
+                "vertices": fm.mean.astype("<f4").tobytes(),
+                "triangles": np.asarray(mesh_triangles(), "<i4").tobytes(),
+                "shape_keys": {n: o.astype("<f4").tobytes() for n, o in zip(expression_names(k), offsets)}}
 
     def check(self, controls: list[float], edits: dict[str, float], field: str = "controls") -> None:
         """Avatar-specific checks of a request (the protocol module checked types and bounds)."""

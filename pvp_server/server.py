@@ -137,6 +137,8 @@ class Server:
             kind = req["type"]
             if kind == "hello":
                 self._send(peer, {**self.service.info(), "id": req["id"]})
+            elif kind == "face_mesh":
+                self._send(peer, {**self.service.face_mesh(), "id": req["id"]})
             elif kind == "ping":
                 self._send(peer, {"v": protocol.VERSION, "type": "pong", "id": req["id"], "time": time.time()})
             elif kind == "cancel":

@@ -28,3 +28,32 @@ def d12_track(shared_data):
     from pvp_server.tracking.tracker import track_video
 
     return track_video(shared_data / "lp_d12.mp4", progress=False)
+
+
+@pytest.fixture(scope="session")
+def addon_zip(tmp_path_factory) -> Path:
+    """The Blender extension as build_addon.py writes it (wheels cached in dist/wheels between runs)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("addon")
+    result = subprocess.run([sys.executable, str(root / "build_addon.py"), "--out", str(out)], capture_output=True,
+                            text=True, cwd=root)
+    assert result.returncode == 0, result.stderr
+    return Path(result.stdout.strip())
+
+
+@pytest.fixture(scope="session")
+def addon_package(addon_zip, tmp_path_factory):
+    """The extension's modules importable outside Blender as ``pvp_blender`` (the pure ones need no bpy)."""
+    import sys
+    import zipfile
+
+    folder = tmp_path_factory.mktemp("addon_pkg")
+    with zipfile.ZipFile(addon_zip) as z:
+        z.extractall(folder / "pvp_blender")
+    sys.path.insert(0, str(folder))
+    import pvp_blender
+
+    return pvp_blender

@@ -11,3 +11,15 @@ EAR_RIGHT, EAR_LEFT = 234, 454  # face outline beside the ears: the jaw hinge li
 RIGID = (10, 151, 9, 8, 168, 6, 197, 195, 5, 4, 1, 19, 94, 2, 98, 327, 33, 133, 362, 263, 234, 454, 127, 356,
          109, 338, 67, 297, 103, 332, 54, 284, 21, 251, 162, 389, 226, 446, 35, 265, 143, 372, 116, 345)
 NUM_MESH = 468
+
+
+def mesh_triangles() -> list[tuple[int, int, int]]:
+    """The 468-point mesh's triangles: the 3-cliques of MediaPipe's tessellation edges (it ships edges only)."""
+    from mediapipe.python.solutions.face_mesh_connections import FACEMESH_TESSELATION
+
+    neighbours: dict[int, set[int]] = {}
+    for a, b in FACEMESH_TESSELATION:
+        neighbours.setdefault(a, set()).add(b)
+        neighbours.setdefault(b, set()).add(a)
+    triangles = {tuple(sorted((a, b, c))) for a, b in FACEMESH_TESSELATION for c in neighbours[a] & neighbours[b]}
+    return sorted(triangles)

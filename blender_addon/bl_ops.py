@@ -1,0 +1,554 @@
+"""Blender shell: preferences, scene properties, operators, the panel, handlers and the preview timer.
+Thin over session.py, preview.py, rig.py, timeline.py and driving.py."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import bpy
+import numpy as np
+from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
+from bpy_extras.io_utils import ImportHelper
+
+from . import bl_plane, bl_rig, driving
+from .client import ServerError, ServerUnavailable
+from .preview import DOWN
+from .rig import RigError, load_rig, rig_for_schema
+from .session import Session
+from .timeline import TimelineJob, frame_path
+
+RIGS_DIR = Path(__file__).parent / "rigs"
+ADDON_ID = __package__
+
+
+class Runtime:
+    """What lives between Blender events: the session, the rig reader, the handler's bookkeeping."""
+
+    def __init__(self):
+        self.session: Session | None = None
+        self.reader: bl_rig.RigReader | None = None
+        self.suspended = False  # set while a job steps through frames itself
+        self.dirty_since: float | None = None
+        self.last_sent = 0.0
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+        self.session, self.reader = None, None
+
+
+runtime = Runtime()
+
+
+def prefs(context=None):
+    context = context or bpy.context
+    return context.preferences.addons[ADDON_ID].preferences
+
+
+def new_session(context) -> Session:
+    p = prefs(context)
+    runtime.close()
+    runtime.session = Session(p.endpoint.split(",")[0].strip(), p.timeout_s, p.cache_mb, p.preview_size,
+                              bpy.path.abspath(p.curve_server_key), bpy.path.abspath(p.curve_client_secret))
+    ensure_timer()
+    return runtime.session
+
+
+def rig_reader(scene) -> bl_rig.RigReader | None:
+    s, props = runtime.session, scene.pvp
+    if s is None or s.info is None or props.rig is None:
+        return None
+    r = runtime.reader
+    if r is None or r.rig != props.rig or r.mesh != props.mesh:
+        spec = load_rig(RIGS_DIR / props.rig.get("pvp_rig_file", ""))
+        avatar = s.info["avatar"]
+        runtime.reader = r = bl_rig.RigReader(spec, props.rig, props.mesh, avatar["control_schema"], avatar["edits"])
+    return r
+
+
+def show(scene, frame) -> None:
+    image = scene.pvp.image or bl_plane.ensure_image(frame.width, frame.height)
+    scene.pvp.image = image
+    bl_plane.show_frame(image, frame)
+    screen = bpy.context.screen
+    if screen is not None:
+        for area in screen.areas:
+            if area.type in ("VIEW_3D", "IMAGE_EDITOR"):
+                area.tag_redraw()
+
+
+def request_current(scene, prefetch: bool = False) -> None:
+    """Ask for the frame of the rig's current values (shown at once when cached), and prefetch ahead."""
+    reader = rig_reader(scene)
+    if reader is None or runtime.session is None:
+        return
+    controls, edits = reader.now()
+    frame = runtime.session.preview.want(controls, edits)
+    if frame is not None:
+        show(scene, frame)
+    if prefetch:
+        step = max(1, scene.frame_step)
+        span = scene.frame_end - scene.frame_start + 1
+        ahead = [scene.frame_start + (scene.frame_current + step * i - scene.frame_start) % span
+                 for i in range(1, prefs().prefetch_frames + 1)]
+        runtime.session.preview.prefetch(reader.at(ahead))
+    runtime.last_sent = time.monotonic()
+
+
+# --- handlers and timer ------------------------------------------------------------------------------------
+
+@bpy.app.handlers.persistent
+def on_frame_change(scene, depsgraph=None):
+    if runtime.suspended or runtime.session is None:
+        return
+    t0 = time.perf_counter()
+    try:
+        screen = bpy.context.screen
+        request_current(scene, prefetch=bool(screen and screen.is_animation_playing))
+    except Exception as e:  # a handler must never raise into Blender
+        runtime.session.preview.message = f"preview error: {type(e).__name__}: {e}"
+    times = runtime.session.handler_ms
+    times.append((time.perf_counter() - t0) * 1000)
+    del times[:-500]
+
+
+@bpy.app.handlers.persistent
+def on_depsgraph_update(scene, depsgraph):
+    if runtime.suspended or runtime.session is None or scene.pvp.rig is None:
+        return
+    watched = {scene.pvp.rig.name, scene.pvp.mesh.name if scene.pvp.mesh else None}
+    for update in depsgraph.updates:
+        idb = update.id
+        if getattr(idb, "name", None) in watched or isinstance(idb, (bpy.types.Key, bpy.types.Armature)):
+            runtime.dirty_since = runtime.dirty_since or time.monotonic()
+            return
+
+
+@bpy.app.handlers.persistent
+def on_load(*_):
+    runtime.reader = None
+
+
+def tick():
+    """Timer: read replies and show the wanted frame; send slider/bone edits at most 30 times a second."""
+    s = runtime.session
+    if s is None:
+        return None
+    try:
+        scene = bpy.context.scene
+        frame = s.pump()
+        if frame is not None and scene is not None:
+            show(scene, frame)
+        if runtime.dirty_since is not None and scene is not None and time.monotonic() - runtime.last_sent > 1 / 30:
+            runtime.dirty_since = None
+            request_current(scene)
+        redraw_panels()
+    except Exception as e:  # keep the timer alive whatever happens
+        s.preview.message = f"preview error: {type(e).__name__}: {e}"
+    return 0.01 if (s.preview.in_flight or runtime.dirty_since) else 0.05
+
+
+def redraw_panels() -> None:
+    screen = bpy.context.screen
+    if screen is not None:
+        for area in screen.areas:
+            if area.type == "VIEW_3D":
+                area.tag_redraw()
+
+
+def ensure_timer() -> None:
+    if not bpy.app.timers.is_registered(tick):
+        bpy.app.timers.register(tick, first_interval=0.01, persistent=True)
+
+
+def wait_until(predicate, timeout_s: float) -> bool:
+    """Pump replies until predicate() holds (blocking; for background mode and explicit sync)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        frame = runtime.session.pump(0.02)
+        if frame is not None:
+            show(bpy.context.scene, frame)
+    return True
+
+
+# --- preferences and properties ----------------------------------------------------------------------------
+
+class PVPPreferences(bpy.types.AddonPreferences):
+    bl_idname = ADDON_ID
+
+    endpoint: StringProperty(name="Server", default="tcp://127.0.0.1:5555",
+                             description="pvp serve endpoint(s); several, comma-separated, share timeline renders")
+    curve_server_key: StringProperty(name="Server public key", subtype="FILE_PATH",
+                                     description="the server's .key file (CURVE, for remote servers)")
+    curve_client_secret: StringProperty(name="Client secret key", subtype="FILE_PATH",
+                                        description="this machine's .key_secret file (pvp keys)")
+    timeout_s: FloatProperty(name="Timeout (s)", default=5.0, min=0.2, max=120.0)
+    cache_mb: IntProperty(name="Frame cache (MB)", default=256, min=0, max=16384)
+    preview_size: IntProperty(name="Preview size", default=0, min=0, max=2048,
+                              description="width of preview frames (0: the avatar's resolution)")
+    prefetch_frames: IntProperty(name="Prefetch", default=12, min=0, max=256,
+                                 description="frames asked for ahead of playback")
+
+    def draw(self, context):
+        col = self.layout.column()
+        for name in ("endpoint", "curve_server_key", "curve_client_secret", "timeout_s", "cache_mb", "preview_size",
+                     "prefetch_frames"):
+            col.prop(self, name)
+
+
+class PVPSceneProps(bpy.types.PropertyGroup):
+    rig: PointerProperty(type=bpy.types.Object, name="Rig")
+    mesh: PointerProperty(type=bpy.types.Object, name="Control mesh")
+    plane: PointerProperty(type=bpy.types.Object, name="Image plane")
+    image: PointerProperty(type=bpy.types.Image, name="Image")
+    output_dir: StringProperty(name="Output", subtype="DIR_PATH", default="//pvp_frames/")
+
+
+# --- operators ---------------------------------------------------------------------------------------------
+
+class PVP_OT_connect(bpy.types.Operator):
+    bl_idname = "pvp.connect"
+    bl_label = "Connect"
+    bl_description = "Connect to the pvp server (Preferences: endpoint, keys, timeout)"
+
+    def execute(self, context):
+        try:
+            s = new_session(context)
+        except (FileNotFoundError, ValueError) as e:
+            self.report({"ERROR"}, str(e))
+            return {"CANCELLED"}
+        if bpy.app.background:
+            wait_until(lambda: s.info is not None or s.preview.state == DOWN, s.client.timeout_s + 1)
+            if s.info is None:
+                self.report({"ERROR"}, s.status)
+                return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+class PVP_OT_sync(bpy.types.Operator):
+    bl_idname = "pvp.sync"
+    bl_label = "Update Now"
+    bl_description = "Show the frame of the current values, waiting for the server (up to the timeout)"
+
+    def execute(self, context):
+        s = runtime.session
+        if s is None or s.info is None:
+            self.report({"ERROR"}, "not connected to a pvp server (PVP panel → Connect)")
+            return {"CANCELLED"}
+        request_current(context.scene)
+        if not wait_until(lambda: s.preview.idle or s.preview.state == DOWN, s.client.timeout_s + 1) \
+                or s.preview.state == DOWN:
+            self.report({"WARNING"}, s.status)
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+class PVP_OT_add_rig(bpy.types.Operator):
+    bl_idname = "pvp.add_rig"
+    bl_label = "Add PVP Rig"
+    bl_description = "Build the rig matching the connected avatar's controls, its control mesh and the image plane"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context):
+        s = runtime.session
+        if s is None or s.info is None:
+            self.report({"ERROR"}, "not connected to a pvp server (PVP panel → Connect)")
+            return {"CANCELLED"}
+        avatar = s.info["avatar"]
+        schema = avatar["control_schema"]
+        try:
+            spec = rig_for_schema(RIGS_DIR, schema)
+            names = [c["name"] for c in spec.expression_channels(schema)]
+            arrays = (bl_rig.face_mesh_arrays(s.client.face_mesh()) if avatar.get("has_face_model")
+                      else bl_rig.proxy_mesh_arrays(names))
+        except (RigError, ServerError, ServerUnavailable) as e:
+            self.report({"ERROR"}, str(e))
+            return {"CANCELLED"}
+        rig = bl_rig.build_armature(context, spec)
+        rig["pvp_rig_file"] = Path(spec.path).name
+        rig["pvp_avatar_id"] = avatar["id"]
+        mesh = bl_rig.build_mesh(context, spec, rig, schema, arrays)
+        bl_rig.add_edit_properties(rig, spec, avatar["edits"])
+        props = context.scene.pvp
+        props.rig, props.mesh = rig, mesh
+        if props.plane is None:
+            size = s.preview.size or avatar["resolution"]
+            props.image = bl_plane.ensure_image(size, size)
+            props.plane = bl_plane.add_plane(context, props.image)
+        runtime.reader = None
+        request_current(context.scene)
+        return {"FINISHED"}
+
+
+class PVP_OT_import_track(bpy.types.Operator, ImportHelper):
+    bl_idname = "pvp.import_track"
+    bl_label = "Import FLAME Track"
+    bl_description = ("Keyframe the rig from a driving performance: pvp track, DECA/EMOCA codes, NHA npz, "
+                      "metrical-tracker frames or CSV")
+    bl_options = {"REGISTER", "UNDO"}
+
+    filter_glob: StringProperty(default="*.safetensors;*.npz;*.pt;*.pth;*.pkl;*.csv", options={"HIDDEN"})
+    start_frame: IntProperty(name="Start frame", default=1)
+    resample: BoolProperty(name="Resample to scene fps", default=True,
+                           description="interpolate the track's frames onto the scene's frame rate when it says its fps")
+    source_fps: FloatProperty(name="Track fps", default=0.0, min=0.0,
+                              description="the track's frame rate when the file does not say (0: one key per frame)")
+    renormalize: EnumProperty(name="Normalization", default="RENORMALIZE", items=[
+        ("RENORMALIZE", "Renormalize", "map jaw and expression from the track's mean/std to the avatar's "
+                                       "(paper, appendix B): for another person's performance"),
+        ("NONE", "None", "use the values as they are: for the avatar's own track")])
+    use_head: BoolProperty(name="Head", default=True)
+    use_jaw: BoolProperty(name="Jaw", default=True)
+    use_expression: BoolProperty(name="Expression", default=True)
+
+    def execute(self, context):
+        s, props = runtime.session, context.scene.pvp
+        reader = rig_reader(context.scene)
+        if reader is None:
+            self.report({"ERROR"}, "connect and add a PVP rig first")
+            return {"CANCELLED"}
+        groups = [g for g, on in (("head", self.use_head), ("jaw", self.use_jaw), ("expression", self.use_expression))
+                  if on]
+        try:
+            perf = driving.read_performance(self.filepath)
+            values = driving.to_controls(perf, reader.schema, groups, self.renormalize == "RENORMALIZE",
+                                         s.info["avatar"]["expression_stats"])
+        except (driving.DrivingError, ValueError) as e:
+            self.report({"ERROR"}, str(e))
+            return {"CANCELLED"}
+        names = list(values)
+        table = np.stack([values[n] for n in names], 1)
+        fps = perf.fps or self.source_fps
+        scene_fps = context.scene.render.fps / context.scene.render.fps_base
+        if self.resample and fps:
+            table = driving.resample(table, fps, scene_fps)
+        frames = self.start_frame + np.arange(len(table), dtype=np.float64)
+        write_controls(reader, props, names, frames, table)
+        self.report({"INFO"}, f"{len(table)} frames × {len(names)} channels from {Path(self.filepath).name}")
+        return {"FINISHED"}
+
+
+def write_controls(reader: bl_rig.RigReader, props, names, frames, table) -> None:
+    spec = reader.spec
+    for j, name in enumerate(names):
+        if name in spec.channels:
+            targets = [spec.bone_target(name, v) for v in table[:, j]]
+            bone, axis = targets[0][:2]
+            bl_rig.write_keys(props.rig, f'pose.bones["{bone}"].rotation_euler', axis, frames,
+                              np.array([t[2] for t in targets]), group=bone)
+        elif props.mesh is not None and props.mesh.data.shape_keys is not None:
+            key = props.mesh.data.shape_keys
+            if spec.shape_key(name) in key.key_blocks:
+                bl_rig.write_keys(key, f'key_blocks["{spec.shape_key(name)}"].value', -1, frames, table[:, j])
+
+
+def timeline_controls(scene, reader) -> list[tuple[int, list[float], dict]]:
+    """Every frame's values, evaluated by Blender itself (NLA and drivers included)."""
+    current, out = scene.frame_current, []
+    runtime.suspended = True
+    try:
+        for f in range(scene.frame_start, scene.frame_end + 1, max(1, scene.frame_step)):
+            scene.frame_set(f)
+            controls, edits = reader.now()
+            out.append((f, controls, edits))
+    finally:
+        scene.frame_set(current)
+        runtime.suspended = False
+    return out
+
+
+class FrameStepper:
+    """Modal operator body shared by both timeline renders: a timer steps the job, Esc cancels, progress
+    shows in the status bar; in background mode the job runs to the end."""
+
+    _timer = None
+
+    def start(self, context):
+        if bpy.app.background or context.window is None:
+            try:
+                while not self.finished():
+                    self.step(context)
+            except (ServerUnavailable, ServerError, OSError) as e:
+                self.report({"ERROR"}, str(e))
+                return {"CANCELLED"}
+            self.report({"INFO"}, self.summary())
+            return {"FINISHED"}
+        wm = context.window_manager
+        wm.progress_begin(0, max(1, self.total()))
+        self._timer = wm.event_timer_add(0.02, window=context.window)
+        wm.modal_handler_add(self)
+        return {"RUNNING_MODAL"}
+
+    def modal(self, context, event):
+        if event.type == "ESC":
+            self.cancel_job()
+            return self.end(context, {"CANCELLED"}, f"cancelled; {self.summary()} (run again to resume)")
+        if event.type == "TIMER":
+            try:
+                self.step(context)
+            except (ServerUnavailable, ServerError, OSError) as e:
+                return self.end(context, {"CANCELLED"}, str(e), "ERROR")
+            context.window_manager.progress_update(self.done())
+            context.workspace.status_text_set(f"PVP: {self.done()}/{self.total()} frames — Esc to cancel")
+            if self.finished():
+                return self.end(context, {"FINISHED"}, self.summary())
+        return {"PASS_THROUGH"}
+
+    def end(self, context, result, message, level="INFO"):
+        wm = context.window_manager
+        wm.event_timer_remove(self._timer)
+        wm.progress_end()
+        context.workspace.status_text_set(None)
+        self.report({level}, message)
+        return result
+
+
+class PVP_OT_render_timeline(bpy.types.Operator, FrameStepper):
+    bl_idname = "pvp.render_timeline"
+    bl_label = "Render Timeline (fast)"
+    bl_description = ("The server renders every frame of the scene range into PNGs in the output folder; "
+                      "frames already there are kept (resume); Esc cancels")
+
+    def execute(self, context):
+        s, scene = runtime.session, context.scene
+        reader = rig_reader(scene)
+        if reader is None:
+            self.report({"ERROR"}, "connect and add a PVP rig first")
+            return {"CANCELLED"}
+        frames = timeline_controls(scene, reader)
+        client, folder = s.job_client(), bpy.path.abspath(scene.pvp.output_dir)
+        runs: list[tuple[dict, list]] = []  # a sequence request has one set of edits: split where they change
+        for f, c, e in frames:
+            if not runs or runs[-1][0] != e:
+                runs.append((e, []))
+            runs[-1][1].append((f, c))
+        self.jobs = [TimelineJob(client, part, e, folder, s.preview.size) for e, part in runs]
+        return self.start(context)
+
+    def step(self, context):
+        job = next((j for j in self.jobs if not j.finished), None)
+        if job is not None:
+            job.step(0.05)
+
+    def finished(self):
+        return all(j.finished for j in self.jobs)
+
+    def total(self):
+        return sum(j.total for j in self.jobs)
+
+    def done(self):
+        return sum(j.done for j in self.jobs)
+
+    def cancel_job(self):
+        for j in self.jobs:
+            j.cancel()
+
+    def summary(self):
+        return f"{self.done()}/{self.total()} frames in {bpy.path.abspath(bpy.context.scene.pvp.output_dir)}"
+
+
+class PVP_OT_render_scene(bpy.types.Operator, FrameStepper):
+    bl_idname = "pvp.render_scene"
+    bl_label = "Render Scene with PVP"
+    bl_description = ("Blender renders the scene (Cycles, EEVEE…) frame by frame with the plane updated before "
+                      "each frame, so the avatar composites with 3D content; Esc cancels")
+
+    def execute(self, context):
+        scene = context.scene
+        if rig_reader(scene) is None:
+            self.report({"ERROR"}, "connect and add a PVP rig first")
+            return {"CANCELLED"}
+        self.frames = list(range(scene.frame_start, scene.frame_end + 1, max(1, scene.frame_step)))
+        self.folder = Path(bpy.path.abspath(scene.pvp.output_dir))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.position = 0
+        return self.start(context)
+
+    def step(self, context):
+        scene, s = context.scene, runtime.session
+        f = self.frames[self.position]
+        scene.frame_set(f)  # the frame-change handler asks for the avatar frame
+        if not wait_until(lambda: s.preview.idle or s.preview.state == DOWN, s.client.timeout_s + 1) \
+                or s.preview.state == DOWN:
+            raise ServerUnavailable(f"{s.status}; frames before {f} are written")
+        previous = scene.render.filepath
+        scene.render.filepath = str(frame_path(self.folder, f))
+        try:
+            bpy.ops.render.render(write_still=True)
+        finally:
+            scene.render.filepath = previous
+        self.position += 1
+
+    def finished(self):
+        return self.position >= len(self.frames)
+
+    def total(self):
+        return len(self.frames)
+
+    def done(self):
+        return self.position
+
+    def cancel_job(self):
+        self.frames = self.frames[:self.position]
+
+    def summary(self):
+        return f"{self.position}/{len(self.frames)} frames in {self.folder}"
+
+
+# --- panel -------------------------------------------------------------------------------------------------
+
+class PVP_PT_panel(bpy.types.Panel):
+    bl_label = "PVP Avatar"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "PVP"
+
+    def draw(self, context):
+        layout, s, props = self.layout, runtime.session, context.scene.pvp
+        row = layout.row()
+        if s is None:
+            row.label(text="not connected", icon="UNLINKED")
+        else:
+            icon = "ERROR" if s.preview.state == DOWN else ("LINKED" if s.info else "TIME")
+            row.label(text=s.status, icon=icon)
+        layout.operator("pvp.connect", icon="PLUGIN")
+        col = layout.column()
+        col.enabled = s is not None and s.info is not None
+        col.operator("pvp.add_rig", icon="ARMATURE_DATA")
+        col.operator("pvp.import_track", icon="IMPORT")
+        col.operator("pvp.sync", icon="FILE_REFRESH")
+        if props.rig is not None:
+            for key in props.rig.keys():
+                if key.startswith("pvp_edit_"):
+                    col.prop(props.rig, f'["{key}"]', text=key[len("pvp_edit_"):])
+        col.prop(props, "output_dir")
+        col.operator("pvp.render_timeline", icon="RENDER_ANIMATION")
+        col.operator("pvp.render_scene", icon="SCENE")
+
+
+CLASSES = (PVPPreferences, PVPSceneProps, PVP_OT_connect, PVP_OT_sync, PVP_OT_add_rig, PVP_OT_import_track,
+           PVP_OT_render_timeline, PVP_OT_render_scene, PVP_PT_panel)
+HANDLERS = ((bpy.app.handlers.frame_change_post, on_frame_change),
+            (bpy.app.handlers.depsgraph_update_post, on_depsgraph_update), (bpy.app.handlers.load_post, on_load))
+
+
+def register():
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+    bpy.types.Scene.pvp = PointerProperty(type=PVPSceneProps)
+    for handlers, fn in HANDLERS:
+        handlers.append(fn)
+
+
+def unregister():
+    for handlers, fn in HANDLERS:
+        if fn in handlers:
+            handlers.remove(fn)
+    if bpy.app.timers.is_registered(tick):
+        bpy.app.timers.unregister(tick)
+    runtime.close()
+    del bpy.types.Scene.pvp
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,239 @@
+"""Blender side of the rig: build the armature and control mesh from a RigSpec, read its values (now or
+at any frame, from F-curves) and write imported values as keyframes."""
+from __future__ import annotations
+
+import math
+
+import bpy
+import numpy as np
+
+from .rig import RigSpec
+
+INTEROCULAR_M = 0.063  # the face model's unit (interocular distance 1) in metres
+EYE_LEVEL_M = 0.25
+LINEAR = 1  # index of 'LINEAR' in Keyframe.interpolation (CONSTANT, LINEAR, BEZIER, ...)
+
+
+# --- building --------------------------------------------------------------------------------------------
+
+def _link(context, ob) -> None:
+    context.scene.collection.objects.link(ob)
+
+
+def build_armature(context, spec: RigSpec) -> bpy.types.Object:
+    arm = bpy.data.armatures.new(spec.armature)
+    ob = bpy.data.objects.new(spec.armature, arm)
+    _link(context, ob)
+    previous = context.view_layer.objects.active
+    context.view_layer.objects.active = ob
+    bpy.ops.object.mode_set(mode="EDIT")
+    for b in spec.bones:
+        eb = arm.edit_bones.new(b["name"])
+        eb.head, eb.tail, eb.roll = b["head"], b["tail"], 0.0
+        if b["parent"]:
+            eb.parent = arm.edit_bones[b["parent"]]
+    bpy.ops.object.mode_set(mode="OBJECT")
+    context.view_layer.objects.active = previous or ob
+    for b in spec.bones:
+        pb = ob.pose.bones[b["name"]]
+        pb.rotation_mode = b["rotation_mode"]
+        if b["limits_deg"]:
+            con = pb.constraints.new("LIMIT_ROTATION")
+            con.owner_space = "LOCAL"
+            for axis, (lo, hi) in b["limits_deg"].items():
+                setattr(con, f"use_limit_{axis}", True)
+                setattr(con, f"min_{axis}", math.radians(lo))
+                setattr(con, f"max_{axis}", math.radians(hi))
+    ob["pvp_rig"] = spec.name
+    return ob
+
+
+def face_mesh_arrays(reply: dict) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """The server's face_mesh reply -> Blender-frame vertices (metres), triangles, shape-key offsets."""
+    n = int(reply["vertex_count"])
+
+    def to_blender(flat: bytes) -> np.ndarray:  # FLAME (X, Y up, Z to camera) -> Blender (X, -Z, Y)
+        v = np.frombuffer(flat, "<f4").reshape(n, 3).astype(np.float64) * INTEROCULAR_M
+        return np.stack([v[:, 0], -v[:, 2], v[:, 1]], 1)
+
+    verts = to_blender(reply["vertices"])
+    verts += np.array([0.0, -0.07, EYE_LEVEL_M]) - [verts[:, 0].mean(), verts[:, 1].min() + 0.02, verts[:, 2].mean()]
+    tris = np.frombuffer(reply["triangles"], "<i4").reshape(-1, 3)
+    return verts, tris, {name: to_blender(off) for name, off in reply["shape_keys"].items()}
+
+
+def proxy_mesh_arrays(names: list[str]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """A head-sized ellipsoid whose shape keys are smooth bumps spread over the face, one per channel."""
+    rings, segments = 16, 24
+    theta = np.linspace(0, np.pi, rings + 1)[1:-1]
+    phi = np.linspace(0, 2 * np.pi, segments, endpoint=False)
+    t, p = np.meshgrid(theta, phi, indexing="ij")
+    verts = np.stack([0.075 * np.sin(t).ravel() * np.cos(p).ravel(), 0.09 * np.sin(t).ravel() * np.sin(p).ravel(),
+                      0.11 * np.cos(t).ravel()], 1)
+    verts = np.vstack([[0, 0, 0.11], verts, [0, 0, -0.11]]) + [0, 0, EYE_LEVEL_M - 0.02]
+    faces = []
+    for r in range(rings - 1):
+        for s in range(segments):
+            a, b = 1 + r * segments + s, 1 + r * segments + (s + 1) % segments
+            if r == 0:
+                faces.append((0, b, a))
+            if r < rings - 2:
+                faces += [(a, b, b + segments), (a, b + segments, a + segments)]
+    last = 1 + (rings - 2) * segments
+    faces += [(last + s, last + (s + 1) % segments, len(verts) - 1) for s in range(segments)]
+    centre = verts.mean(0)
+    normals = (verts - centre) / np.linalg.norm(verts - centre, axis=1, keepdims=True)
+    keys = {}
+    for i, name in enumerate(names):
+        angle = -np.pi / 2 + (i / max(1, len(names) - 1) - 0.5) * 1.6  # spread over the front (-Y)
+        height = EYE_LEVEL_M - 0.02 + 0.06 * np.sin(2.4 * i)
+        spot = np.array([0.08 * np.cos(angle), 0.09 * np.sin(angle), height])
+        weight = np.exp(-((verts - spot) ** 2).sum(1) / 0.03 ** 2)
+        keys[name] = normals * (0.012 * weight)[:, None]
+    return verts, np.array(faces), keys
+
+
+def build_mesh(context, spec: RigSpec, rig: bpy.types.Object, schema: dict, mesh_arrays) -> bpy.types.Object:
+    verts, tris, offsets = mesh_arrays
+    me = bpy.data.meshes.new(spec.mesh)
+    me.from_pydata(verts.tolist(), [], tris.tolist())
+    me.update()
+    ob = bpy.data.objects.new(spec.mesh, me)
+    _link(context, ob)
+    ob.parent = rig
+    head, jaw = ob.vertex_groups.new(name="head"), ob.vertex_groups.new(name="jaw")
+    jaw_bone = next((b for b in spec.bones if b["name"] == "jaw"), None)
+    if jaw_bone is not None:  # below the jaw hinge and in front of it moves with the jaw
+        hinge_z, tip = jaw_bone["head"][2], np.array(jaw_bone["tail"])
+        w = np.clip((hinge_z - 0.01 - verts[:, 2]) / 0.03, 0, 1) * np.clip((-verts[:, 1] - 0.0) / 0.04, 0, 1)
+        w *= (verts[:, 2] < tip[2] + 0.04)
+        for i, wi in enumerate(w):
+            if wi > 0:
+                jaw.add([i], float(wi), "REPLACE")
+            if wi < 1:
+                head.add([i], float(1 - wi), "REPLACE")
+    else:
+        head.add(list(range(len(verts))), 1.0, "REPLACE")
+    ob.modifiers.new("Armature", "ARMATURE").object = rig
+    ob.shape_key_add(name="Basis", from_mix=False)
+    for c in spec.expression_channels(schema):
+        kb = ob.shape_key_add(name=spec.shape_key(c["name"]), from_mix=False)
+        kb.slider_min, kb.slider_max = max(-10.0, c["min"]), min(10.0, c["max"])
+        kb.value = c["default"]
+        off = offsets.get(c["name"])
+        if off is not None:
+            kb.data.foreach_set("co", (verts + off).astype(np.float32).ravel())
+    return ob
+
+
+def add_edit_properties(rig: bpy.types.Object, spec: RigSpec, edits: list[dict]) -> None:
+    for e in edits:
+        prop = spec.edit_property(e["name"])
+        rig[prop] = float(e.get("default", 0.0))
+        lo, hi = float(e.get("min", -10.0)), float(e.get("max", 10.0))
+        rig.id_properties_ui(prop).update(min=lo, max=hi, soft_min=lo, soft_max=hi,
+                                          description=f"pvp appearance edit '{e['name']}' ({e.get('kind', '')})")
+
+
+# --- reading ---------------------------------------------------------------------------------------------
+
+def fcurves_of(idblock) -> list:
+    """The F-curves animating a datablock (slotted actions in Blender 4.4+, legacy actions before)."""
+    ad = getattr(idblock, "animation_data", None)
+    if ad is None or ad.action is None:
+        return []
+    slot = getattr(ad, "action_slot", None)
+    if slot is not None:
+        from bpy_extras import anim_utils
+
+        bag = anim_utils.action_get_channelbag_for_slot(ad.action, slot)
+        return list(bag.fcurves) if bag is not None else []
+    return list(ad.action.fcurves)
+
+
+class RigReader:
+    """Reads a rig's values as the server's controls: now (what the depsgraph evaluated for this frame)
+    or at another frame from the F-curves (for prefetching; NLA strips are not evaluated there)."""
+
+    def __init__(self, spec: RigSpec, rig, mesh, schema: dict, edits: list[dict]):
+        self.spec, self.rig, self.mesh, self.schema, self.edits = spec, rig, mesh, schema, edits
+        self.limits = {b["name"]: b["limits_deg"] for b in spec.bones}
+
+    def _clamped(self, bone: str, euler) -> tuple[float, float, float]:
+        limits = self.limits.get(bone, {})
+        out = []
+        for i, axis in enumerate("xyz"):
+            v = euler[i]
+            if axis in limits:
+                v = min(max(v, math.radians(limits[axis][0])), math.radians(limits[axis][1]))
+            out.append(v)
+        return tuple(out)
+
+    def _key_blocks(self):
+        keys = self.mesh.data.shape_keys if self.mesh is not None else None
+        return keys.key_blocks if keys is not None else {}
+
+    def now(self) -> tuple[list[float], dict[str, float]]:
+        bones, blocks = self.rig.pose.bones, self._key_blocks()
+
+        def rotation(name):
+            pb = bones.get(name)
+            return self._clamped(name, pb.rotation_euler) if pb is not None else (0.0, 0.0, 0.0)
+
+        def shape_key(name):
+            kb = blocks.get(name)
+            return kb.value if kb is not None else None
+
+        edits = {e["name"]: float(self.rig.get(self.spec.edit_property(e["name"]), e.get("default", 0.0)))
+                 for e in self.edits}
+        return self.spec.controls(self.schema, rotation, shape_key), edits
+
+    def at(self, frames) -> list[tuple[list[float], dict[str, float]]]:
+        """Values at each of ``frames`` from the F-curves (the current value where a channel has none)."""
+        controls_now, edits_now = self.now()
+        rig_curves = {(fc.data_path, fc.array_index): fc for fc in fcurves_of(self.rig)}
+        key = self.mesh.data.shape_keys if self.mesh is not None else None
+        key_curves = {fc.data_path: fc for fc in fcurves_of(key)} if key is not None else {}
+        bones, blocks = self.rig.pose.bones, self._key_blocks()
+        out = []
+        for f in frames:
+            def rotation(name, f=f):
+                pb = bones.get(name)
+                if pb is None:
+                    return (0.0, 0.0, 0.0)
+                path = f'pose.bones["{name}"].rotation_euler'
+                return self._clamped(name, [rig_curves[(path, i)].evaluate(f) if (path, i) in rig_curves
+                                            else pb.rotation_euler[i] for i in range(3)])
+
+            def shape_key(name, f=f):
+                fc = key_curves.get(f'key_blocks["{name}"].value')
+                if fc is not None:
+                    kb = blocks[name]
+                    return min(max(fc.evaluate(f), kb.slider_min), kb.slider_max)
+                kb = blocks.get(name)
+                return kb.value if kb is not None else None
+
+            edits = {}
+            for e in self.edits:
+                fc = rig_curves.get((f'["{self.spec.edit_property(e["name"])}"]', 0))
+                edits[e["name"]] = fc.evaluate(f) if fc is not None else edits_now[e["name"]]
+            out.append((self.spec.controls(self.schema, rotation, shape_key), edits))
+        return out
+
+
+# --- writing keyframes -----------------------------------------------------------------------------------
+
+def write_keys(idblock, data_path: str, index: int, frames: np.ndarray, values: np.ndarray, group: str = "") -> None:
+    """One F-curve's keyframes at once (replacing that curve's old keys); index -1 for a scalar property."""
+    def curve():
+        return next((fc for fc in fcurves_of(idblock) if fc.data_path == data_path and fc.array_index == max(index, 0)),
+                    None)
+
+    if curve() is None:
+        idblock.keyframe_insert(data_path, index=index, frame=float(frames[0]), group=group)
+    fc = curve()
+    fc.keyframe_points.clear()
+    fc.keyframe_points.add(len(frames))
+    fc.keyframe_points.foreach_set("co", np.stack([frames, values], 1).astype(np.float32).ravel())
+    fc.keyframe_points.foreach_set("interpolation", [LINEAR] * len(frames))
+    fc.update()

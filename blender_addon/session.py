@@ -1,0 +1,64 @@
+"""The add-on's connection to one server: client, live preview, the avatar's info. No bpy."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .client import Client, CurveKeys
+from .preview import DOWN, Preview
+
+
+class Session:
+    def __init__(self, endpoint: str, timeout_s: float = 5.0, cache_mb: int = 256, preview_size: int = 0,
+                 curve_server_key: str = "", curve_client_secret: str = ""):
+        curve = None
+        if curve_server_key or curve_client_secret:
+            for label, path in (("server public key", curve_server_key), ("client secret key", curve_client_secret)):
+                if not Path(path).is_file():
+                    raise FileNotFoundError(f"CURVE {label} file not found: {path!r} (see pvp keys)")
+            curve = CurveKeys(Path(curve_server_key), Path(curve_client_secret))
+        self.settings = dict(endpoint=endpoint, timeout_s=timeout_s, cache_mb=cache_mb, preview_size=preview_size,
+                             curve_server_key=curve_server_key, curve_client_secret=curve_client_secret)
+        self.curve = curve
+        self.client = Client(endpoint, timeout_s, curve, cache_bytes=cache_mb * 1024 * 1024)
+        self.preview = Preview(self.client, "rgb8", preview_size or None)
+        self.info: dict | None = None
+        self.hello_id: int | None = self.client.send("hello")
+        self.hello_sent = time.monotonic()
+        self.handler_ms: list[float] = []  # main-thread time of recent frame-change handlers
+
+    @property
+    def connected(self) -> bool:
+        return self.info is not None and self.preview.state != DOWN
+
+    @property
+    def status(self) -> str:
+        if self.info is None:
+            return f"connecting to {self.client.endpoint}…" if self.preview.state != DOWN else self.preview.message
+        return self.preview.message
+
+    def pump(self, timeout_s: float = 0.0):
+        """Read replies (the hello's info first); returns a frame to show, or None."""
+        if self.info is None and self.hello_id is not None:
+            replies = self.client.poll(timeout_s)
+            for header, _ in replies:
+                if header.get("id") == self.hello_id and header.get("type") == "info":
+                    self.info = header
+                    self.preview.message = f"connected to {self.client.endpoint}: {header['avatar']['name']}"
+            if self.info is None and time.monotonic() - self.hello_sent > self.client.timeout_s:
+                self.preview.mark_down(f"no reply from {self.client.endpoint} within {self.client.timeout_s:g} s — "
+                                   f"is pvp serve running?")
+                self.hello_id = None
+            return None
+        if self.info is None and self.preview.state != DOWN:  # back up after a failed hello: greet again
+            self.hello_id, self.hello_sent = self.client.send("hello"), time.monotonic()
+            return None
+        return self.preview.pump(timeout_s)
+
+    def job_client(self) -> Client:
+        """A second connection for long jobs (timeline renders), so they never steal preview replies."""
+        s = self.settings
+        return Client(s["endpoint"], max(s["timeout_s"], 10.0), self.curve, cache_bytes=0)
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,91 @@
+"""Fast-path timeline render: the server renders every frame of a range into PNG files, no bpy.
+
+Resumable (frames already on disk are kept, each file is written under a temporary name and renamed) and
+cancellable (the server is told to stop). The operator steps it from a timer; in background mode it runs
+to the end.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from .client import Client, ServerError, ServerUnavailable
+
+
+def frame_path(folder: Path, frame: int) -> Path:
+    return folder / f"frame_{frame:06d}.png"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class TimelineJob:
+    def __init__(self, client: Client, frames: list[tuple[int, list[float]]], edits: dict, folder,
+                 size: int | None = None, chunk: int = 256):
+        self.client = client
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.edits, self.size, self.chunk = edits, size, chunk
+        self.total = len(frames)
+        self.todo = [(f, c) for f, c in frames if not frame_path(self.folder, f).exists()]
+        self.skipped = self.total - len(self.todo)
+        self.written = 0
+        self.request: tuple[int, list[int]] | None = None  # sequence id, frame numbers in order
+        self.last_reply = time.monotonic()
+        self.cancelled = False
+
+    @property
+    def done(self) -> int:
+        return self.skipped + self.written
+
+    @property
+    def finished(self) -> bool:
+        return self.cancelled or (not self.todo and self.request is None)
+
+    def _start_chunk(self) -> None:
+        part, self.todo = self.todo[:self.chunk], self.todo[self.chunk:]
+        request_id = self.client.start_sequence([c for _, c in part], edits=self.edits, fmt="png", size=self.size)
+        self.request = (request_id, [f for f, _ in part])
+        self.last_reply = time.monotonic()
+
+    def step(self, timeout_s: float = 0.05) -> int:
+        """Write the frames that arrived (waiting up to timeout_s); returns how many were written."""
+        if self.finished:
+            return 0
+        if self.request is None:
+            self._start_chunk()
+        request_id, numbers = self.request
+        written = 0
+        for header, payload in self.client.poll(timeout_s):
+            if header.get("id") != request_id:
+                continue
+            self.last_reply = time.monotonic()
+            kind = header.get("type")
+            if kind == "error":
+                raise ServerError(header)
+            if kind == "frame":
+                write_atomic(frame_path(self.folder, numbers[header["seq"]]), payload or b"")
+                written += 1
+            elif kind == "done":
+                self.request = None
+        self.written += written
+        if self.request is not None and time.monotonic() - self.last_reply > self.client.timeout_s:
+            self.client.reconnect()
+            self.cancelled = True
+            raise ServerUnavailable(f"no frame from {self.client.endpoint} within {self.client.timeout_s:g} s; "
+                                    f"{self.done} of {self.total} frames are written (run again to resume)")
+        return written
+
+    def cancel(self) -> None:
+        if self.request is not None:
+            self.client.cancel(self.request[0])
+        self.request, self.todo, self.cancelled = None, [], True
+
+    def run(self) -> int:
+        while not self.finished:
+            self.step(0.2)
+        return self.done

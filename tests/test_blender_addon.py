@@ -1,0 +1,307 @@
+"""The extension inside the real Blender (bpy 4.5 from PyPI) against real `pvp serve` subprocesses.
+
+Blender runs in this process with its user resources in a temporary folder (the user's own Blender
+config is never read); the extension is installed from the zip build_addon.py writes, through Blender's
+own extension operators. Timers do not fire in a Python-module Blender, so tests call the add-on's timer
+function (``tick``) or its blocking ``pvp.sync`` operator, which runs the same code.
+"""
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pvp_server.avatar import random_avatar
+from pvp_server.client import Client
+from pvp_server.images import load_rgb
+from tests.server_harness import ServerProcess
+from tests.test_blender_preview import assert_same_render
+
+ROOT = Path(__file__).resolve().parents[1]
+RIG = json.loads((ROOT / "rigs" / "flame_pvp.json").read_text())
+PKG = "bl_ext.user_default.pvp_blender"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def bpy(addon_zip):
+    os.environ["BLENDER_USER_RESOURCES"] = tempfile.mkdtemp(prefix="pvp_blender_user_")
+    import bpy as blender
+
+    blender.ops.wm.read_factory_settings(use_empty=True)
+    result = blender.ops.extensions.package_install_files(filepath=str(addon_zip), repo="user_default",
+                                                          enable_on_install=True)
+    assert result == {"FINISHED"}
+    return blender
+
+
+@pytest.fixture(scope="module")
+def avatars(tmp_path_factory, d12_track):
+    d = tmp_path_factory.mktemp("avatars")
+    random_avatar(resolution=32, expression_dim=4).save(d / "proxy")
+    from pvp_server.cli import main
+
+    d12_track.save(d / "d12.safetensors")
+    assert main(["avatar", "random", "-o", str(d / "face"), "--resolution", "32", "--expression-dim", "4",
+                 "--face-model-from", str(d / "d12.safetensors")]) == 0
+    assert main(["edits", "discover", str(d / "face"), "--count", "2"]) == 0
+    return d
+
+
+@pytest.fixture
+def addon(bpy):
+    bpy.ops.wm.read_homefile(use_empty=True)
+    ops = sys.modules[f"{PKG}.bl_ops"]
+    yield ops
+    ops.runtime.close()
+
+
+def connect(bpy, ops, endpoint, timeout_s=20.0):
+    prefs = ops.prefs()
+    prefs.endpoint, prefs.timeout_s = endpoint, timeout_s
+    assert bpy.ops.pvp.connect() == {"FINISHED"}
+    return ops.runtime.session
+
+
+def plane_pixels(scene) -> np.ndarray:
+    image = scene.pvp.image
+    w, h = image.size
+    px = np.empty(w * h * 4, np.float32)
+    image.pixels.foreach_get(px)
+    return np.round(px.reshape(h, w, 4)[::-1, :, :3] * 255).astype(np.uint8)
+
+
+def server_frame(endpoint, controls, edits=None) -> np.ndarray:
+    frame = Client(endpoint, 20.0).render(controls, edits, use_cache=False)
+    return np.frombuffer(frame.data, np.uint8).reshape(frame.height, frame.width, 3)
+
+
+@pytest.fixture(scope="module")
+def face_server(avatars):
+    srv = ServerProcess(avatars / "face")
+    yield srv
+    srv.stop()
+
+
+def test_add_rig_builds_the_rig_file_and_frames_match_the_server(bpy, addon, face_server):
+    session = connect(bpy, addon, face_server.endpoint)
+    assert session.info["avatar"]["has_face_model"]
+    assert bpy.ops.pvp.add_rig() == {"FINISHED"}
+    scene = bpy.context.scene
+    rig, mesh = scene.pvp.rig, scene.pvp.mesh
+    assert [b.name for b in rig.data.bones] == [b["name"] for b in RIG["bones"]]
+    for spec in RIG["bones"]:
+        bone = rig.data.bones[spec["name"]]
+        np.testing.assert_allclose(bone.head_local, spec["head"], atol=1e-6)
+        np.testing.assert_allclose(bone.tail_local, spec["tail"], atol=1e-6)
+        assert (bone.parent.name if bone.parent else None) == spec["parent"]
+        assert rig.pose.bones[spec["name"]].rotation_mode == spec["rotation_mode"]
+    schema = session.info["avatar"]["control_schema"]
+    exp = [c for c in schema["channels"] if c["group"] == "expression"]
+    keys = mesh.data.shape_keys.key_blocks
+    assert [k.name for k in keys] == ["Basis"] + [c["name"] for c in exp]
+    assert len(mesh.data.vertices) == 468 and len(mesh.data.polygons) > 800  # the avatar's own face mesh
+    basis = np.array([v.co for v in keys["Basis"].data])
+    assert np.linalg.norm(np.array([v.co for v in keys["exp_00"].data]) - basis, axis=1).max() > 1e-4
+    edits = [e["name"] for e in session.info["avatar"]["edits"]]
+    assert len(edits) == 2 and all(f"pvp_edit_{e}" in rig for e in edits)
+
+    head, jaw = rig.pose.bones["head"], rig.pose.bones["jaw"]
+    for frame, (yaw, pitch, jaw_open, e1, edit) in {1: (0, 0, 0, 0, 0), 5: (20, -8, 15, 1.5, 1.0),
+                                                    10: (-10, 5, 5, -1, -0.5)}.items():
+        head.rotation_euler = (np.radians(-pitch), np.radians(yaw), 0.0)
+        jaw.rotation_euler = (np.radians(jaw_open), 0.0, 0.0)
+        keys["exp_01"].value = e1
+        rig[f"pvp_edit_{edits[0]}"] = edit
+        head.keyframe_insert("rotation_euler", frame=frame)
+        jaw.keyframe_insert("rotation_euler", frame=frame)
+        keys["exp_01"].keyframe_insert("value", frame=frame)
+        rig.keyframe_insert(f'["pvp_edit_{edits[0]}"]', frame=frame)
+    scene.frame_set(5)
+    assert bpy.ops.pvp.sync() == {"FINISHED"}
+    want = server_frame(face_server.endpoint, [20, -8, 0, 15, 0, 0, 1.5, 0, 0], {edits[0]: 1.0})
+    np.testing.assert_array_equal(plane_pixels(scene), want)
+    scene.frame_set(10)
+    assert bpy.ops.pvp.sync() == {"FINISHED"}
+    want = server_frame(face_server.endpoint, [-10, 5, 0, 5, 0, 0, -1, 0, 0], {edits[0]: -0.5})
+    np.testing.assert_array_equal(plane_pixels(scene), want)
+    # prefetching reads the same values from the F-curves
+    reader = addon.rig_reader(scene)
+    (controls, edit_values), = reader.at([5])
+    np.testing.assert_allclose(controls, [20, -8, 0, 15, 0, 0, 1.5, 0, 0], atol=1e-4)
+    assert edit_values[edits[0]] == pytest.approx(1.0)
+
+
+def test_import_track_writes_one_key_per_frame(bpy, addon, face_server, tmp_path):
+    connect(bpy, addon, face_server.endpoint)
+    assert bpy.ops.pvp.add_rig() == {"FINISHED"}
+    n = 9
+    rows = ["frame,head_yaw,head_pitch,jaw_open,exp_00,exp_02"]
+    rows += [f"{i},{2.0 * i - 5},{-i * 0.5},{i % 4 * 3.0},{0.2 * i - 0.7},{(-1) ** i * 0.3}" for i in range(n)]
+    (tmp_path / "drive.csv").write_text("\n".join(rows) + "\n")
+    table = np.loadtxt(tmp_path / "drive.csv", delimiter=",", skiprows=1)
+    assert bpy.ops.pvp.import_track(filepath=str(tmp_path / "drive.csv"), start_frame=11, renormalize="NONE",
+                                    resample=False) == {"FINISHED"}
+    scene = bpy.context.scene
+    ops_rig = sys.modules[f"{PKG}.bl_rig"]
+    curves = {(fc.data_path, fc.array_index): fc for fc in ops_rig.fcurves_of(scene.pvp.rig)}
+    key_curves = {fc.data_path: fc for fc in ops_rig.fcurves_of(scene.pvp.mesh.data.shape_keys)}
+
+    def keys(fc):
+        return np.array([k.co[:] for k in fc.keyframe_points])
+
+    yaw = keys(curves[('pose.bones["head"].rotation_euler', 1)])
+    pitch = keys(curves[('pose.bones["head"].rotation_euler', 0)])
+    jaw = keys(curves[('pose.bones["jaw"].rotation_euler', 0)])
+    e0, e2 = keys(key_curves['key_blocks["exp_00"].value']), keys(key_curves['key_blocks["exp_02"].value'])
+    for got in (yaw, pitch, jaw, e0, e2):
+        assert len(got) == n
+        np.testing.assert_array_equal(got[:, 0], 11 + np.arange(n))
+    np.testing.assert_allclose(np.degrees(yaw[:, 1]), table[:, 1], atol=1e-4)
+    np.testing.assert_allclose(-np.degrees(pitch[:, 1]), table[:, 2], atol=1e-4)  # pitch up = -X rotation
+    np.testing.assert_allclose(np.degrees(jaw[:, 1]), table[:, 3], atol=1e-4)
+    np.testing.assert_allclose(e0[:, 1], table[:, 4], atol=1e-6)
+    np.testing.assert_allclose(e2[:, 1], table[:, 5], atol=1e-6)
+    # renormalised: the track's own z-scores times the avatar's statistics (jaw, then expression)
+    stats = addon.runtime.session.info["avatar"]["expression_stats"]
+    assert bpy.ops.pvp.import_track(filepath=str(tmp_path / "drive.csv"), start_frame=1, renormalize="RENORMALIZE",
+                                    resample=False, use_head=False) == {"FINISHED"}
+    e0 = keys({fc.data_path: fc for fc in ops_rig.fcurves_of(scene.pvp.mesh.data.shape_keys)}[
+        'key_blocks["exp_00"].value'])
+    raw = table[:, 4]
+    expected = (raw - raw.mean()) / raw.std() * stats["std"][2] + stats["mean"][2]
+    assert len(e0) == n
+    np.testing.assert_allclose(e0[:, 1], expected, atol=1e-5)
+    # a broken file is one clear error and changes nothing
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    with pytest.raises(RuntimeError, match="broken.npz"):
+        bpy.ops.pvp.import_track(filepath=str(tmp_path / "broken.npz"))
+
+
+def test_timeline_fast_and_scene_paths(bpy, addon, face_server, tmp_path):
+    connect(bpy, addon, face_server.endpoint)
+    scene = bpy.context.scene
+    cam_data = bpy.data.cameras.new("cam")
+    cam = bpy.data.objects.new("cam", cam_data)
+    scene.collection.objects.link(cam)
+    cam.location, cam.rotation_euler = (0.0, -3.0, 0.25), (np.pi / 2, 0.0, 0.0)
+    scene.camera = cam
+    scene.render.resolution_x = scene.render.resolution_y = 64
+    scene.render.resolution_percentage = 100
+    assert bpy.ops.pvp.add_rig() == {"FINISHED"}  # the plane fills 80% of the camera's view height
+    head = scene.pvp.rig.pose.bones["head"]
+    for frame, yaw in ((1, -25.0), (4, 25.0)):
+        head.rotation_euler = (0.0, np.radians(yaw), 0.0)
+        head.keyframe_insert("rotation_euler", frame=frame)
+    scene.frame_start, scene.frame_end = 1, 4
+    scene.pvp.output_dir = str(tmp_path / "fast") + "/"
+    assert bpy.ops.pvp.render_timeline() == {"FINISHED"}
+    files = sorted((tmp_path / "fast").iterdir())
+    assert [f.name for f in files] == [f"frame_{i:06d}.png" for i in range(1, 5)]
+    reader = addon.rig_reader(scene)
+    expected = []
+    for f in range(1, 5):
+        scene.frame_set(f)
+        controls, edits = reader.now()
+        expected.append(server_frame(face_server.endpoint, controls, edits))
+        assert_same_render(load_rgb(files[f - 1]), expected[-1])
+    assert not np.array_equal(expected[0], expected[-1])
+
+    scene.render.engine = "CYCLES"
+    scene.cycles.samples, scene.cycles.device = 4, "CPU"
+    scene.view_settings.view_transform = "Standard"
+    scene.pvp.output_dir = str(tmp_path / "scene") + "/"
+    scene.frame_end = 2
+    assert bpy.ops.pvp.render_scene() == {"FINISHED"}
+    import cv2
+
+    for f in (1, 2):
+        render = load_rgb(tmp_path / "scene" / f"frame_{f:06d}.png").astype(np.float32)
+        plane = cv2.resize(render[8:56, 8:56], (32, 32), interpolation=cv2.INTER_AREA)  # the plane: central 80%
+        errors = [np.abs(plane - cv2.resize(e.astype(np.float32)[1:-1, 1:-1], (32, 32))).mean() for e in expected[:2]]
+        print("scene path: mean abs error vs the avatar frames", errors)
+        assert errors[f - 1] < 12.0 and errors[f - 1] < errors[2 - f], errors
+
+
+def test_server_killed_during_playback(bpy, addon, avatars):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    srv = ServerProcess(avatars / "face", bind=endpoint)
+    try:
+        connect(bpy, addon, endpoint, timeout_s=0.5)
+        assert bpy.ops.pvp.add_rig() == {"FINISHED"}
+        scene = bpy.context.scene
+        head = scene.pvp.rig.pose.bones["head"]
+        for frame, yaw in ((1, -20.0), (30, 20.0)):
+            head.rotation_euler = (0.0, np.radians(yaw), 0.0)
+            head.keyframe_insert("rotation_euler", frame=frame)
+        assert bpy.ops.pvp.sync() == {"FINISHED"}
+        srv.stop()
+        deadline = time.monotonic() + 5
+        frame = 2
+        while addon.runtime.session.preview.state != "down" and time.monotonic() < deadline:
+            scene.frame_set(frame)  # playback: the handler runs, the timer pumps; nothing may raise
+            addon.tick()
+            frame += 1
+            time.sleep(0.02)
+        session = addon.runtime.session
+        assert session.preview.state == "down" and "no reply from" in session.status
+        for _ in range(5):
+            scene.frame_set(frame)
+            assert addon.tick() is not None
+        srv = ServerProcess(avatars / "face", bind=endpoint)
+        scene.frame_set(12)
+        deadline = time.monotonic() + 30
+        while not (session.preview.state == "connected" and session.preview.idle) and time.monotonic() < deadline:
+            addon.tick()
+            time.sleep(0.02)
+        assert session.preview.state == "connected"
+        controls, edits = addon.rig_reader(scene).now()
+        np.testing.assert_array_equal(plane_pixels(scene), server_frame(endpoint, controls, edits))
+    finally:
+        srv.stop()
+
+
+def test_rig_without_face_model_gets_a_proxy(bpy, addon, avatars):
+    srv = ServerProcess(avatars / "proxy")
+    try:
+        session = connect(bpy, addon, srv.endpoint)
+        assert not session.info["avatar"]["has_face_model"]
+        assert bpy.ops.pvp.add_rig() == {"FINISHED"}
+        keys = bpy.context.scene.pvp.mesh.data.shape_keys.key_blocks
+        assert [k.name for k in keys][1:] == ["exp_00", "exp_01", "exp_02", "exp_03"]
+    finally:
+        srv.stop()
+    bpy.ops.wm.read_homefile(use_empty=True)
+    addon.runtime.close()
+    bpy.context.preferences.addons[PKG].preferences.endpoint = f"tcp://127.0.0.1:{free_port()}"
+    bpy.context.preferences.addons[PKG].preferences.timeout_s = 0.3
+    with pytest.raises(RuntimeError, match="no reply from"):
+        bpy.ops.pvp.connect()  # server down: one clear error
+
+
+def test_disable_and_uninstall(bpy, addon_zip):
+    user = Path(os.environ["BLENDER_USER_RESOURCES"])
+    installed = next(user.rglob("pvp_blender/blender_manifest.toml")).parent
+    site = list(user.rglob("site-packages/zmq/__init__.py"))
+    assert site, "the bundled pyzmq wheel was not installed"
+    bpy.ops.preferences.addon_disable(module=PKG)
+    assert hasattr(bpy.types, "PVP_PT_panel") is False and not hasattr(bpy.types.Scene, "pvp")
+    with pytest.raises((AttributeError, RuntimeError)):
+        bpy.ops.pvp.connect()
+    assert bpy.ops.extensions.package_uninstall(repo_index=_repo_index(bpy), pkg_id="pvp_blender") == {"FINISHED"}
+    assert not installed.exists()
+
+
+def _repo_index(bpy) -> int:
+    repos = bpy.context.preferences.extensions.repos
+    return next(i for i, r in enumerate(repos) if r.module == "user_default")

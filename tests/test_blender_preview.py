@@ -1,0 +1,161 @@
+"""The add-on's pure modules (preview, rig specs, timeline job) outside Blender, against a real server."""
+import json
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pvp_server.avatar import random_avatar
+from tests.server_harness import ServerProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def avatar_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("av") / "avatar"
+    random_avatar(resolution=32, expression_dim=4).save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(avatar_dir):
+    srv = ServerProcess(avatar_dir)
+    yield srv
+    srv.stop()
+
+
+def _controls(i: float) -> list[float]:
+    return [float(i), -float(i) / 2, 0.0, 5.0, 0.0, 0.1 * i, 0.0, 0.0, 0.0]
+
+
+def assert_same_render(got: np.ndarray, want: np.ndarray) -> None:
+    """Equal up to the last bit of a few pixels: a frame rendered in a batch of several and the same frame
+    rendered alone go through differently blocked float GEMMs on the CPU."""
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99, (diff.max(), (diff == 0).mean())
+
+
+def _pump_until(preview, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        frame = preview.pump(0.05)
+        if frame is not None:
+            return frame
+    raise AssertionError(f"no frame within {timeout} s: {preview.message}")
+
+
+def test_preview_shows_only_the_latest_wanted_frame(addon_package, server):
+    from pvp_blender.client import Client
+    from pvp_blender.preview import CONNECTED, Preview
+
+    preview = Preview(Client(server.endpoint, 20.0))
+    reference = Client(server.endpoint, 20.0)
+    assert preview.want(_controls(1)) is None
+    assert preview.want(_controls(2)) is None  # supersedes the first before it arrives
+    frame = _pump_until(preview)
+    assert frame.data == reference.render(_controls(2), use_cache=False).data
+    deadline = time.monotonic() + 20
+    while preview.in_flight and time.monotonic() < deadline:
+        assert preview.pump(0.05) is None  # the first reply may come later: cached, never shown
+    assert preview.dropped_stale <= 1 and preview.state == CONNECTED
+    cached = preview.want(_controls(1))  # the stale reply filled the cache: shown at once
+    assert cached is not None and cached.data == reference.render(_controls(1), use_cache=False).data
+
+
+def test_prefetch_fills_the_cache_ahead(addon_package, server):
+    from pvp_blender.client import Client
+    from pvp_blender.preview import Preview
+
+    preview = Preview(Client(server.endpoint, 20.0), max_in_flight=4)
+    ahead = [(_controls(i), {}) for i in range(10, 16)]
+    assert preview.prefetch(ahead) == 4  # bounded by max_in_flight
+    deadline = time.monotonic() + 20
+    while preview.in_flight and time.monotonic() < deadline:
+        preview.pump(0.05)
+    assert preview.prefetch(ahead) == 2  # the first four are cached now
+    assert all(preview.want(c) is not None for c, _ in ahead[:4])
+
+
+def test_server_down_is_reported_and_recovered(addon_package, avatar_dir):
+    from pvp_blender.client import Client
+    from pvp_blender.preview import CONNECTED, DOWN, Preview
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    preview = Preview(Client(endpoint, 0.5), probe_interval_s=0.2)
+    assert preview.want(_controls(3)) is None
+    deadline = time.monotonic() + 5
+    while preview.state != DOWN and time.monotonic() < deadline:
+        preview.pump(0.05)
+    assert preview.state == DOWN and "no reply from" in preview.message
+    srv = ServerProcess(avatar_dir, bind=endpoint)
+    try:
+        frame = _pump_until(preview)
+        assert preview.state == CONNECTED and preview.message.startswith("connected")
+        assert frame.data == Client(endpoint, 20.0).render(_controls(3), use_cache=False).data
+    finally:
+        srv.stop()
+
+
+def test_pixels_are_bottom_up_rgba(addon_package):
+    from pvp_blender.client import Frame
+    from pvp_blender.preview import pixels_rgba
+
+    rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    px = pixels_rgba(Frame(1, 3, 2, "rgb8", rgb.tobytes())).reshape(2, 3, 4)
+    np.testing.assert_array_equal(np.round(px[..., :3] * 255).astype(np.uint8), rgb[::-1])
+    assert (px[..., 3] == 1).all()
+
+
+def test_timeline_job_writes_exact_frames_and_resumes(addon_package, server, tmp_path):
+    from pvp_blender.client import Client
+    from pvp_blender.timeline import TimelineJob, frame_path
+
+    from pvp_server.images import load_rgb
+
+    frames = [(f, _controls(f)) for f in range(3, 9)]
+    job = TimelineJob(Client(server.endpoint, 20.0), frames, {}, tmp_path, chunk=4)
+    assert job.run() == 6 and job.written == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == [frame_path(tmp_path, f).name for f in range(3, 9)]
+    reference = Client(server.endpoint, 20.0)
+    for f, c in frames:
+        rgb = np.frombuffer(reference.render(c, use_cache=False).data, np.uint8).reshape(32, 32, 3)
+        assert_same_render(load_rgb(frame_path(tmp_path, f)), rgb)
+    stamp = frame_path(tmp_path, 3).stat().st_mtime_ns
+    frame_path(tmp_path, 5).unlink()
+    again = TimelineJob(Client(server.endpoint, 20.0), frames, {}, tmp_path)
+    assert again.skipped == 5 and again.run() == 6 and again.written == 1
+    assert frame_path(tmp_path, 3).stat().st_mtime_ns == stamp
+
+
+def test_rig_files_parse_and_bad_ones_name_the_problem(addon_package, tmp_path):
+    from pvp_blender.rig import RigError, load_rig, parse_rig
+
+    from pvp_server import controls
+
+    spec = load_rig(ROOT / "rigs" / "flame_pvp.json")
+    schema = controls.schema(4, (-40, 40), (-30, 30), (0, 30))
+    assert spec.matches(schema)
+    # the rig's bone frame is FLAME's: yaw about +Y, pitch about -X, roll about -Z, summed over neck and head
+    rotations = {"head": (np.radians(-4), np.radians(10), np.radians(2)), "neck": (0.0, np.radians(5), 0.0),
+                 "jaw": (np.radians(12), 0.0, 0.0)}
+    values = spec.controls(schema, lambda b: rotations.get(b, (0, 0, 0)), lambda k: {"exp_01": 1.5}.get(k))
+    np.testing.assert_allclose(values, [15.0, 4.0, -2.0, 12.0, 0.0, 0.0, 1.5, 0.0, 0.0], atol=1e-9)
+    assert spec.bone_target("head_pitch", 6.0)[:2] == ("head", 0)
+    assert np.isclose(spec.bone_target("head_pitch", 6.0)[2], np.radians(-6.0))
+    data = json.loads((ROOT / "rigs" / "flame_pvp.json").read_text())
+    data["channels"]["jaw_open"][0]["bone"] = "chin"
+    with pytest.raises(RigError, match=r"my.json: channels.jaw_open\[0\].bone 'chin' is not a bone"):
+        parse_rig(data, "my.json")
+    data = json.loads((ROOT / "rigs" / "flame_pvp.json").read_text())
+    del data["channels"]["head_roll"]
+    with pytest.raises(RigError, match=r"required channels \['head_roll'\]"):
+        parse_rig(data, "my.json")
