@@ -159,3 +159,10 @@ def test_rig_files_parse_and_bad_ones_name_the_problem(addon_package, tmp_path):
     del data["channels"]["head_roll"]
     with pytest.raises(RigError, match=r"required channels \['head_roll'\]"):
         parse_rig(data, "my.json")
+
+
+def test_face_mesh_request_without_a_face_model_is_a_clear_error(addon_package, server):
+    from pvp_blender.client import Client, ServerError
+
+    with pytest.raises(ServerError, match="invalid_field: this avatar has no face model"):
+        Client(server.endpoint, 20.0).face_mesh()
