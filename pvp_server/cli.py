@@ -189,6 +189,23 @@ def cmd_render(args) -> None:
     print(f"rendered {n} frames to {args.output}")
 
 
+def cmd_eval(args) -> None:
+    from .evaluate import evaluate, write_outputs
+
+    result = evaluate(args.avatar, args.video, args.frames, args.mask, args.vgg, args.alex, _device(args.device))
+    paths = write_outputs(result, args.output or args.avatar / "eval")
+    from .report import COLUMNS, LABELS
+
+    methods = result.summary()
+    print(f"{len(result.eval_set.frame_index)} frames of {args.video}; LPIPS: {result.lpips}")
+    print(f"{'method':<42}" + "".join(f"{title:>15}" for _, title, _ in COLUMNS))
+    for method, values in methods.items():
+        cells = "".join(f"{fmt.format(values[k]) if k in values else '-':>15}" for k, _, fmt in COLUMNS)
+        print(f"{LABELS.get(method, method):<42}{cells}")
+    for what, path in paths.items():
+        print(f"{what}: {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pvp", description=__doc__)
     p.add_argument("--version", action="version", version=f"pvp {__version__}")
@@ -279,6 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--device", default="auto")
     rd.set_defaults(func=cmd_render)
 
+    ev = sub.add_parser("eval", help="PSNR/SSIM/LPIPS and control accuracy of an avatar on held-out frames, "
+                                     "against nearest-pivot and nearest-frame baselines; CSV + report.html")
+    ev.add_argument("avatar", type=Path)
+    ev.add_argument("--video", type=Path, required=True)
+    ev.add_argument("--frames", help="A:B, the frames to evaluate (the paper: a later part of the video)")
+    ev.add_argument("--mask", choices=("face",), help="measure inside the face (landmarks' convex hull)")
+    ev.add_argument("--vgg", type=Path, help="vgg16-397923af.pth: LPIPS (VGG)")
+    ev.add_argument("--alex", type=Path, help="alexnet-owt-7be5be79.pth: LPIPS (Alex)")
+    ev.add_argument("-o", "--output", type=Path, help="output folder (default AVATAR/eval)")
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=cmd_eval)
+
     e = sub.add_parser("edits", help="appearance edit directions of an avatar")
     es = e.add_subparsers(dest="edits_command", required=True)
     el = es.add_parser("list", help="list an avatar's edit directions")
@@ -307,12 +336,13 @@ def main(argv=None) -> int:
     from .edits import EditError
     from .fit.pipeline import FitError
     from .losses import MissingWeights
+    from .evaluate import EvalError
     from .video import VideoError
 
     try:
         args.func(args)
     except (UserError, CheckpointError, VideoError, TrackError, FitError, MissingWeights,
-            AvatarError, EditError, FileNotFoundError) as e:
+            AvatarError, EditError, EvalError, FileNotFoundError) as e:
         print(f"pvp {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

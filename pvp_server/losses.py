@@ -54,8 +54,8 @@ def _gaussian_window(size: int, sigma: float, device, dtype):
     return (g[:, None] * g[None, :])[None, None]
 
 
-def ssim_terms(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image (luminance*contrast*structure, contrast*structure) means for images in [0, 1]."""
+def ssim_maps(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """(luminance*contrast*structure, contrast*structure) maps [B, C, H-window+1, W-window+1], images in [0, 1]."""
     c = a.shape[1]
     w = _gaussian_window(window, 1.5, a.device, a.dtype).repeat(c, 1, 1, 1)
     mu_a, mu_b = F.conv2d(a, w, groups=c), F.conv2d(b, w, groups=c)
@@ -65,12 +65,22 @@ def ssim_terms(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> tuple[torch
     c1, c2 = 0.01**2, 0.03**2
     cs = (2 * cov + c2) / (var_a + var_b + c2)
     lum = (2 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1)
-    return (lum * cs).flatten(1).mean(1), cs.flatten(1).mean(1)
+    return lum * cs, cs
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """SSIM per image, inputs in [-1, 1]."""
-    return ssim_terms((a + 1) / 2, (b + 1) / 2)[0]
+def ssim_terms(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image means of the SSIM maps for images in [0, 1]."""
+    full, cs = ssim_maps(a, b, window)
+    return full.flatten(1).mean(1), cs.flatten(1).mean(1)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SSIM per image, inputs in [-1, 1]; ``mask`` [B, 1, H, W] in {0, 1} averages the map inside it."""
+    if mask is None:
+        return ssim_terms((a + 1) / 2, (b + 1) / 2)[0]
+    full, _ = ssim_maps((a + 1) / 2, (b + 1) / 2)
+    m = mask[..., 3:3 + full.shape[-2], 3:3 + full.shape[-1]].expand_as(full)
+    return (full * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp(min=1)
 
 
 def ms_ssim(a: torch.Tensor, b: torch.Tensor, scales: int | None = None) -> torch.Tensor:
@@ -113,7 +123,11 @@ class PerceptualLoss(nn.Module):
         return self.lpips(a, b, normalize=False).flatten()
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB per image for images in [-1, 1] (peak-to-peak 2)."""
-    mse = (a - b).square().flatten(1).mean(1).clamp(min=1e-12)
-    return 10 * torch.log10(4.0 / mse)
+def psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """PSNR in dB per image for images in [-1, 1] (peak-to-peak 2); ``mask`` [B, 1, H, W] restricts it."""
+    if mask is None:
+        mse = (a - b).square().flatten(1).mean(1)
+    else:
+        m = mask.expand_as(a)
+        mse = ((a - b).square() * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp(min=1)
+    return 10 * torch.log10(4.0 / mse.clamp(min=1e-12))

@@ -28,18 +28,25 @@ def parse_range(text: str | None, n: int, what: str = "--train-frames") -> tuple
     return start, stop
 
 
+def aligned_at(track: Track, resolution: int):
+    """Yield (frame index, aligned RGB crop at ``resolution``, 2x3 image->crop map) for the track's valid
+    frames: cropped at the next standard size, then downsampled (area), as the training frames are."""
+    crop_size = min(s for s in SIZES if s >= min(resolution, 1024))
+    for i, img, A in aligned_frames(track, crop_size):
+        if resolution != crop_size:
+            img = cv2.resize(img, (resolution, resolution), interpolation=cv2.INTER_AREA)
+        yield i, img, A * (resolution / crop_size)
+
+
 def build_frames(track: Track, resolution: int, path: Path, progress: bool = True) -> dict[str, np.ndarray]:
     """Aligned crops [N, R, R, 3] uint8 of every valid frame, cached in ``path``."""
     if path.is_file():
         return load_file(str(path))
-    crop_size = min(s for s in SIZES if s >= min(resolution, 1024))
-    images, indices = [], []
     from tqdm import tqdm
 
-    for i, img, _ in tqdm(aligned_frames(track, crop_size), total=int(track.valid.sum()), unit="frame",
+    images, indices = [], []
+    for i, img, _ in tqdm(aligned_at(track, resolution), total=int(track.valid.sum()), unit="frame",
                           desc=f"align {resolution}px", disable=not progress):
-        if resolution != crop_size:
-            img = cv2.resize(img, (resolution, resolution), interpolation=cv2.INTER_AREA)
         images.append(img)
         indices.append(i)
     arrays = {"images": np.stack(images), "frame_index": np.array(indices, dtype=np.int64)}
