@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -304,18 +305,29 @@ class FitJob:
 
     def run(self) -> dict:
         self._prepare()
-        track = self.track()
+        seconds: dict[str, float] = {}
+
+        def timed(stage, fn, *args):
+            t0 = time.perf_counter()
+            result = fn(*args)
+            seconds[stage] = round(time.perf_counter() - t0, 3)
+            return result
+
+        track = timed("track", self.track)
         resolution = self.x.preset.resolution
         if self.x.prior is not None:
             resolution = load_generator(self.x.prior).cfg.resolution
-        data = self.frames(track, resolution)
+        data = timed("frames", self.frames, track, resolution)
         frames = to_tensor(data["images"])
         rows = self.training_rows(track, data["frame_index"])
-        pivots = self.pivots(track, data["frame_index"], rows)
-        G, latents = self.prior(track, frames, data["frame_index"], rows, pivots)
+        pivots = timed("pivots", self.pivots, track, data["frame_index"], rows)
+        G, latents = timed("prior", self.prior, track, frames, data["frame_index"], rows, pivots)
         expression_dim = choose_expression_dim(track)
-        mappers = self.mappers(track, G, latents, frames, data["frame_index"], rows, expression_dim)
-        self.bundle(track, G, mappers, frames, data["frame_index"], rows, expression_dim)
+        mappers = timed("mappers", self.mappers, track, G, latents, frames, data["frame_index"], rows, expression_dim)
+        # stage times of this run (a resumed stage counts only what it did now); bench/fit.py reads them
+        self._record(stage_seconds=seconds)
+        timed("bundle", self.bundle, track, G, mappers, frames, data["frame_index"], rows, expression_dim)
+        self._record(stage_seconds=seconds)
         return json.loads((self.x.avatar / "avatar.json").read_text())["metrics"]
 
 
