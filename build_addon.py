@@ -33,6 +33,18 @@ SHARED_MODULES = {"protocol.py": "pvp_server/protocol.py", "client.py": "pvp_ser
                   "driving.py": "pvp_server/driving.py", "geometry.py": "pvp_server/tracking/geometry.py"}
 
 
+def current_platform() -> str:
+    """This machine's Blender platform name (e.g. linux-x64)."""
+    import platform
+
+    system = {"linux": "linux", "win32": "windows", "darwin": "macos"}.get(sys.platform, sys.platform)
+    machine = {"x86_64": "x64", "amd64": "x64", "arm64": "arm64", "aarch64": "arm64"}.get(platform.machine().lower())
+    name = f"{system}-{machine}"
+    if name not in PLATFORMS:
+        raise SystemExit(f"build_addon.py: no wheels are published for this platform ({name})")
+    return name
+
+
 def version() -> str:
     text = (ROOT / "pyproject.toml").read_text()
     return re.search(r'^version = "([^"]+)"', text, re.M).group(1)
@@ -102,10 +114,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "dist")
     ap.add_argument("--platforms", default=",".join(PLATFORMS),
-                    help=f"comma-separated Blender platforms (default all: {', '.join(PLATFORMS)})")
+                    help=f"comma-separated Blender platforms, or 'current' (default all: {', '.join(PLATFORMS)})")
     ap.add_argument("--wheels-cache", type=Path, default=ROOT / "dist" / "wheels")
     args = ap.parse_args(argv)
-    platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
+    platforms = [current_platform() if p.strip() == "current" else p.strip() for p in args.platforms.split(",")
+                 if p.strip()]
     unknown = [p for p in platforms if p not in PLATFORMS]
     if unknown:
         ap.error(f"unknown platforms {unknown}; choose from {', '.join(PLATFORMS)}")

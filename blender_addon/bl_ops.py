@@ -10,7 +10,7 @@ import numpy as np
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
-from . import bl_plane, bl_rig, driving
+from . import bl_movie, bl_plane, bl_rig, driving
 from .client import ServerError, ServerUnavailable
 from .preview import DOWN
 from .rig import RigError, load_rig, rig_for_schema
@@ -204,6 +204,8 @@ class PVPSceneProps(bpy.types.PropertyGroup):
     plane: PointerProperty(type=bpy.types.Object, name="Image plane")
     image: PointerProperty(type=bpy.types.Image, name="Image")
     output_dir: StringProperty(name="Output", subtype="DIR_PATH", default="//pvp_frames/")
+    movie_path: StringProperty(name="Movie", subtype="FILE_PATH", default="",
+                               description="also encode the fast-path frames into this H.264 .mp4 (empty: frames only)")
 
 
 # --- operators ---------------------------------------------------------------------------------------------
@@ -370,7 +372,8 @@ class FrameStepper:
             try:
                 while not self.finished():
                     self.step(context)
-            except (ServerUnavailable, ServerError, OSError) as e:
+                self.on_finished(context)
+            except (ServerUnavailable, ServerError, OSError, ValueError) as e:
                 self.report({"ERROR"}, str(e))
                 return {"CANCELLED"}
             self.report({"INFO"}, self.summary())
@@ -393,8 +396,15 @@ class FrameStepper:
             context.window_manager.progress_update(self.done())
             context.workspace.status_text_set(f"PVP: {self.done()}/{self.total()} frames — Esc to cancel")
             if self.finished():
+                try:
+                    self.on_finished(context)
+                except (OSError, ValueError) as e:
+                    return self.end(context, {"CANCELLED"}, str(e), "ERROR")
                 return self.end(context, {"FINISHED"}, self.summary())
         return {"PASS_THROUGH"}
+
+    def on_finished(self, context):
+        """After the last frame (not after a cancel)."""
 
     def end(self, context, result, message, level="INFO"):
         wm = context.window_manager
@@ -447,6 +457,14 @@ class PVP_OT_render_timeline(bpy.types.Operator, FrameStepper):
 
     def summary(self):
         return f"{self.done()}/{self.total()} frames in {bpy.path.abspath(bpy.context.scene.pvp.output_dir)}"
+
+    def on_finished(self, context):
+        scene = context.scene
+        if scene.pvp.movie_path:
+            files = [frame_path(Path(bpy.path.abspath(scene.pvp.output_dir)), f)
+                     for f in range(scene.frame_start, scene.frame_end + 1, max(1, scene.frame_step))]
+            bl_movie.encode_movie(files, scene.render.fps / scene.render.fps_base,
+                                  Path(bpy.path.abspath(scene.pvp.movie_path)))
 
 
 class PVP_OT_render_scene(bpy.types.Operator, FrameStepper):
@@ -524,6 +542,7 @@ class PVP_PT_panel(bpy.types.Panel):
                 if key.startswith("pvp_edit_"):
                     col.prop(props.rig, f'["{key}"]', text=key[len("pvp_edit_"):])
         col.prop(props, "output_dir")
+        col.prop(props, "movie_path")
         col.operator("pvp.render_timeline", icon="RENDER_ANIMATION")
         col.operator("pvp.render_scene", icon="SCENE")
 

@@ -206,6 +206,18 @@ def cmd_eval(args) -> None:
         print(f"{what}: {path}")
 
 
+def cmd_demo(args) -> None:
+    from .demo.run import DemoSettings, run_demo
+
+    settings = DemoSettings(args.out, args.video, args.frames, preset=args.preset, overrides=tuple(args.set or ()))
+    summary = run_demo(settings)
+    print(f"\npvp demo finished. Face found on {summary['face_found']:.0%} of the input frames.")
+    for what in ("input", "avatar", "out_mp4", "frames", "blend", "report"):
+        print(f"  {what:<8} {summary[what]}")
+    print("  times    " + ", ".join(f"{k}: {v:.0f} s" for k, v in summary["seconds"].items()))
+    print(f"  total    {sum(summary['seconds'].values()) / 60:.1f} min")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pvp", description=__doc__)
     p.add_argument("--version", action="version", version=f"pvp {__version__}")
@@ -308,6 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=cmd_eval)
 
+    dm = sub.add_parser("demo", help="the whole product on its embedded defaults: synthetic clip (Blender), fit, "
+                                     "server, Blender rig + driving keyframes + timeline render, report")
+    dm.add_argument("--video", type=Path, help="a portrait video instead of the synthetic clip")
+    dm.add_argument("--out", type=Path, default=Path("demo"))
+    dm.add_argument("--frames", type=int, default=240, help="length of the synthetic clip")
+    dm.add_argument("--preset", default="tiny", choices=("tiny", "small"))
+    dm.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a preset field")
+    dm.set_defaults(func=cmd_demo)
+
     e = sub.add_parser("edits", help="appearance edit directions of an avatar")
     es = e.add_subparsers(dest="edits_command", required=True)
     el = es.add_parser("list", help="list an avatar's edit directions")
@@ -336,13 +357,14 @@ def main(argv=None) -> int:
     from .edits import EditError
     from .fit.pipeline import FitError
     from .losses import MissingWeights
+    from .demo.run import DemoError
     from .evaluate import EvalError
     from .video import VideoError
 
     try:
         args.func(args)
     except (UserError, CheckpointError, VideoError, TrackError, FitError, MissingWeights,
-            AvatarError, EditError, EvalError, FileNotFoundError) as e:
+            AvatarError, EditError, EvalError, DemoError, FileNotFoundError) as e:
         print(f"pvp {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -233,8 +233,9 @@ def evaluate(avatar_dir, video, frames: str | None = None, mask: str | None = No
     return result
 
 
-def write_outputs(result: Evaluation, out_dir) -> dict[str, Path]:
-    """metrics.csv, summary.json and report.html (with its plots) in out_dir."""
+def write_outputs(result: Evaluation, out_dir, ground_truth: dict | None = None) -> dict[str, Path]:
+    """metrics.csv, summary.json and report.html (with its plots) in out_dir. ``ground_truth``: the demo's
+    control accuracy against a synthetic clip's known head rotation and jaw (a section of the report)."""
     from .report import write_report
 
     out = Path(out_dir)
@@ -251,6 +252,8 @@ def write_outputs(result: Evaluation, out_dir) -> dict[str, Path]:
     summary = {"avatar": result.avatar, "video": result.video, "frames": result.frames,
                "evaluated_frames": int(len(result.eval_set.frame_index)), "mask": result.mask,
                "lpips": result.lpips, "methods": result.summary()}
+    if ground_truth is not None:
+        summary["ground_truth"] = {k: v for k, v in ground_truth.items() if k != "series"}
     write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    report = write_report(result, summary, out)
+    report = write_report(result, summary, out, ground_truth)
     return {"csv": out / "metrics.csv", "summary": out / "summary.json", "report": report}

@@ -121,7 +121,32 @@ def table_html(summary: dict) -> str:
     return f"<table><tr><th>method</th>{head}</tr>{''.join(rows)}</table>"
 
 
-def write_report(result, summary: dict, out: Path) -> Path:
+def ground_truth_plot(gt: dict, out: Path) -> str:
+    series = gt["series"]
+    fig, axes = plt.subplots(3, 1, figsize=(8, 6), sharex=True)
+    for ax, key in zip(axes, ("yaw", "pitch", "jaw")):
+        ax.plot(series["truth"][key], "k-", lw=1.5, label="ground truth (synthetic clip)")
+        ax.plot(series["keyed"][key], lw=1, label="keyed in Blender (tracked, imported)")
+        ax.plot(series["render"][key], lw=1, label="re-tracked from the rendered animation")
+        ax.set_ylabel(f"{key} (°)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("Animation against the synthetic subject's known head rotation and jaw")
+    axes[-1].set_xlabel("animation frame")
+    return _save(fig, out, "ground_truth.png")
+
+
+def ground_truth_table(gt: dict) -> str:
+    rows = "".join(
+        f"<tr><th>{k}</th><td>{gt[k]['keyed_median_abs_err_deg']:.2f}</td>"
+        f"<td>{gt[k]['render_median_abs_err_deg']:.2f}</td>"
+        f"<td>{'—' if gt[k]['render_corr'] is None else format(gt[k]['render_corr'], '.3f')}</td></tr>"
+        for k in ("yaw", "pitch", "jaw"))
+    return ("<table><tr><th>control</th><th>keyed vs truth, median |err| °</th><th>rendered vs truth, median |err| °"
+            f"</th><th>rendered vs truth, correlation</th></tr>{rows}</table>")
+
+
+def write_report(result, summary: dict, out: Path, ground_truth: dict | None = None) -> Path:
     figures = [("Head-pose coverage of the training frames, the pivots and the evaluated frames",
                 coverage_plot(result, out)),
                ("Pivots and samples of the avatar's manifold (random controls in its ranges)",
@@ -131,6 +156,10 @@ def write_report(result, summary: dict, out: Path) -> Path:
         figures.append(("Requested against re-tracked head pose", retrack_plot(result, out)))
     figures.append(("Ground truth and renders: best, median and worst frames", strips_plot(result, out)))
     body = "".join(f"<h2>{html.escape(t)}</h2><img src='data:image/png;base64,{b}'>" for t, b in figures)
+    if ground_truth is not None:
+        body += (f"<h2>Control accuracy against the known ground truth ({ground_truth['frames']} animation frames)</h2>"
+                 f"{ground_truth_table(ground_truth)}<img src='data:image/png;base64,"
+                 f"{ground_truth_plot(ground_truth, out)}'>")
     mask = "inside the face mask" if summary["mask"] == "face" else "whole crop"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>pvp eval</title>
 <style>body{{font-family:sans-serif;max-width:980px;margin:2em auto}}table{{border-collapse:collapse}}

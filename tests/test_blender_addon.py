@@ -205,7 +205,15 @@ def test_timeline_fast_and_scene_paths(bpy, addon, face_server, tmp_path):
         head.keyframe_insert("rotation_euler", frame=frame)
     scene.frame_start, scene.frame_end = 1, 4
     scene.pvp.output_dir = str(tmp_path / "fast") + "/"
+    scene.pvp.movie_path = str(tmp_path / "timeline.mp4")
     assert bpy.ops.pvp.render_timeline() == {"FINISHED"}
+    import cv2
+
+    movie = cv2.VideoCapture(str(tmp_path / "timeline.mp4"))
+    assert int(movie.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
+    assert int(movie.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little") == b"h264"
+    movie.release()
+    scene.pvp.movie_path = ""
     files = sorted((tmp_path / "fast").iterdir())
     assert [f.name for f in files] == [f"frame_{i:06d}.png" for i in range(1, 5)]
     reader = addon.rig_reader(scene)
@@ -223,7 +231,6 @@ def test_timeline_fast_and_scene_paths(bpy, addon, face_server, tmp_path):
     scene.pvp.output_dir = str(tmp_path / "scene") + "/"
     scene.frame_end = 2
     assert bpy.ops.pvp.render_scene() == {"FINISHED"}
-    import cv2
 
     for f in (1, 2):
         render = load_rgb(tmp_path / "scene" / f"frame_{f:06d}.png").astype(np.float32)

@@ -1,0 +1,216 @@
+"""`pvp demo`: the whole product on its embedded defaults — video in (a synthetic Blender clip unless
+--video is given), avatar fitted (tiny preset), server started, Blender headless with the extension
+animating the rig from a driving track and rendering the timeline — with the evaluation report.
+
+Outputs in OUT (default ./demo): input.mp4 (+ truth.json for the synthetic clip), avatar/, driving.safetensors,
+frames/, out.mp4, scene.blend, eval/report.html. Every step is kept: a second run resumes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..atomic import atomic_path
+from ..tracking.track import FRAME_ARRAYS, Track
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class DemoError(RuntimeError):
+    """A demo step failed; the message names the step and what to look at."""
+
+
+@dataclass
+class DemoSettings:
+    out: Path
+    video: Path | None = None
+    frames: int = 240  # synthetic clip length
+    size: int = 256
+    fps: float = 25.0
+    train_share: float = 0.8  # the first 80% train, the rest is held out and drives the animation
+    preset: str = "tiny"
+    overrides: tuple[str, ...] = ()  # preset FIELD=VALUE (the test run shortens training)
+
+
+def _run(step: str, cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, **kw)
+    if r.returncode != 0:
+        raise DemoError(f"{step} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+    return r
+
+
+def write_video(frames: list[Path], fps: float, path: Path) -> Path:
+    first = cv2.imread(str(frames[0]))
+    with atomic_path(path) as tmp:
+        tmp_video = tmp.with_suffix(".mp4")
+        writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), fps, (first.shape[1], first.shape[0]))
+        for f in frames:
+            writer.write(cv2.imread(str(f)))
+        writer.release()
+        tmp_video.replace(tmp)
+    return path
+
+
+def synthetic_input(s: DemoSettings) -> tuple[Path, Path]:
+    video, truth = s.out / "input.mp4", s.out / "synthetic" / "truth.json"
+    if not video.is_file():
+        _run("rendering the synthetic clip (Blender)", [sys.executable, "-m", "pvp_server.demo.synthetic_head",
+                                                         str(s.out / "synthetic"), "--frames", str(s.frames),
+                                                         "--size", str(s.size), "--fps", str(s.fps)])
+        write_video(sorted((s.out / "synthetic" / "frames").glob("frame_*.png")), s.fps, video)
+    return video, truth
+
+
+def fit(s: DemoSettings, video: Path, train_end: int) -> Path:
+    avatar = s.out / "avatar"
+    if (avatar / "avatar.json").is_file():
+        return avatar
+    from ..fit.pipeline import FitInputs, FitJob
+    from ..fit.presets import PRESETS
+
+    preset = PRESETS[s.preset]
+    for item in s.overrides:
+        field, value = item.split("=", 1)
+        preset = replace(preset, **{field: type(getattr(preset, field))(value)})
+    FitJob(FitInputs(video, avatar, preset, train_frames=f"0:{train_end}", resume=(avatar / "work").exists(),
+                     progress=True)).run()
+    return avatar
+
+
+def free_endpoint() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+
+
+class Server:
+    """`pvp serve` in a subprocess for the duration of a with-block."""
+
+    def __init__(self, avatar: Path):
+        self.avatar = avatar
+
+    def __enter__(self) -> str:
+        endpoint = free_endpoint()
+        self.proc = subprocess.Popen([sys.executable, "-u", "-m", "pvp_server.cli", "serve", str(self.avatar), "--bind",
+                                      endpoint, "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            line = self.proc.stdout.readline()
+            if line.startswith("pvp serve:"):
+                return endpoint
+            if self.proc.poll() is not None:
+                break
+        self.__exit__()
+        raise DemoError(f"the server did not start: {self.proc.stderr.read()[-2000:]}")
+
+    def __exit__(self, *_):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def driving_track(avatar: Path, start: int, out: Path) -> Track:
+    """The held-out part of the avatar's own tracked video: it drives the rig in Blender."""
+    track = Track.load(avatar / "work" / "track.safetensors")
+    held = replace(track, **{k: getattr(track, k)[start:] for k in FRAME_ARRAYS})
+    held.save(out)
+    return held
+
+
+def ground_truth_accuracy(avatar_dir: Path, frames: list[Path], truth: dict, frame_numbers: np.ndarray,
+                          keyed: np.ndarray) -> dict:
+    """Re-track the rendered animation and compare head rotation and jaw with the synthetic truth of the
+    frames that drove it; also the keyed controls against the truth (what tracking + import delivered)."""
+    import torch
+
+    from ..avatar import Avatar
+    from ..fit.data import to_tensor
+    from ..tracking.differentiable import DifferentiableTracker
+
+    avatar = Avatar.load(avatar_dir)
+    images = np.stack([cv2.imread(str(f))[:, :, ::-1] for f in frames])
+    tracker = DifferentiableTracker(avatar.face_model)
+    with torch.no_grad():
+        r = tracker(to_tensor(images))
+    got = {"yaw": np.degrees(r["yaw"].numpy()), "pitch": np.degrees(r["pitch"].numpy()),
+           "jaw": np.degrees(r["jaw"][:, 0].numpy())}
+    by_frame = {f["frame"]: f for f in truth["frames"]}
+    gt = {k: np.array([by_frame[int(i)][k] for i in frame_numbers]) for k in ("yaw", "pitch", "jaw")}
+    out = {"frames": int(len(frames))}
+    for k, col in (("yaw", 0), ("pitch", 1), ("jaw", 3)):
+        out[k] = {"render_median_abs_err_deg": float(np.median(np.abs(got[k] - gt[k]))),
+                  "render_corr": float(np.corrcoef(got[k], gt[k])[0, 1]) if gt[k].std() > 0 else None,
+                  "keyed_median_abs_err_deg": float(np.median(np.abs(keyed[:, col] - gt[k])))}
+    out["series"] = {"truth": {k: v.tolist() for k, v in gt.items()}, "render": {k: v.tolist() for k, v in got.items()},
+                     "keyed": {"yaw": keyed[:, 0].tolist(), "pitch": keyed[:, 1].tolist(), "jaw": keyed[:, 3].tolist()}}
+    return out
+
+
+def run_demo(s: DemoSettings) -> dict:
+    s.out.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+
+    def step(name, fn, *args):
+        print(f"[pvp demo] {name}…", flush=True)
+        t0 = time.perf_counter()
+        result = fn(*args)
+        times[name] = time.perf_counter() - t0
+        print(f"[pvp demo] {name}: {times[name]:.1f} s", flush=True)
+        return result
+
+    if s.video is None:
+        video, truth_path = step("synthetic clip (Blender, procedural head)", synthetic_input, s)
+    else:
+        video, truth_path = s.video, None
+    n = int(cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT))
+    if n < 10:
+        raise DemoError(f"{video}: {n} frames; the demo needs at least 10")
+    train_end = int(n * s.train_share)
+    avatar = step(f"fit ({s.preset} preset, frames 0:{train_end})", fit, s, video, train_end)
+    track = Track.load(avatar / "work" / "track.safetensors")
+    found = float(track.valid.mean())
+    held = driving_track(avatar, train_end, s.out / "driving.safetensors")
+    zip_path = step("extension zip", lambda: Path(_run("build_addon.py", [
+        sys.executable, str(ROOT / "build_addon.py"), "--platforms", "current", "--out", str(s.out / "dist")]
+    ).stdout.strip()))
+    frames_dir, movie = s.out / "frames", s.out / "out.mp4"
+    with Server(avatar) as endpoint:
+        result = step("Blender: rig, driving keyframes, timeline render", lambda: _run("the Blender step", [
+            sys.executable, "-m", "pvp_server.demo.blender_session", "--zip", str(zip_path), "--endpoint", endpoint,
+            "--track", str(s.out / "driving.safetensors"), "--frames", str(frames_dir), "--movie", str(movie),
+            "--blend", str(s.out / "scene.blend"), "--fps", str(held.fps)]))
+    blender = json.loads(next(line for line in result.stdout.splitlines()
+                              if line.startswith("PVP_DEMO_RESULT "))[len("PVP_DEMO_RESULT "):])
+    gt = None
+    if truth_path is not None:
+        frames = [frames_dir / f"frame_{f:06d}.png" for f in range(blender["frame_start"], blender["frame_end"] + 1)]
+        valid_numbers = held.frame_index[held.valid]
+        gt = step("ground-truth accuracy", ground_truth_accuracy, avatar, frames, json.loads(truth_path.read_text()),
+                  valid_numbers, np.array(blender["controls"]))
+    report = step("evaluation report", evaluate_and_report, avatar, video, train_end, s.out / "eval", gt)
+    summary = {"input": str(video), "face_found": found, "avatar": str(avatar), "out_mp4": str(movie),
+               "frames": str(frames_dir), "blend": str(s.out / "scene.blend"), "report": str(report),
+               "seconds": {k: round(v, 1) for k, v in times.items()}, "ground_truth": gt and {
+                   k: v for k, v in gt.items() if k != "series"}}
+    (s.out / "demo.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def evaluate_and_report(avatar: Path, video: Path, train_end: int, out: Path, gt: dict | None) -> Path:
+    from ..evaluate import evaluate, write_outputs
+
+    result = evaluate(avatar, video, f"{train_end}:", progress=False)
+    return write_outputs(result, out, ground_truth=gt)["report"]
