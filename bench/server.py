@@ -22,7 +22,7 @@ from pvp_server import protocol  # noqa: E402
 from pvp_server.avatar import Avatar, random_avatar  # noqa: E402
 from pvp_server.client import Client  # noqa: E402
 from pvp_server.render_service import FrameJob, RenderService  # noqa: E402
-from tests.server_harness import ServerProcess  # noqa: E402
+from pvp_server.server_process import ServerProcess  # noqa: E402
 
 
 def transport_ms(size: int = 512, repeat: int = 200) -> float:

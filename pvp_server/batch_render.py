@@ -4,17 +4,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .atomic import atomic_path
 from .avatar import Avatar, ExpressionStats
 from .fit.controls_io import controls_from_track
 from .images import save_png
 from .render_service import resize
 from .tracking.track import Track
+from .video import write_video
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +49,5 @@ def render_track(avatar_dir, track_path, output, normalize="auto", device="cpu",
         for i, img in zip(idx, images):
             save_png(paths[i], resize(img, size))
     if video:
-        first = cv2.imread(str(paths[0]))
-        with atomic_path(out) as tmp:
-            tmp_video = tmp.with_suffix(out.suffix)
-            writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), fps or track.fps,
-                                     (first.shape[1], first.shape[0]))
-            for p in paths:
-                writer.write(cv2.imread(str(p)))
-            writer.release()
-            tmp_video.replace(tmp)
+        write_video(paths, fps or track.fps, out)
     return len(ctrl)

@@ -208,8 +208,9 @@ def cmd_eval(args) -> None:
 
 def cmd_demo(args) -> None:
     from .demo.run import DemoSettings, run_demo
+    from .fit.presets import PRESETS
 
-    settings = DemoSettings(args.out, args.video, args.frames, preset=args.preset, overrides=tuple(args.set or ()))
+    settings = DemoSettings(args.out, args.video, args.frames, preset=_preset_overrides(PRESETS[args.preset], args.set))
     summary = run_demo(settings)
     print(f"\npvp demo finished. Face found on {summary['face_found']:.0%} of the input frames.")
     for what in ("input", "avatar", "out_mp4", "frames", "blend", "report"):
@@ -326,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", type=Path, default=Path("demo"))
     dm.add_argument("--frames", type=int, default=240, help="length of the synthetic clip")
     dm.add_argument("--preset", default="tiny", choices=("tiny", "small"))
-    dm.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a preset field")
+    dm.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a preset field (repeatable)")
     dm.set_defaults(func=cmd_demo)
 
     e = sub.add_parser("edits", help="appearance edit directions of an avatar")

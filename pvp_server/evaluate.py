@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -25,7 +25,7 @@ from .fit.controls_io import controls_from_track
 from .fit.data import aligned_at, parse_range, to_tensor
 from .fit.pivots import pivot_features
 from .losses import PerceptualLoss, psnr, ssim
-from .tracking.track import FRAME_ARRAYS, Track
+from .tracking.track import Track
 from .tracking.tracker import track_video
 
 log = logging.getLogger(__name__)
@@ -80,13 +80,9 @@ class Evaluation:
         return out
 
 
-def _subtrack(track: Track, positions: np.ndarray) -> Track:
-    return replace(track, **{k: getattr(track, k)[positions] for k in FRAME_ARRAYS})
-
-
 def load_frames(track: Track, positions: np.ndarray, avatar: Avatar) -> FrameSet:
     """Aligned crops (at the avatar's resolution), face masks and controls of the given valid positions."""
-    sub = _subtrack(track, positions)
+    sub = track.select(positions)
     res = avatar.meta.resolution
     images, masks, index = [], [], []
     for k, (i, img, A) in enumerate(aligned_at(sub, res)):

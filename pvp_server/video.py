@@ -80,3 +80,18 @@ def open_video(path) -> FrameSource:
         return FrameSource(path, float(fps), max(count, 0), first.shape[1], first.shape[0])
     finally:
         cap.release()
+
+
+def write_video(frames: list[Path], fps: float, path: Path) -> Path:
+    """Image files -> an MP4 (MPEG-4 part 2, OpenCV's built-in encoder), written atomically."""
+    from .atomic import atomic_path
+
+    first = cv2.imread(str(frames[0]))
+    with atomic_path(path) as tmp:
+        tmp_video = tmp.with_suffix(Path(path).suffix)
+        writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), fps, (first.shape[1], first.shape[0]))
+        for f in frames:
+            writer.write(cv2.imread(str(f)))
+        writer.release()
+        tmp_video.replace(tmp)
+    return Path(path)

@@ -8,11 +8,7 @@ from pvp_server.images import load_rgb
 
 
 def _short_track(d3_track, n=6):
-    from dataclasses import replace
-
-    from pvp_server.tracking.track import FRAME_ARRAYS
-
-    return replace(d3_track, **{k: getattr(d3_track, k)[:n] for k in FRAME_ARRAYS})
+    return d3_track.select(slice(0, n))
 
 
 def test_render_track_to_folder_and_video_resumes(d3_track, tmp_path):

@@ -7,7 +7,6 @@ function (``tick``) or its blocking ``pvp.sync`` operator, which runs the same c
 """
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -19,18 +18,12 @@ import pytest
 from pvp_server.avatar import random_avatar
 from pvp_server.client import Client
 from pvp_server.images import load_rgb
-from tests.server_harness import ServerProcess
+from pvp_server.server_process import ServerProcess, free_endpoint
 from tests.test_blender_preview import assert_same_render
 
 ROOT = Path(__file__).resolve().parents[1]
 RIG = json.loads((ROOT / "rigs" / "flame_pvp.json").read_text())
 PKG = "bl_ext.user_default.pvp_blender"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +234,7 @@ def test_timeline_fast_and_scene_paths(bpy, addon, face_server, tmp_path):
 
 
 def test_server_killed_during_playback(bpy, addon, avatars):
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    endpoint = free_endpoint()
     srv = ServerProcess(avatars / "face", bind=endpoint)
     try:
         connect(bpy, addon, endpoint, timeout_s=0.5)
@@ -290,7 +283,7 @@ def test_rig_without_face_model_gets_a_proxy(bpy, addon, avatars):
         srv.stop()
     bpy.ops.wm.read_homefile(use_empty=True)
     addon.runtime.close()
-    bpy.context.preferences.addons[PKG].preferences.endpoint = f"tcp://127.0.0.1:{free_port()}"
+    bpy.context.preferences.addons[PKG].preferences.endpoint = free_endpoint()
     bpy.context.preferences.addons[PKG].preferences.timeout_s = 0.3
     with pytest.raises(RuntimeError, match="no reply from"):
         bpy.ops.pvp.connect()  # server down: one clear error

@@ -1,6 +1,5 @@
 """The add-on's pure modules (preview, rig specs, timeline job) outside Blender, against a real server."""
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -8,15 +7,9 @@ import numpy as np
 import pytest
 
 from pvp_server.avatar import random_avatar
-from tests.server_harness import ServerProcess
+from pvp_server.server_process import ServerProcess, free_endpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +82,7 @@ def test_server_down_is_reported_and_recovered(addon_package, avatar_dir):
     from pvp_blender.client import Client
     from pvp_blender.preview import CONNECTED, DOWN, Preview
 
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    endpoint = free_endpoint()
     preview = Preview(Client(endpoint, 0.5), probe_interval_s=0.2)
     assert preview.want(_controls(3)) is None
     deadline = time.monotonic() + 5

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from pvp_server import protocol
 from pvp_server.avatar import Avatar, random_avatar
 from pvp_server.client import Client, CurveKeys, ServerError, ServerUnavailable, render_sharded
-from tests.server_harness import ServerProcess
+from pvp_server.server_process import ServerProcess
 
 
 @pytest.fixture(scope="module")

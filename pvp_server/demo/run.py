@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from ..atomic import atomic_path
-from ..tracking.track import FRAME_ARRAYS, Track
+from ..fit.presets import PRESETS, Preset
+from ..server_process import ServerProcess
+from ..tracking.track import Track
+from ..video import write_video
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,8 +39,7 @@ class DemoSettings:
     size: int = 256
     fps: float = 25.0
     train_share: float = 0.8  # the first 80% train, the rest is held out and drives the animation
-    preset: str = "tiny"
-    overrides: tuple[str, ...] = ()  # preset FIELD=VALUE (the test run shortens training)
+    preset: Preset = PRESETS["tiny"]  # the test run shortens its training steps
 
 
 def _run(step: str, cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -47,18 +47,6 @@ def _run(step: str, cmd: list[str], **kw) -> subprocess.CompletedProcess:
     if r.returncode != 0:
         raise DemoError(f"{step} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
     return r
-
-
-def write_video(frames: list[Path], fps: float, path: Path) -> Path:
-    first = cv2.imread(str(frames[0]))
-    with atomic_path(path) as tmp:
-        tmp_video = tmp.with_suffix(".mp4")
-        writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), fps, (first.shape[1], first.shape[0]))
-        for f in frames:
-            writer.write(cv2.imread(str(f)))
-        writer.release()
-        tmp_video.replace(tmp)
-    return path
 
 
 def synthetic_input(s: DemoSettings) -> tuple[Path, Path]:
@@ -76,56 +64,16 @@ def fit(s: DemoSettings, video: Path, train_end: int) -> Path:
     if (avatar / "avatar.json").is_file():
         return avatar
     from ..fit.pipeline import FitInputs, FitJob
-    from ..fit.presets import PRESETS
 
-    preset = PRESETS[s.preset]
-    for item in s.overrides:
-        field, value = item.split("=", 1)
-        preset = replace(preset, **{field: type(getattr(preset, field))(value)})
-    FitJob(FitInputs(video, avatar, preset, train_frames=f"0:{train_end}", resume=(avatar / "work").exists(),
+    FitJob(FitInputs(video, avatar, s.preset, train_frames=f"0:{train_end}", resume=(avatar / "work").exists(),
                      progress=True)).run()
     return avatar
-
-
-def free_endpoint() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
-
-
-class Server:
-    """`pvp serve` in a subprocess for the duration of a with-block."""
-
-    def __init__(self, avatar: Path):
-        self.avatar = avatar
-
-    def __enter__(self) -> str:
-        endpoint = free_endpoint()
-        self.proc = subprocess.Popen([sys.executable, "-u", "-m", "pvp_server.cli", "serve", str(self.avatar), "--bind",
-                                      endpoint, "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            line = self.proc.stdout.readline()
-            if line.startswith("pvp serve:"):
-                return endpoint
-            if self.proc.poll() is not None:
-                break
-        self.__exit__()
-        raise DemoError(f"the server did not start: {self.proc.stderr.read()[-2000:]}")
-
-    def __exit__(self, *_):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def driving_track(avatar: Path, start: int, out: Path) -> Track:
     """The held-out part of the avatar's own tracked video: it drives the rig in Blender."""
     track = Track.load(avatar / "work" / "track.safetensors")
-    held = replace(track, **{k: getattr(track, k)[start:] for k in FRAME_ARRAYS})
+    held = track.select(slice(start, None))
     held.save(out)
     return held
 
@@ -179,7 +127,7 @@ def run_demo(s: DemoSettings) -> dict:
     if n < 10:
         raise DemoError(f"{video}: {n} frames; the demo needs at least 10")
     train_end = int(n * s.train_share)
-    avatar = step(f"fit ({s.preset} preset, frames 0:{train_end})", fit, s, video, train_end)
+    avatar = step(f"fit ({s.preset.name} preset, frames 0:{train_end})", fit, s, video, train_end)
     track = Track.load(avatar / "work" / "track.safetensors")
     found = float(track.valid.mean())
     held = driving_track(avatar, train_end, s.out / "driving.safetensors")
@@ -187,9 +135,14 @@ def run_demo(s: DemoSettings) -> dict:
         sys.executable, str(ROOT / "build_addon.py"), "--platforms", "current", "--out", str(s.out / "dist")]
     ).stdout.strip()))
     frames_dir, movie = s.out / "frames", s.out / "out.mp4"
-    with Server(avatar) as endpoint:
+    try:
+        server = ServerProcess(avatar, threads=None)
+    except RuntimeError as e:
+        raise DemoError(str(e)) from None
+    with server:
         result = step("Blender: rig, driving keyframes, timeline render", lambda: _run("the Blender step", [
-            sys.executable, "-m", "pvp_server.demo.blender_session", "--zip", str(zip_path), "--endpoint", endpoint,
+            sys.executable, "-m", "pvp_server.demo.blender_session", "--zip", str(zip_path), "--endpoint",
+            server.endpoint,
             "--track", str(s.out / "driving.safetensors"), "--frames", str(frames_dir), "--movie", str(movie),
             "--blend", str(s.out / "scene.blend"), "--fps", str(held.fps)]))
     blender = json.loads(next(line for line in result.stdout.splitlines()

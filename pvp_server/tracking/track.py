@@ -5,7 +5,7 @@ One safetensors file: arrays (no pickle) and a JSON header in its metadata.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,10 @@ class Track:
 
     def __len__(self) -> int:
         return len(self.frame_index)
+
+    def select(self, positions) -> "Track":
+        """The same track restricted to some frames (positions or a slice); header and face model kept."""
+        return replace(self, **{k: getattr(self, k)[positions] for k in FRAME_ARRAYS})
 
     @property
     def invalid_frames(self) -> list[int]:
