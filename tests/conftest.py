@@ -31,6 +31,16 @@ def d12_track(shared_data):
 
 
 @pytest.fixture(scope="session")
+def avatar_dir(tmp_path_factory) -> Path:
+    """A tiny random avatar (32 px, 4 expression coefficients, 9 controls), read-only for the tests."""
+    from pvp_server.avatar import random_avatar
+
+    d = tmp_path_factory.mktemp("avatar") / "random"
+    random_avatar(resolution=32, expression_dim=4).save(d)
+    return d
+
+
+@pytest.fixture(scope="session")
 def addon_zip(tmp_path_factory) -> Path:
     """The Blender extension as build_addon.py writes it (wheels cached in dist/wheels between runs)."""
     import subprocess

@@ -6,17 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pvp_server.avatar import random_avatar
 from pvp_server.server_process import ServerProcess, free_endpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def avatar_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("av") / "avatar"
-    random_avatar(resolution=32, expression_dim=4).save(d)
-    return d
 
 
 @pytest.fixture(scope="module")

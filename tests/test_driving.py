@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pvp_server import controls, driving
-from pvp_server.tracking.geometry import axis_angle_from_rotation, rotation_from_ypr
+from pvp_server.tracking.geometry import axis_angle_from_rotation, rot_x, rot_y, rotation_from_ypr
 
 SCHEMA = controls.schema(4, (-40, 40), (-30, 30), (0, 30))
 YPR = np.array([[10.0, -5.0, 3.0], [-20.0, 8.0, -4.0], [0.0, 0.0, 0.0]])
@@ -61,7 +61,7 @@ def test_metrical_tracker_frames_read_without_torch(tmp_path):
     d.mkdir()
     flip = np.diag([1.0, -1.0, -1.0])
     for i in range(3):
-        jaw_R = rotation_from_ypr(0, 0, 0) @ _rx(np.radians(JAW[i, 0])) @ _ry(np.radians(JAW[i, 1]))
+        jaw_R = rotation_from_ypr(0, 0, 0) @ rot_x(np.radians(JAW[i, 0])) @ rot_y(np.radians(JAW[i, 1]))
         six = jaw_R[:2].reshape(-1)  # pytorch3d's matrix_to_rotation_6d: the first two rows
         frame = {"flame": {"exp": torch.tensor(EXP[i:i + 1], dtype=torch.float32),
                            "jaw": torch.tensor(six[None], dtype=torch.float32), "shape": torch.zeros(1, 300)},
@@ -73,16 +73,6 @@ def test_metrical_tracker_frames_read_without_torch(tmp_path):
     np.testing.assert_allclose(perf.head, YPR, atol=1e-4)
     np.testing.assert_allclose(perf.expression, EXP, atol=1e-6)
     np.testing.assert_allclose(perf.jaw[:, 0], JAW[:, 0], atol=0.2)  # xy Euler vs axis-angle: close, not equal
-
-
-def _rx(a):
-    c, s = np.cos(a), np.sin(a)
-    return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
-
-
-def _ry(a):
-    c, s = np.cos(a), np.sin(a)
-    return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
 
 
 def test_pickles_with_other_globals_are_refused(tmp_path):

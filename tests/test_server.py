@@ -10,16 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pvp_server import protocol
-from pvp_server.avatar import Avatar, random_avatar
+from pvp_server.avatar import Avatar
 from pvp_server.client import Client, CurveKeys, ServerError, ServerUnavailable, render_sharded
 from pvp_server.server_process import ServerProcess
-
-
-@pytest.fixture(scope="module")
-def avatar_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("avatar") / "random"
-    random_avatar(resolution=32, expression_dim=4).save(d)
-    return d
 
 
 @pytest.fixture(scope="module")
