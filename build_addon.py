@@ -1,7 +1,7 @@
 """Pack the Blender extension: dist/pvp_blender-VERSION.zip.
 
-The zip holds blender_addon/, the server project's shared pure-Python modules (protocol, client, driving,
-geometry), the rigs/ files, and the pyzmq and msgpack wheels for Blender's Python (3.11) on every
+The zip holds blender_addon/, the server project's shared pure-Python modules (protocol, client, atomic,
+driving, geometry), the rigs/ files, and the pyzmq and msgpack wheels for Blender's Python (3.11) on every
 platform that publishes them, fetched with pip into a cache folder (--wheels-cache) and listed in the
 manifest, so Blender installs the right ones when the extension is enabled.
 
@@ -30,6 +30,7 @@ PLATFORMS = {
     "macos-arm64": ("macosx_11_0_arm64", "macosx_10_15_universal2", "macosx_10_9_universal2"),
 }
 SHARED_MODULES = {"protocol.py": "pvp_server/protocol.py", "client.py": "pvp_server/client.py",
+                  "atomic.py": "pvp_server/atomic.py",
                   "driving.py": "pvp_server/driving.py", "geometry.py": "pvp_server/tracking/geometry.py"}
 
 

@@ -30,6 +30,7 @@ class Runtime:
         self.suspended = False  # set while a job steps through frames itself
         self.dirty_since: float | None = None
         self.last_sent = 0.0
+        self.shown_status = ""  # the status the panel last drew
 
     def close(self) -> None:
         if self.session is not None:
@@ -67,9 +68,9 @@ def rig_reader(scene) -> bl_rig.RigReader | None:
 
 
 def show(scene, frame) -> None:
-    image = scene.pvp.image or bl_plane.ensure_image(frame.width, frame.height)
-    scene.pvp.image = image
-    bl_plane.show_frame(image, frame)
+    if scene.pvp.image is None:
+        scene.pvp.image = bl_plane.ensure_image(frame.width, frame.height)
+    bl_plane.show_frame(scene.pvp.image, frame)
     screen = bpy.context.screen
     if screen is not None:
         for area in screen.areas:
@@ -91,7 +92,7 @@ def request_current(scene, prefetch: bool = False) -> None:
         span = scene.frame_end - scene.frame_start + 1
         ahead = [scene.frame_start + (scene.frame_current + step * i - scene.frame_start) % span
                  for i in range(1, prefs().prefetch_frames + 1)]
-        runtime.session.preview.prefetch(reader.at(ahead))
+        runtime.session.preview.prefetch(reader.at(ahead, edits))
     runtime.last_sent = time.monotonic()
 
 
@@ -142,7 +143,9 @@ def tick():
         if runtime.dirty_since is not None and scene is not None and time.monotonic() - runtime.last_sent > 1 / 30:
             runtime.dirty_since = None
             request_current(scene)
-        redraw_panels()
+        if s.status != runtime.shown_status:  # the panel shows the status: redraw only when it changes
+            runtime.shown_status = s.status
+            redraw_panels()
     except Exception as e:  # keep the timer alive whatever happens
         s.preview.message = f"preview error: {type(e).__name__}: {e}"
     return 0.01 if (s.preview.in_flight or runtime.dirty_since) else 0.05
@@ -159,6 +162,23 @@ def redraw_panels() -> None:
 def ensure_timer() -> None:
     if not bpy.app.timers.is_registered(tick):
         bpy.app.timers.register(tick, first_interval=0.01, persistent=True)
+
+
+def connected_session(op) -> Session | None:
+    """The session with the avatar's info, or None after telling the user to connect."""
+    s = runtime.session
+    if s is None or s.info is None:
+        op.report({"ERROR"}, "not connected to a pvp server (PVP panel → Connect)")
+        return None
+    return s
+
+
+def scene_rig(op, scene) -> bl_rig.RigReader | None:
+    """The reader of the scene's PVP rig, or None after telling the user what is missing."""
+    reader = rig_reader(scene)
+    if reader is None:
+        op.report({"ERROR"}, "connect and add a PVP rig first")
+    return reader
 
 
 def wait_until(predicate, timeout_s: float) -> bool:
@@ -235,9 +255,8 @@ class PVP_OT_sync(bpy.types.Operator):
     bl_description = "Show the frame of the current values, waiting for the server (up to the timeout)"
 
     def execute(self, context):
-        s = runtime.session
-        if s is None or s.info is None:
-            self.report({"ERROR"}, "not connected to a pvp server (PVP panel → Connect)")
+        s = connected_session(self)
+        if s is None:
             return {"CANCELLED"}
         request_current(context.scene)
         if not wait_until(lambda: s.preview.idle or s.preview.state == DOWN, s.client.timeout_s + 1) \
@@ -254,9 +273,8 @@ class PVP_OT_add_rig(bpy.types.Operator):
     bl_options = {"REGISTER", "UNDO"}
 
     def execute(self, context):
-        s = runtime.session
-        if s is None or s.info is None:
-            self.report({"ERROR"}, "not connected to a pvp server (PVP panel → Connect)")
+        s = connected_session(self)
+        if s is None:
             return {"CANCELLED"}
         avatar = s.info["avatar"]
         schema = avatar["control_schema"]
@@ -307,9 +325,8 @@ class PVP_OT_import_track(bpy.types.Operator, ImportHelper):
 
     def execute(self, context):
         s, props = runtime.session, context.scene.pvp
-        reader = rig_reader(context.scene)
+        reader = scene_rig(self, context.scene)
         if reader is None:
-            self.report({"ERROR"}, "connect and add a PVP rig first")
             return {"CANCELLED"}
         groups = [g for g, on in (("head", self.use_head), ("jaw", self.use_jaw), ("expression", self.use_expression))
                   if on]
@@ -423,9 +440,8 @@ class PVP_OT_render_timeline(bpy.types.Operator, FrameStepper):
 
     def execute(self, context):
         s, scene = runtime.session, context.scene
-        reader = rig_reader(scene)
+        reader = scene_rig(self, scene)
         if reader is None:
-            self.report({"ERROR"}, "connect and add a PVP rig first")
             return {"CANCELLED"}
         frames = timeline_controls(scene, reader)
         client, folder = s.job_client(), bpy.path.abspath(scene.pvp.output_dir)
@@ -475,8 +491,7 @@ class PVP_OT_render_scene(bpy.types.Operator, FrameStepper):
 
     def execute(self, context):
         scene = context.scene
-        if rig_reader(scene) is None:
-            self.report({"ERROR"}, "connect and add a PVP rig first")
+        if scene_rig(self, scene) is None:
             return {"CANCELLED"}
         self.frames = list(range(scene.frame_start, scene.frame_end + 1, max(1, scene.frame_step)))
         self.folder = Path(bpy.path.abspath(scene.pvp.output_dir))

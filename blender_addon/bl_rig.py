@@ -188,9 +188,10 @@ class RigReader:
                  for e in self.edits}
         return self.spec.controls(self.schema, rotation, shape_key), edits
 
-    def at(self, frames) -> list[tuple[list[float], dict[str, float]]]:
-        """Values at each of ``frames`` from the F-curves (the current value where a channel has none)."""
-        controls_now, edits_now = self.now()
+    def at(self, frames, current: dict[str, float] | None = None) -> list[tuple[list[float], dict[str, float]]]:
+        """Values at each of ``frames`` from the F-curves (the current value where a channel has none;
+        ``current``: the edit strengths now, when the caller has read them already)."""
+        edits_now = current if current is not None else self.now()[1]
         rig_curves = {(fc.data_path, fc.array_index): fc for fc in fcurves_of(self.rig)}
         key = self.mesh.data.shape_keys if self.mesh is not None else None
         key_curves = {fc.data_path: fc for fc in fcurves_of(key)} if key is not None else {}

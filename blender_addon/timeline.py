@@ -6,21 +6,15 @@ to the end.
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
+from .atomic import write_bytes
 from .client import Client, ServerError, ServerUnavailable
 
 
 def frame_path(folder: Path, frame: int) -> Path:
     return folder / f"frame_{frame:06d}.png"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class TimelineJob:
@@ -68,7 +62,7 @@ class TimelineJob:
             if kind == "error":
                 raise ServerError(header)
             if kind == "frame":
-                write_atomic(frame_path(self.folder, numbers[header["seq"]]), payload or b"")
+                write_bytes(frame_path(self.folder, numbers[header["seq"]]), payload or b"")
                 written += 1
             elif kind == "done":
                 self.request = None
