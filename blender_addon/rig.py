@@ -33,7 +33,6 @@ class RigSpec:
     name: str
     armature: str
     mesh: str
-    head_size: float
     bones: list[dict]
     channels: dict[str, list[Term]]
     requires: list[str]
@@ -135,7 +134,7 @@ def parse_rig(data: dict, path: str = "<rig>") -> RigSpec:
         raise RigError(f"{path}: required channels {missing} have no bone terms in 'channels'")
     expression = data.get("expression", {})
     return RigSpec(path, _field(data, "name", str, path), data.get("armature", "PVP_Rig"), data.get("mesh", "PVP_Face"),
-                   float(data.get("head_size", 0.2)), bones, channels, requires,
+                   bones, channels, requires,
                    expression.get("group", "expression"), expression.get("shape_key_prefix", ""),
                    data.get("edits", {}).get("property_prefix", "pvp_edit_"))
 
