@@ -123,6 +123,8 @@ def run_demo(s: DemoSettings) -> dict:
         video, truth_path = step("synthetic clip (Blender, procedural head)", synthetic_input, s)
     else:
         video, truth_path = s.video, None
+        if not video.is_file():
+            raise DemoError(f"{video}: no such video")
     n = int(cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT))
     if n < 10:
         raise DemoError(f"{video}: {n} frames; the demo needs at least 10")
