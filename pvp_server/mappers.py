@@ -6,6 +6,10 @@ centroid (1/K each); softplus after a shift by beta keeps every weight above -be
 weights are normalised so that the weights sum to 1 exactly while staying >= -beta.
 
 F_expr: (jaw, expression) -> residuals of W+ layers 0..7 only, one MLP per layer (Eq. 8-9).
+
+Both standardise their inputs with the training frames' mean and spread (buffers saved with the
+weights): in radians, head pose spans a few tenths and jaw opening a few hundredths, which leaves an
+MLP at its initialisation almost blind to them over a short schedule.
 """
 from __future__ import annotations
 
@@ -52,17 +56,34 @@ def hull_weights(residual: torch.Tensor, beta: float) -> torch.Tensor:
     return shifted / shifted.sum(-1, keepdim=True) * (1 + k * beta) - beta
 
 
+class Standardize(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+
+    def fit(self, x: torch.Tensor) -> None:
+        """Mean and standard deviation of the rows of x; a constant column keeps scale 1."""
+        std = x.std(0) if len(x) > 1 else torch.zeros_like(self.scale)
+        self.mean.copy_(x.mean(0))
+        self.scale.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.scale
+
+
 class PoseMapper(nn.Module):
     def __init__(self, cfg: MapperConfig, pivots: torch.Tensor):
         super().__init__()
         if pivots.shape != (cfg.num_pivots, cfg.num_ws, cfg.w_dim):
             raise ValueError(f"pivots must be [{cfg.num_pivots}, {cfg.num_ws}, {cfg.w_dim}], got {list(pivots.shape)}")
         self.cfg = cfg
+        self.inputs = Standardize(2)
         self.net = mlp(2, cfg.hidden, cfg.num_pivots)
         self.register_buffer("pivots", pivots.float())
 
     def weights(self, pitch_yaw: torch.Tensor) -> torch.Tensor:
-        return hull_weights(self.net(pitch_yaw), self.cfg.beta)
+        return hull_weights(self.net(self.inputs(pitch_yaw)), self.cfg.beta)
 
     def forward(self, pitch_yaw: torch.Tensor) -> torch.Tensor:
         """[B, 2] radians -> w_rot [B, num_ws, w_dim]."""
@@ -73,11 +94,13 @@ class ExpressionMapper(nn.Module):
     def __init__(self, cfg: MapperConfig):
         super().__init__()
         self.cfg = cfg
+        self.inputs = Standardize(cfg.expression_dim)
         self.nets = nn.ModuleList(mlp(cfg.expression_dim, cfg.hidden, cfg.w_dim) for _ in range(cfg.expr_layers))
 
     def forward(self, jaw_expression: torch.Tensor) -> torch.Tensor:
         """[B, 3 + E] -> delta W+ [B, num_ws, w_dim], zero beyond the first expr_layers layers."""
-        deltas = torch.stack([net(jaw_expression) for net in self.nets], 1)
+        x = self.inputs(jaw_expression)
+        deltas = torch.stack([net(x) for net in self.nets], 1)
         rest = deltas.new_zeros(deltas.shape[0], self.cfg.num_ws - self.cfg.expr_layers, self.cfg.w_dim)
         return torch.cat([deltas, rest], 1)
 

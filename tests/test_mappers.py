@@ -2,7 +2,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pvp_server.mappers import BETA, MapperConfig, Mappers, hull_weights
+from pvp_server.mappers import BETA, MapperConfig, Mappers, hull_weights, load_mappers, save_mappers
 
 
 def _mappers(k=7, num_ws=10, w_dim=16, e=5, seed=0):
@@ -53,3 +53,21 @@ def test_gradients_reach_both_mappers():
     (w.square().sum() + delta.sum()).backward()
     assert all(p.grad is not None for p in m.parameters())
     assert m.pose.net[2].weight.grad.abs().sum() > 0 and m.expression.nets[0][2].weight.grad.abs().sum() > 0
+
+
+def test_inputs_are_standardised_and_the_statistics_saved(tmp_path):
+    m = _mappers()
+    for net in [m.pose.net, *m.expression.nets]:
+        torch.nn.init.normal_(net[2].weight)
+    pitch_yaw = torch.randn(50, 2) * 0.1 + 0.3
+    jaw_expression = torch.cat([torch.rand(50, 1) * 0.05, torch.zeros(50, 2), torch.randn(50, 2) * 2], 1)
+    before = m(pitch_yaw, jaw_expression)[0]
+    m.pose.inputs.fit(pitch_yaw)
+    m.expression.inputs.fit(jaw_expression)
+    z = m.pose.inputs(pitch_yaw)
+    assert torch.allclose(z.mean(0), torch.zeros(2), atol=1e-5) and torch.allclose(z.std(0), torch.ones(2))
+    assert torch.equal(m.expression.inputs.scale[1:3], torch.ones(2))  # constant columns stay as they are
+    after = m(pitch_yaw, jaw_expression)[0]
+    assert not torch.allclose(before, after)
+    save_mappers(m, tmp_path / "m.safetensors")
+    assert torch.equal(load_mappers(tmp_path / "m.safetensors")(pitch_yaw, jaw_expression)[0], after)
