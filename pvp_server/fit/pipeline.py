@@ -23,7 +23,7 @@ from ..tracking.tracker import track_video
 from .data import build_frames, parse_range, to_tensor
 from ..mappers import load_mappers, save_mappers
 from .inversion import optimize_latents
-from .mapper_training import eyes_mouth_masks, losses_record, train_mappers
+from .mapper_training import MapperData, drive_range, eyes_mouth_masks, losses_record, train_mappers
 from .pivots import select_pivots
 from .presets import Preset
 from .pti import pivotal_tuning
@@ -237,11 +237,12 @@ class FitJob:
         perceptual = PerceptualLoss(x.preset.perceptual, vgg=x.vgg).to(device)
         log.info("stage mappers: %d steps on %d frames, %d expression coefficients", x.preset.mapper_steps,
                  len(rows), expression_dim)
+        data = MapperData(pitch_yaw.to(device), jaw_expr.to(device), frames[rows].to(device), masks.to(device),
+                          *(t.to(device) for t in drive_range(learned_schema(track, tr, expression_dim))))
         mappers, metrics = train_mappers(
-            G, latents["pivot_w"].to(device), frames[rows].to(device), pitch_yaw.to(device), jaw_expr.to(device),
-            masks.to(device), perceptual, x.preset.mapper_steps, x.preset.mapper_batch, x.preset.mapper_lr,
-            self.work / "mappers_checkpoint.pt", x.preset.checkpoint_every, x.resume, tracker, identity,
-            weights=x.preset.loss_weights(), seed=x.seed, progress=x.progress)
+            G, latents["pivot_w"].to(device), data, perceptual, x.preset.mapper_steps, x.preset.mapper_batch,
+            x.preset.mapper_lr, self.work / "mappers_checkpoint.pt", x.preset.checkpoint_every, x.resume, tracker,
+            identity, weights=x.preset.loss_weights(), seed=x.seed, progress=x.progress)
         self._record(mapper_training=metrics, losses=losses_record(x.preset.loss_weights(), perceptual.kind,
                                                                    identity is not None, tracker is not None))
         save_mappers(mappers, path)
@@ -249,23 +250,13 @@ class FitJob:
 
     def bundle(self, track: Track, G, mappers, frames: torch.Tensor, frame_index: np.ndarray, rows: np.ndarray,
                expression_dim: int) -> Path:
-        from .. import __version__, controls
+        from .. import __version__
         from ..avatar import Avatar, AvatarMeta, ExpressionStats
 
         x = self.x
         tr = self.track_positions(track, frame_index, rows)
-        ypr = track.yaw_pitch_roll[tr]
-        jaw_deg = np.degrees(track.jaw_pose[tr, :2])
-        drive = np.concatenate([jaw_deg, track.expression[tr, :expression_dim]], 1)
-        # The ranges the avatar learned, with a margin: poses a little beyond the video, expressions up to
-        # half a standard deviation beyond (the renderer clamps to them).
-        margin = 5.0
-        expr = track.expression[tr, :expression_dim]
-        schema = controls.schema(expression_dim, (ypr[:, 0].min() - margin, ypr[:, 0].max() + margin),
-                                 (ypr[:, 1].min() - margin, ypr[:, 1].max() + margin),
-                                 (min(0.0, jaw_deg[:, 0].min()), jaw_deg[:, 0].max() + 1.0),
-                                 jaw_lateral_range=(jaw_deg[:, 1].min() - 1.0, jaw_deg[:, 1].max() + 1.0),
-                                 expression_ranges=list(zip(expr.min(0) - 0.5, expr.max(0) + 0.5)))
+        drive = np.concatenate([np.degrees(track.jaw_pose[tr, :2]), track.expression[tr, :expression_dim]], 1)
+        schema = learned_schema(track, tr, expression_dim)
         metrics = self._metrics()
         meta = AvatarMeta(schema=schema, resolution=G.cfg.resolution, stats=ExpressionStats.of(drive),
                           name=x.avatar.name, preset=x.preset.name, tracker_backend=track.backend,
@@ -329,6 +320,22 @@ class FitJob:
         timed("bundle", self.bundle, track, G, mappers, frames, data["frame_index"], rows, expression_dim)
         self._record(stage_seconds=seconds)
         return json.loads((self.x.avatar / "avatar.json").read_text())["metrics"]
+
+
+def learned_schema(track: Track, positions: np.ndarray, expression_dim: int) -> dict:
+    """The control schema of an avatar trained on these track positions: the ranges it learned, with a
+    margin (poses 5 degrees beyond the video, jaw 1 degree, expressions half a standard deviation); the
+    renderer clamps controls to them."""
+    from .. import controls
+
+    ypr, jaw_deg = track.yaw_pitch_roll[positions], np.degrees(track.jaw_pose[positions, :2])
+    expr = track.expression[positions, :expression_dim]
+    margin = 5.0
+    return controls.schema(expression_dim, (ypr[:, 0].min() - margin, ypr[:, 0].max() + margin),
+                           (ypr[:, 1].min() - margin, ypr[:, 1].max() + margin),
+                           (min(0.0, jaw_deg[:, 0].min()), jaw_deg[:, 0].max() + 1.0),
+                           jaw_lateral_range=(jaw_deg[:, 1].min() - 1.0, jaw_deg[:, 1].max() + 1.0),
+                           expression_ranges=list(zip(expr.min(0) - 0.5, expr.max(0) + 0.5)))
 
 
 def choose_expression_dim(track: Track, variance: float = 0.98, lo: int = 8) -> int:

@@ -2,6 +2,7 @@
 personal prior from scratch on CPU, with no downloaded weights (perceptual loss: 1 - MS-SSIM, + L2)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 
@@ -47,6 +48,8 @@ class Preset:
     loss_consistency: float = 1.0
     loss_locality: float = 0.5
     perturbation_sigma: float = 0.5
+    loss_novel_pose: float = 0.0  # beyond the paper (see mapper_training): off in its preset
+    novel_pose_sigma_deg: float = 4.0
     checkpoint_every: int = 500
 
     def to_json(self) -> dict:
@@ -59,7 +62,8 @@ class Preset:
 
         return LossWeights(l2=self.loss_l2, perceptual=self.loss_perceptual, identity=self.loss_identity,
                            pose=self.loss_pose, expression=self.loss_expression, consistency=self.loss_consistency,
-                           locality=self.loss_locality, sigma=self.perturbation_sigma)
+                           locality=self.loss_locality, sigma=self.perturbation_sigma,
+                           novel_pose=self.loss_novel_pose, novel_pose_sigma=math.radians(self.novel_pose_sigma_deg))
 
     def with_overrides(self, **kw) -> "Preset":
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
@@ -67,13 +71,15 @@ class Preset:
 
 PRESETS = {
     # The CPU presets weigh pose consistency 100x the paper: their renders are small, and a degree of
-    # head rotation is a far smaller change there than at 1024 px.
+    # head rotation is a far smaller change there than at 1024 px. They also train the novel-pose term:
+    # a prior learned from one short video has no FFHQ behind it to fill in poses between the frames'.
     "tiny": Preset("tiny", resolution=64, pivots=32, perceptual="msssim", needs_prior=False,
                    channels=(128, 128, 128, 64, 32), w_dim=128, mapping_layers=2, prior_steps=4000, prior_batch=8,
-                   pti_steps_per_pivot=10, mapper_steps=1500, mapper_batch=8, loss_pose=10.0, checkpoint_every=250),
+                   pti_steps_per_pivot=10, mapper_steps=1500, mapper_batch=8, loss_pose=10.0, loss_novel_pose=10.0,
+                   checkpoint_every=250),
     "small": Preset("small", resolution=128, pivots=64, perceptual="msssim", needs_prior=False,
                     channels=(256, 256, 256, 128, 64, 32), w_dim=256, mapping_layers=2, prior_steps=20000,
                     prior_batch=8, pti_steps_per_pivot=50, mapper_steps=10000, mapper_batch=8, loss_pose=10.0,
-                    checkpoint_every=500),
+                    loss_novel_pose=10.0, checkpoint_every=500),
     "paper": Preset("paper", resolution=1024, pivots=200, perceptual="lpips-vgg", needs_prior=True),
 }
