@@ -2,7 +2,9 @@
 
 Renders the avatar at each evaluation frame's tracked controls and compares with the frame's aligned
 crop: PSNR, SSIM, LPIPS (when the backbone weights are given), optionally inside the face mask; re-tracks
-the renders to measure control accuracy (yaw/pitch/jaw error in degrees, expression error in sd).
+the renders to measure control accuracy (yaw/pitch/jaw error in degrees, expression error in sd) and
+disentanglement (how far the re-tracked head pose moves when only jaw and expression change: each frame
+rendered again with the jaw and expression of a training frame).
 Two baselines go through the same measures: the nearest pivot (the training pivot closest in pose and
 expression, rendered from its latent) and the nearest training frame (its real crop).
 Writes metrics.csv (per frame and method), summary.json and report.html (see report.py).
@@ -30,7 +32,7 @@ from .tracking.tracker import track_video
 
 log = logging.getLogger(__name__)
 METHODS = ("avatar", "nearest_pivot", "nearest_frame")
-METRICS = ("psnr", "ssim", "lpips", "yaw_err", "pitch_err", "jaw_err", "expr_err")
+METRICS = ("psnr", "ssim", "lpips", "yaw_err", "pitch_err", "jaw_err", "expr_err", "yaw_shift", "pitch_shift")
 
 
 class EvalError(ValueError):
@@ -69,7 +71,7 @@ class Evaluation:
             for name, values in metrics.items():
                 finite = values[np.isfinite(values)]
                 if len(finite):
-                    row[name] = float(np.median(finite) if name.endswith("_err") else finite.mean())
+                    row[name] = float(np.median(finite) if name.endswith(("_err", "_shift")) else finite.mean())
             out[method] = row
         floor = self.retracked.get("ground_truth")
         if floor is not None:  # the tracker's own error on the real frames: no render can score below it
@@ -163,6 +165,16 @@ def _retrack(tracker, images: np.ndarray) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def _pose_shift(avatar: Avatar, tracker, controls: np.ndarray, donors: np.ndarray, retracked: dict,
+                seed: int = 0) -> dict[str, np.ndarray]:
+    """|re-tracked yaw/pitch change| when each frame's jaw and expression become a random donor's (the
+    head pose requested stays the same): 0 for a perfectly disentangled avatar."""
+    swapped = controls.copy()
+    swapped[:, 3:] = donors[np.random.default_rng(seed).integers(len(donors), size=len(controls)), 3:]
+    rt = _retrack(tracker, _render(avatar, swapped))
+    return {"yaw_shift": np.abs(rt["yaw"] - retracked["yaw"]), "pitch_shift": np.abs(rt["pitch"] - retracked["pitch"])}
+
+
 def evaluate(avatar_dir, video, frames: str | None = None, mask: str | None = None, vgg=None, alex=None,
              device="cpu", progress: bool = True) -> Evaluation:
     avatar_dir, video = Path(avatar_dir), Path(video)
@@ -225,6 +237,8 @@ def evaluate(avatar_dir, video, frames: str | None = None, mask: str | None = No
             row["pitch_err"] = np.abs(rt["pitch"] - ev_set.controls[:, 1])
             row["jaw_err"] = np.abs(rt["jaw"] - ev_set.controls[:, 3])
             row["expr_err"] = np.sqrt(((rt["expression"][:, :k] - ev_set.controls[:, 5:5 + k]) ** 2).mean(1))
+            if method == "avatar":
+                row.update(_pose_shift(avatar, tracker, ev_set.controls, tr_set.controls, rt))
         result.per_frame[method] = row
     return result
 

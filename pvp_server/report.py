@@ -18,7 +18,9 @@ LABELS = {"avatar": "avatar (PVP)", "nearest_pivot": "nearest pivot", "nearest_f
           "ground_truth_retracked": "ground truth, re-tracked (tracker floor)"}
 COLUMNS = (("psnr", "PSNR dB ↑", "{:.2f}"), ("ssim", "SSIM ↑", "{:.3f}"), ("lpips", "LPIPS ↓", "{:.3f}"),
            ("yaw_err", "yaw err ° ↓", "{:.2f}"), ("pitch_err", "pitch err ° ↓", "{:.2f}"),
-           ("jaw_err", "jaw err ° ↓", "{:.2f}"), ("expr_err", "expr err sd ↓", "{:.2f}"))
+           ("jaw_err", "jaw err ° ↓", "{:.2f}"), ("expr_err", "expr err sd ↓", "{:.2f}"),
+           ("yaw_shift", "yaw shift, expression only ° ↓", "{:.2f}"),
+           ("pitch_shift", "pitch shift, expression only ° ↓", "{:.2f}"))
 
 
 def _save(fig, out: Path, name: str) -> str:
@@ -168,7 +170,9 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:10
 <p>Avatar <code>{html.escape(summary['avatar'])}</code>; video <code>{html.escape(summary['video'])}</code>,
 frames {html.escape(summary['frames'])} ({summary['evaluated_frames']} with a face); metrics {mask};
 LPIPS: {html.escape(str(summary['lpips']))}. Image metrics are means, control errors medians (re-tracking
-with the differentiable MediaPipe tracker in the avatar's expression space).</p>
+with the differentiable MediaPipe tracker in the avatar's expression space). The shifts: how far the
+re-tracked head pose moves when a frame is rendered again with only its jaw and expression replaced by
+those of a random training frame.</p>
 {table_html(summary)}
 {body}
 </body></html>

@@ -47,6 +47,10 @@ def test_eval_writes_csv_summary_and_report(fitted, shared_data, tmp_path):
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["evaluated_frames"] == 20 and summary["mask"] == "face"
     assert set(summary["methods"]) == {"avatar", "nearest_pivot", "nearest_frame", "ground_truth_retracked"}
+    assert summary["methods"]["avatar"]["yaw_shift"] >= 0 and summary["methods"]["avatar"]["pitch_shift"] >= 0
+    assert "yaw_shift" not in summary["methods"]["nearest_frame"]  # a real crop takes no controls
+    assert all(float(x["pitch_shift"]) >= 0 for x in methods["avatar"])
+    assert methods["nearest_pivot"][0]["yaw_shift"] == ""
     page = (tmp_path / "eval" / "report.html").read_text()
     assert page.count("<img src='data:image/png;base64,") == 5 and "nearest pivot" in page
     for name in ("coverage", "manifold", "metrics", "retrack", "strips"):
@@ -54,6 +58,22 @@ def test_eval_writes_csv_summary_and_report(fitted, shared_data, tmp_path):
     # the nearest training frame is a real crop of the same video: its pose error is near the tracker's floor
     floor = summary["methods"]["ground_truth_retracked"]["yaw_err"]
     assert summary["methods"]["nearest_frame"]["yaw_err"] < floor + 10
+
+
+def test_pose_shift_is_zero_only_for_a_disentangled_avatar(d3_track):
+    from pvp_server.avatar import random_avatar
+    from pvp_server.evaluate import _pose_shift, _render, _retrack, random_controls
+    from pvp_server.tracking.differentiable import DifferentiableTracker
+
+    tracker = DifferentiableTracker(d3_track.face_model)
+    avatar = random_avatar(resolution=64, expression_dim=4)
+    controls, donors = random_controls(avatar.meta.schema, 6, seed=1), random_controls(avatar.meta.schema, 9, seed=2)
+    shift = _pose_shift(avatar, tracker, controls, donors, _retrack(tracker, _render(avatar, controls)))
+    assert shift["yaw_shift"].max() > 0.01 and shift["pitch_shift"].max() > 0.01
+    for net in avatar.mappers.expression.nets:  # expression no longer reaches the image
+        torch.nn.init.zeros_(net[2].weight)
+    shift = _pose_shift(avatar, tracker, controls, donors, _retrack(tracker, _render(avatar, controls)))
+    assert shift["yaw_shift"].max() == 0 and shift["pitch_shift"].max() == 0
 
 
 def test_masked_metrics_only_see_the_mask():
