@@ -27,7 +27,7 @@ from . import __version__, controls
 from .atomic import atomic_path, write_text
 from .checkpoints import load_generator, save_generator
 from .generator import Generator, to_uint8
-from .mappers import MapperConfig, Mappers, load_mappers, save_mappers
+from .mappers import MapperConfig, Mappers, load_mappers, mapper_inputs, save_mappers
 from .tracking.face_model import FaceModel
 
 FORMAT = "pvp.avatar"
@@ -134,9 +134,7 @@ class Avatar(nn.Module):
         if ctrl.ndim != 2 or ctrl.shape[1] != self.num_channels:
             raise ValueError(f"controls must be [batch, {self.num_channels}], got {list(ctrl.shape)}")
         ctrl = torch.maximum(torch.minimum(ctrl.to(self.device, torch.float32), self.ctrl_max), self.ctrl_min)
-        pitch_yaw = torch.deg2rad(torch.stack([ctrl[:, 1], ctrl[:, 0]], 1))
-        jaw = torch.deg2rad(torch.stack([ctrl[:, 3], ctrl[:, 4], torch.zeros_like(ctrl[:, 3])], 1))
-        w, _ = self.mappers(pitch_yaw, torch.cat([jaw, ctrl[:, 5:]], 1))
+        w, _ = self.mappers(*mapper_inputs(ctrl))
         if edits is not None and len(self.edit_names):
             w = w + torch.einsum("be,eld->bld", edits.to(self.device, torch.float32), self.edit_directions)
         return w

@@ -105,6 +105,14 @@ class ExpressionMapper(nn.Module):
         return torch.cat([deltas, rest], 1)
 
 
+def mapper_inputs(ctrl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Controls [B, C] in the schema's order (degrees for head and jaw) -> the mappers' inputs:
+    (pitch, yaw) [B, 2] and (jaw, expression) [B, 3 + E], angles in radians, the jaw's third axis 0."""
+    pitch_yaw = torch.deg2rad(torch.stack([ctrl[:, 1], ctrl[:, 0]], 1))
+    jaw = torch.deg2rad(torch.stack([ctrl[:, 3], ctrl[:, 4], torch.zeros_like(ctrl[:, 3])], 1))
+    return pitch_yaw, torch.cat([jaw, ctrl[:, 5:]], 1)
+
+
 class Mappers(nn.Module):
     """w_final = F_rot(pitch, yaw) + F_expr(jaw, expression)."""
 

@@ -29,7 +29,7 @@ import torch
 
 from ..generator import Generator
 from ..losses import PerceptualLoss
-from ..mappers import MapperConfig, Mappers
+from ..mappers import MapperConfig, Mappers, mapper_inputs
 from ..tracking import topology as topo
 from ..tracking.align import apply_affine, unit_transform
 from .training import run_steps, step_generator
@@ -65,13 +65,10 @@ class MapperData:
 
 
 def drive_range(schema: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The schema's (jaw, expression) ranges in the expression mapper's units (jaw in radians, its third
-    axis 0)."""
-    ch = {c["name"]: c for c in schema["channels"]}
-    expr = [c for c in schema["channels"] if c["group"] == "expression"]
-    lo = [np.radians(ch["jaw_open"]["min"]), np.radians(ch["jaw_lateral"]["min"]), 0.0, *(c["min"] for c in expr)]
-    hi = [np.radians(ch["jaw_open"]["max"]), np.radians(ch["jaw_lateral"]["max"]), 0.0, *(c["max"] for c in expr)]
-    return torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32)
+    """The schema's (jaw, expression) ranges in the expression mapper's units: (min [3 + K], max [3 + K])."""
+    bounds = torch.tensor([[c[k] for c in schema["channels"]] for k in ("min", "max")], dtype=torch.float32)
+    lo, hi = mapper_inputs(bounds)[1]
+    return lo, hi
 
 
 def eyes_mouth_masks(landmarks_2d: np.ndarray, quads: np.ndarray, resolution: int) -> np.ndarray:
@@ -96,8 +93,7 @@ class MapperObjective:
         self.G = G.eval().requires_grad_(False)
         self.data, self.perceptual, self.weights = data, perceptual, weights
         self.tracker, self.identity = tracker, identity
-        scale = data.jaw_expression.std(0).clamp(min=1e-3) if len(data.frames) > 1 else \
-            torch.ones_like(data.jaw_expression[0])
+        scale = data.jaw_expression.std(0).clamp(min=1e-3)
         scale[3:] = 1.0  # expression coefficients are unit-variance already
         self.noise_scale = scale
         self.reference = _tracker_reference(tracker, data.frames) if tracker is not None else None

@@ -237,8 +237,9 @@ class FitJob:
         perceptual = PerceptualLoss(x.preset.perceptual, vgg=x.vgg).to(device)
         log.info("stage mappers: %d steps on %d frames, %d expression coefficients", x.preset.mapper_steps,
                  len(rows), expression_dim)
+        drive_min, drive_max = drive_range(learned_schema(track, tr, expression_dim))
         data = MapperData(pitch_yaw.to(device), jaw_expr.to(device), frames[rows].to(device), masks.to(device),
-                          *(t.to(device) for t in drive_range(learned_schema(track, tr, expression_dim))))
+                          drive_min.to(device), drive_max.to(device))
         mappers, metrics = train_mappers(
             G, latents["pivot_w"].to(device), data, perceptual, x.preset.mapper_steps, x.preset.mapper_batch,
             x.preset.mapper_lr, self.work / "mappers_checkpoint.pt", x.preset.checkpoint_every, x.resume, tracker,
