@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import print_table, write_results  # noqa: E402
-from pvp_server.avatar import random_avatar  # noqa: E402
-from pvp_server.server_process import ServerProcess  # noqa: E402
+from pvp.avatar import random_avatar  # noqa: E402
+from pvp.serve.process import ServerProcess  # noqa: E402
 
 PKG = "bl_ext.user_default.pvp_blender"
 

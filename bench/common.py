@@ -34,7 +34,7 @@ def median_time(fn, warmup: int, repeat: int, sync=lambda: None) -> float:
 
 
 def write_results(name: str, device: str, rows: list[dict], out: Path | None = None) -> Path:
-    from pvp_server.atomic import write_text
+    from pvp_contract.atomic import write_text
 
     out = out or RESULTS / f"{name}.json"
     payload = {"bench": name, "device": device, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

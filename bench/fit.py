@@ -18,9 +18,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import print_table, write_results  # noqa: E402
-from pvp_server.fit.presets import PRESETS  # noqa: E402
+from pvp.fit.presets import PRESETS  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "tests" / "data"
 
 
 def main(argv=None):
@@ -47,7 +47,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="pvp_bench_fit_") as tmp:
         out = Path(tmp) / "avatar"
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "pvp_server.cli", "fit", str(args.video), "-o", str(out), "--preset",
+        r = subprocess.run([sys.executable, "-m", "pvp.cli", "fit", str(args.video), "-o", str(out), "--preset",
                             args.preset, "--train-frames", args.train_frames, "--device", args.device, *extra, *sets],
                            cwd=ROOT, capture_output=True, text=True)
         wall = time.perf_counter() - t0

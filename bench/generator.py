@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import device_description, median_time, print_table, write_results  # noqa: E402
-from pvp_server.generator import Generator, GeneratorConfig  # noqa: E402
+from pvp.models.generator import Generator, GeneratorConfig  # noqa: E402
 
 
 def main(argv=None):

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.common import RESULTS  # noqa: E402
-from pvp_server.atomic import write_text  # noqa: E402
+from pvp_contract.atomic import write_text  # noqa: E402
 
 BEGIN, END = "<!-- run_all: begin -->", "<!-- run_all: end -->"
 

@@ -18,11 +18,11 @@ import zmq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import device_description, median_time, print_table, write_results  # noqa: E402
-from pvp_server import protocol  # noqa: E402
-from pvp_server.avatar import Avatar, random_avatar  # noqa: E402
-from pvp_server.client import Client  # noqa: E402
-from pvp_server.render_service import FrameJob, RenderService  # noqa: E402
-from pvp_server.server_process import ServerProcess  # noqa: E402
+from pvp.avatar import Avatar, random_avatar  # noqa: E402
+from pvp.serve.process import ServerProcess  # noqa: E402
+from pvp.serve.render_service import FrameJob, RenderService  # noqa: E402
+from pvp_contract import protocol  # noqa: E402
+from pvp_contract.client import Client  # noqa: E402
 
 
 def transport_ms(size: int = 512, repeat: int = 200) -> float:

@@ -1,7 +1,7 @@
 """Tracking speed: frames per second of `pvp track` (decode + face mesh + pose/expression + crop quads)
 on the shared clips, CPU. Target: >= 50 frames/s for 512x512 video on the 2-core machine.
 
-    python bench/track.py [--clips ../shared/data/lp_d3.mp4 ...]
+    python bench/track.py [--clips tests/data/lp_d3.mp4 ...]
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import device_description, print_table, write_results  # noqa: E402
-from pvp_server.tracking.tracker import track_video  # noqa: E402
+from pvp.tracking.tracker import track_video  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "tests" / "data"
 
 
 def main(argv=None):

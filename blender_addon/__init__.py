@@ -1,7 +1,7 @@
 """pvp for Blender: a FLAME-like rig whose values drive a pvp avatar server, shown live on an image plane.
 
-The add-on talks to ``pvp serve`` over ZeroMQ (protocol.py and client.py are the server project's own
-modules, copied in by build_addon.py); it never imports torch.
+The add-on talks to ``pvp serve`` over ZeroMQ through the ``pvp_contract`` package (wire protocol, client,
+control schema, driving-track readers), which the extension ships as a wheel; it never imports torch.
 """
 
 

@@ -1,5 +1,5 @@
 """Blender shell: preferences, scene properties, operators, the panel, handlers and the preview timer.
-Thin over session.py, preview.py, rig.py, timeline.py and driving.py."""
+Thin over session.py, preview.py, rig.py, timeline.py and track_import.py (read, check, create)."""
 from __future__ import annotations
 
 import time
@@ -10,12 +10,15 @@ import numpy as np
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
-from . import bl_movie, bl_plane, bl_rig, driving
-from .client import ServerError, ServerUnavailable
+from pvp_contract.client import ServerError, ServerUnavailable
+from pvp_contract.driving import DrivingError
+
+from . import bl_movie, bl_plane, bl_rig
 from .preview import DOWN
 from .rig import RigError, load_rig, rig_for_schema
 from .session import Session
-from .timeline import TimelineJob, frame_path
+from .timeline import TimelineJob, frame_path, frame_range, frames_ahead, runs_of_equal_edits
+from .track_import import key_table
 
 RIGS_DIR = Path(__file__).parent / "rigs"
 ADDON_ID = __package__
@@ -49,7 +52,7 @@ def prefs(context=None):
 def new_session(context) -> Session:
     p = prefs(context)
     runtime.close()
-    runtime.session = Session(p.endpoint.split(",")[0].strip(), p.timeout_s, p.cache_mb, p.preview_size,
+    runtime.session = Session(p.endpoint.strip(), p.timeout_s, p.cache_mb, p.preview_size,
                               bpy.path.abspath(p.curve_server_key), bpy.path.abspath(p.curve_client_secret))
     ensure_timer()
     return runtime.session
@@ -88,10 +91,8 @@ def request_current(scene, prefetch: bool = False) -> None:
     if frame is not None:
         show(scene, frame)
     if prefetch:
-        step = max(1, scene.frame_step)
-        span = scene.frame_end - scene.frame_start + 1
-        ahead = [scene.frame_start + (scene.frame_current + step * i - scene.frame_start) % span
-                 for i in range(1, prefs().prefetch_frames + 1)]
+        ahead = frames_ahead(scene.frame_current, scene.frame_start, scene.frame_end, scene.frame_step,
+                             prefs().prefetch_frames)
         runtime.session.preview.prefetch(reader.at(ahead, edits))
     runtime.last_sent = time.monotonic()
 
@@ -193,13 +194,18 @@ def wait_until(predicate, timeout_s: float) -> bool:
     return True
 
 
+def wait_for_frame(s: Session) -> bool:
+    """Block until the wanted frame is shown; False when the server is down or did not answer in time."""
+    return wait_until(lambda: s.preview.settled, s.client.timeout_s + 1) and s.preview.state != DOWN
+
+
 # --- preferences and properties ----------------------------------------------------------------------------
 
 class PVPPreferences(bpy.types.AddonPreferences):
     bl_idname = ADDON_ID
 
     endpoint: StringProperty(name="Server", default="tcp://127.0.0.1:5555",
-                             description="pvp serve endpoint(s); several, comma-separated, share timeline renders")
+                             description="the pvp serve endpoint, e.g. tcp://127.0.0.1:5555")
     curve_server_key: StringProperty(name="Server public key", subtype="FILE_PATH",
                                      description="the server's .key file (CURVE, for remote servers)")
     curve_client_secret: StringProperty(name="Client secret key", subtype="FILE_PATH",
@@ -259,8 +265,7 @@ class PVP_OT_sync(bpy.types.Operator):
         if s is None:
             return {"CANCELLED"}
         request_current(context.scene)
-        if not wait_until(lambda: s.preview.idle or s.preview.state == DOWN, s.client.timeout_s + 1) \
-                or s.preview.state == DOWN:
+        if not wait_for_frame(s):
             self.report({"WARNING"}, s.status)
             return {"CANCELLED"}
         return {"FINISHED"}
@@ -331,21 +336,14 @@ class PVP_OT_import_track(bpy.types.Operator, ImportHelper):
         groups = [g for g, on in (("head", self.use_head), ("jaw", self.use_jaw), ("expression", self.use_expression))
                   if on]
         try:
-            perf = driving.read_performance(self.filepath)
-            values = driving.to_controls(perf, reader.schema, groups, self.renormalize == "RENORMALIZE",
-                                         s.info["avatar"]["expression_stats"])
-        except (driving.DrivingError, ValueError) as e:
+            keys = key_table(self.filepath, reader.schema, groups, self.renormalize == "RENORMALIZE",
+                             s.info["avatar"]["expression_stats"], self.start_frame,
+                             context.scene.render.fps / context.scene.render.fps_base, self.resample, self.source_fps)
+        except (DrivingError, ValueError) as e:
             self.report({"ERROR"}, str(e))
             return {"CANCELLED"}
-        names = list(values)
-        table = np.stack([values[n] for n in names], 1)
-        fps = perf.fps or self.source_fps
-        scene_fps = context.scene.render.fps / context.scene.render.fps_base
-        if self.resample and fps:
-            table = driving.resample(table, fps, scene_fps)
-        frames = self.start_frame + np.arange(len(table), dtype=np.float64)
-        write_controls(reader, props, names, frames, table)
-        self.report({"INFO"}, f"{len(table)} frames × {len(names)} channels from {Path(self.filepath).name}")
+        write_controls(reader, props, keys.names, keys.frames, keys.values)
+        self.report({"INFO"}, f"{len(keys.frames)} frames × {len(keys.names)} channels from {Path(self.filepath).name}")
         return {"FINISHED"}
 
 
@@ -368,7 +366,7 @@ def timeline_controls(scene, reader) -> list[tuple[int, list[float], dict]]:
     current, out = scene.frame_current, []
     runtime.suspended = True
     try:
-        for f in range(scene.frame_start, scene.frame_end + 1, max(1, scene.frame_step)):
+        for f in frame_range(scene.frame_start, scene.frame_end, scene.frame_step):
             scene.frame_set(f)
             controls, edits = reader.now()
             out.append((f, controls, edits))
@@ -445,12 +443,7 @@ class PVP_OT_render_timeline(bpy.types.Operator, FrameStepper):
             return {"CANCELLED"}
         frames = timeline_controls(scene, reader)
         client, folder = s.job_client(), bpy.path.abspath(scene.pvp.output_dir)
-        runs: list[tuple[dict, list]] = []  # a sequence request has one set of edits: split where they change
-        for f, c, e in frames:
-            if not runs or runs[-1][0] != e:
-                runs.append((e, []))
-            runs[-1][1].append((f, c))
-        self.jobs = [TimelineJob(client, part, e, folder, s.preview.size) for e, part in runs]
+        self.jobs = [TimelineJob(client, part, e, folder, s.preview.size) for e, part in runs_of_equal_edits(frames)]
         return self.start(context)
 
     def step(self, context):
@@ -478,7 +471,7 @@ class PVP_OT_render_timeline(bpy.types.Operator, FrameStepper):
         scene = context.scene
         if scene.pvp.movie_path:
             files = [frame_path(Path(bpy.path.abspath(scene.pvp.output_dir)), f)
-                     for f in range(scene.frame_start, scene.frame_end + 1, max(1, scene.frame_step))]
+                     for f in frame_range(scene.frame_start, scene.frame_end, scene.frame_step)]
             bl_movie.encode_movie(files, scene.render.fps / scene.render.fps_base,
                                   Path(bpy.path.abspath(scene.pvp.movie_path)))
 
@@ -493,7 +486,7 @@ class PVP_OT_render_scene(bpy.types.Operator, FrameStepper):
         scene = context.scene
         if scene_rig(self, scene) is None:
             return {"CANCELLED"}
-        self.frames = list(range(scene.frame_start, scene.frame_end + 1, max(1, scene.frame_step)))
+        self.frames = frame_range(scene.frame_start, scene.frame_end, scene.frame_step)
         self.folder = Path(bpy.path.abspath(scene.pvp.output_dir))
         self.folder.mkdir(parents=True, exist_ok=True)
         self.position = 0
@@ -503,8 +496,7 @@ class PVP_OT_render_scene(bpy.types.Operator, FrameStepper):
         scene, s = context.scene, runtime.session
         f = self.frames[self.position]
         scene.frame_set(f)  # the frame-change handler asks for the avatar frame
-        if not wait_until(lambda: s.preview.idle or s.preview.state == DOWN, s.client.timeout_s + 1) \
-                or s.preview.state == DOWN:
+        if not wait_for_frame(s):
             raise ServerUnavailable(f"{s.status}; frames before {f} are written")
         previous = scene.render.filepath
         scene.render.filepath = str(frame_path(self.folder, f))

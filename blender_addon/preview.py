@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
-from .client import Client, Frame, FrameCache
+from pvp_contract.client import Client, Frame, FrameCache
 
 CONNECTED, WAITING, DOWN = "connected", "waiting", "down"
 
@@ -164,6 +164,11 @@ class Preview:
     @property
     def idle(self) -> bool:
         return not self.in_flight and (self.wanted is None or self.shown == self.wanted.key)
+
+    @property
+    def settled(self) -> bool:
+        """Nothing more will arrive for now: the wanted frame is shown, or the server is down."""
+        return self.idle or self.state == DOWN
 
 
 def pixels_rgba(frame: Frame) -> np.ndarray:

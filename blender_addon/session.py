@@ -4,7 +4,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .client import Client, CurveKeys
+from pvp_contract.client import Client, CurveKeys
+
 from .preview import DOWN, Preview
 
 
@@ -26,10 +27,6 @@ class Session:
         self.hello_id: int | None = self.client.send("hello")
         self.hello_sent = time.monotonic()
         self.handler_ms: list[float] = []  # main-thread time of recent frame-change handlers
-
-    @property
-    def connected(self) -> bool:
-        return self.info is not None and self.preview.state != DOWN
 
     @property
     def status(self) -> str:

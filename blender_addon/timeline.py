@@ -9,12 +9,34 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .atomic import write_bytes
-from .client import Client, ServerError, ServerUnavailable
+from pvp_contract.atomic import write_bytes
+from pvp_contract.client import Client, ServerError, ServerUnavailable
 
 
 def frame_path(folder: Path, frame: int) -> Path:
     return folder / f"frame_{frame:06d}.png"
+
+
+def frame_range(start: int, end: int, step: int) -> list[int]:
+    """The scene's frame numbers, start to end inclusive (a step below 1 counts as 1)."""
+    return list(range(start, end + 1, max(1, step)))
+
+
+def frames_ahead(current: int, start: int, end: int, step: int, count: int) -> list[int]:
+    """The next ``count`` frames playback will show after ``current``, wrapping from end to start."""
+    step, span = max(1, step), end - start + 1
+    return [start + (current + step * i - start) % span for i in range(1, count + 1)]
+
+
+def runs_of_equal_edits(frames: list[tuple[int, list[float], dict]]) -> list[tuple[dict, list[tuple[int, list[float]]]]]:
+    """(frame, controls, edits) in order -> runs of consecutive frames sharing their edits: one sequence
+    request carries one set of edits."""
+    runs: list[tuple[dict, list]] = []
+    for f, c, e in frames:
+        if not runs or runs[-1][0] != e:
+            runs.append((e, []))
+        runs[-1][1].append((f, c))
+    return runs
 
 
 class TimelineJob:

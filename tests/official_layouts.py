@@ -12,7 +12,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from pvp_server.generator import Generator, GeneratorConfig
+from pvp.models.generator import Generator, GeneratorConfig
 
 FILTER = torch.tensor([1.0, 3.0, 3.0, 1.0])
 FILTER_2D = (FILTER[:, None] * FILTER[None, :]) / 64.0
@@ -203,3 +203,46 @@ def state_of(record, *path):
     for name in path:
         record = record.state["_modules"][name]
     return record.state
+
+
+def batch_norm_state(prefix, c, sd):
+    sd.update({f"{prefix}.weight": torch.rand(c) + 0.5, f"{prefix}.bias": torch.randn(c) * 0.1,
+               f"{prefix}.running_mean": torch.randn(c) * 0.1, f"{prefix}.running_var": torch.rand(c) + 0.5,
+               f"{prefix}.num_batches_tracked": torch.tensor(1000)})
+
+
+def official_e4e_state(num_ws=18):
+    """An e4e Encoder4Editing state dict (pSp/e4e psp_encoders.py + helpers.py, IR-SE50 body), random."""
+    g = torch.Generator().manual_seed(0)
+
+    def w(*shape):
+        return torch.randn(*shape, generator=g) * (2.0 / (shape[1] * (shape[2] if len(shape) > 2 else 1))) ** 0.5
+
+    sd = {"input_layer.0.weight": w(64, 3, 3, 3), "input_layer.2.weight": torch.full((64,), 0.25)}
+    batch_norm_state("input_layer.1", 64, sd)
+    unit = 0
+    for in_ch, depth, n in ((64, 64, 3), (64, 128, 4), (128, 256, 14), (256, 512, 3)):  # get_blocks(50)
+        for k in range(n):
+            c_in = in_ch if k == 0 else depth
+            p = f"body.{unit}"
+            if c_in != depth:
+                sd[f"{p}.shortcut_layer.0.weight"] = w(depth, c_in, 1, 1)
+                batch_norm_state(f"{p}.shortcut_layer.1", depth, sd)
+            batch_norm_state(f"{p}.res_layer.0", c_in, sd)
+            sd[f"{p}.res_layer.1.weight"] = w(depth, c_in, 3, 3)
+            sd[f"{p}.res_layer.2.weight"] = torch.full((depth,), 0.25)
+            sd[f"{p}.res_layer.3.weight"] = w(depth, depth, 3, 3)
+            batch_norm_state(f"{p}.res_layer.4", depth, sd)
+            sd[f"{p}.res_layer.5.fc1.weight"] = w(depth // 16, depth, 1, 1)
+            sd[f"{p}.res_layer.5.fc2.weight"] = w(depth, depth // 16, 1, 1)
+            unit += 1
+    for i in range(num_ws):
+        spatial = 16 if i < 3 else 32 if i < 7 else 64
+        for j in range({16: 4, 32: 5, 64: 6}[spatial]):
+            sd[f"styles.{i}.convs.{2 * j}.weight"] = w(512, 512, 3, 3)
+            sd[f"styles.{i}.convs.{2 * j}.bias"] = torch.zeros(512)
+        sd[f"styles.{i}.linear.weight"] = torch.randn(512, 512, generator=g)
+        sd[f"styles.{i}.linear.bias"] = torch.zeros(512)
+    sd.update({"latlayer1.weight": w(512, 256, 1, 1), "latlayer1.bias": torch.zeros(512),
+               "latlayer2.weight": w(512, 128, 1, 1), "latlayer2.bias": torch.zeros(512)})
+    return sd

@@ -2,17 +2,17 @@
 import pytest
 import torch
 
-from pvp_server.arcface import IdentityLoss, load_arcface
-from pvp_server.checkpoints import CheckpointError
-from tests.test_e4e import _bn, official_e4e_state
+from pvp.checkpoints import CheckpointError
+from pvp.models.arcface import IdentityLoss, load_arcface
+from tests.official_layouts import batch_norm_state, official_e4e_state
 
 
 def official_arcface_state():
     sd = {k: v for k, v in official_e4e_state().items() if k.startswith(("input_layer.", "body."))}
-    _bn("output_layer.0", 512, sd)
+    batch_norm_state("output_layer.0", 512, sd)
     sd["output_layer.3.weight"] = torch.randn(512, 512 * 7 * 7) * 0.01
     sd["output_layer.3.bias"] = torch.zeros(512)
-    _bn("output_layer.4", 512, sd)
+    batch_norm_state("output_layer.4", 512, sd)
     return sd
 
 

@@ -1,11 +1,13 @@
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from pvp_server.avatar import Avatar, AvatarError, ExpressionStats, random_avatar, rotate_images
-from pvp_server.controls import channel_names
+from pvp.avatar import Avatar, AvatarError, random_avatar, rotate_images
+from pvp_contract.controls import channel_names
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +61,39 @@ def test_roll_rotates_clockwise():
     assert x > 4 and abs(y - 4) <= 1  # clockwise: top -> right
 
 
-def test_reenactment_normalisation_maps_statistics():
+def test_face_mesh_is_served_from_the_bundle_without_mediapipe(tmp_path):
+    from pvp.tracking.face_model import FaceModel
+    from pvp.tracking.topology import NUM_MESH, mesh_triangles
+
     rng = np.random.default_rng(0)
-    driving = rng.normal(3.0, 2.0, size=(500, 4))
-    target = ExpressionStats([0, 1, -1, 0.5], [1, 0.5, 2, 1])
-    out = target.normalise(driving, ExpressionStats.of(driving))
-    assert np.allclose(out.mean(0), target.mean, atol=1e-9) and np.allclose(out.std(0), target.std, atol=1e-9)
+    avatar = random_avatar(resolution=32, expression_dim=4)
+    mesh = rng.normal(size=(NUM_MESH, 3))
+    avatar.face_model = FaceModel(mesh, mesh, rng.normal(size=(6, NUM_MESH, 3)), np.ones(6), np.full(6, 1 / 6),
+                                  np.zeros(2))
+    avatar.save(tmp_path / "av")
+    code = ("import sys, numpy as np; sys.modules['mediapipe'] = None;"  # any import of mediapipe now fails
+            "from pvp.avatar import Avatar; from pvp.serve.render_service import RenderService;"
+            "mesh = RenderService(Avatar.load(sys.argv[1])).face_mesh();"
+            "sys.stdout.buffer.write(mesh['triangles'])")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "av")], capture_output=True)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    np.testing.assert_array_equal(np.frombuffer(r.stdout, "<i4").reshape(-1, 3), np.asarray(mesh_triangles()))
+
+
+def test_mapper_files_from_before_the_config_rename_load(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from pvp.models.mappers import load_mappers, save_mappers
+
+    avatar = random_avatar(resolution=32, expression_dim=4)
+    save_mappers(avatar.mappers, tmp_path / "new.safetensors")
+    with safe_open(str(tmp_path / "new.safetensors"), "pt") as f:
+        config = json.loads(f.metadata()["config"])
+    config["expression_dim"] = config.pop("jaw_expression_dim")  # the field's name in earlier bundles
+    save_file(load_file(str(tmp_path / "new.safetensors")), str(tmp_path / "old.safetensors"),
+              metadata={"config": json.dumps(config)})
+    old = load_mappers(tmp_path / "old.safetensors")
+    assert old.cfg == avatar.mappers.cfg and old.cfg.expression_coefficients == 4

@@ -2,9 +2,9 @@ import cv2
 import numpy as np
 import torch
 
-from pvp_server.avatar import Avatar, random_avatar
-from pvp_server.batch_render import driving_controls, render_track
-from pvp_server.images import load_rgb
+from pvp.avatar import Avatar, random_avatar
+from pvp.images import load_rgb
+from pvp.serve.batch_render import driving_controls, render_track
 
 
 def _short_track(d3_track, n=6):

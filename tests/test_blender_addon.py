@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pvp_server.avatar import random_avatar
-from pvp_server.client import Client
-from pvp_server.images import load_rgb
-from pvp_server.server_process import ServerProcess, free_endpoint
-from tests.test_blender_preview import assert_same_render
+from pvp.avatar import random_avatar
+from pvp.images import load_rgb
+from pvp.serve.process import ServerProcess, free_endpoint
+from pvp_contract.client import Client
+from tests.helpers import assert_same_render
 
 ROOT = Path(__file__).resolve().parents[1]
 RIG = json.loads((ROOT / "rigs" / "flame_pvp.json").read_text())
@@ -42,7 +42,7 @@ def bpy(addon_zip):
 def avatars(tmp_path_factory, d12_track):
     d = tmp_path_factory.mktemp("avatars")
     random_avatar(resolution=32, expression_dim=4).save(d / "proxy")
-    from pvp_server.cli import main
+    from pvp.cli import main
 
     d12_track.save(d / "d12.safetensors")
     assert main(["avatar", "random", "-o", str(d / "face"), "--resolution", "32", "--expression-dim", "4",

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pvp_server.server_process import ServerProcess, free_endpoint
+from pvp.serve.process import ServerProcess, free_endpoint
+from tests.helpers import assert_same_render
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,13 +23,6 @@ def _controls(i: float) -> list[float]:
     return [float(i), -float(i) / 2, 0.0, 5.0, 0.0, 0.1 * i, 0.0, 0.0, 0.0]
 
 
-def assert_same_render(got: np.ndarray, want: np.ndarray) -> None:
-    """Equal up to the last bit of a few pixels: a frame rendered in a batch of several and the same frame
-    rendered alone go through differently blocked float GEMMs on the CPU."""
-    diff = np.abs(got.astype(int) - want.astype(int))
-    assert diff.max() <= 1 and (diff == 0).mean() > 0.99, (diff.max(), (diff == 0).mean())
-
-
 def _pump_until(preview, timeout=20.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -38,9 +32,9 @@ def _pump_until(preview, timeout=20.0):
     raise AssertionError(f"no frame within {timeout} s: {preview.message}")
 
 
-def test_preview_shows_only_the_latest_wanted_frame(addon_package, server):
-    from pvp_blender.client import Client
-    from pvp_blender.preview import CONNECTED, Preview
+def test_preview_shows_only_the_latest_wanted_frame(server):
+    from blender_addon.preview import CONNECTED, Preview
+    from pvp_contract.client import Client
 
     preview = Preview(Client(server.endpoint, 20.0))
     reference = Client(server.endpoint, 20.0)
@@ -56,9 +50,9 @@ def test_preview_shows_only_the_latest_wanted_frame(addon_package, server):
     assert cached is not None and cached.data == reference.render(_controls(1), use_cache=False).data
 
 
-def test_prefetch_fills_the_cache_ahead(addon_package, server):
-    from pvp_blender.client import Client
-    from pvp_blender.preview import Preview
+def test_prefetch_fills_the_cache_ahead(server):
+    from blender_addon.preview import Preview
+    from pvp_contract.client import Client
 
     preview = Preview(Client(server.endpoint, 20.0), max_in_flight=4)
     ahead = [(_controls(i), {}) for i in range(10, 16)]
@@ -70,9 +64,9 @@ def test_prefetch_fills_the_cache_ahead(addon_package, server):
     assert all(preview.want(c) is not None for c, _ in ahead[:4])
 
 
-def test_server_down_is_reported_and_recovered(addon_package, avatar_dir):
-    from pvp_blender.client import Client
-    from pvp_blender.preview import CONNECTED, DOWN, Preview
+def test_server_down_is_reported_and_recovered(avatar_dir):
+    from blender_addon.preview import CONNECTED, DOWN, Preview
+    from pvp_contract.client import Client
 
     endpoint = free_endpoint()
     preview = Preview(Client(endpoint, 0.5), probe_interval_s=0.2)
@@ -90,9 +84,9 @@ def test_server_down_is_reported_and_recovered(addon_package, avatar_dir):
         srv.stop()
 
 
-def test_pixels_are_bottom_up_rgba(addon_package):
-    from pvp_blender.client import Frame
-    from pvp_blender.preview import pixels_rgba
+def test_pixels_are_bottom_up_rgba():
+    from blender_addon.preview import pixels_rgba
+    from pvp_contract.client import Frame
 
     rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
     px = pixels_rgba(Frame(1, 3, 2, "rgb8", rgb.tobytes())).reshape(2, 3, 4)
@@ -100,11 +94,10 @@ def test_pixels_are_bottom_up_rgba(addon_package):
     assert (px[..., 3] == 1).all()
 
 
-def test_timeline_job_writes_exact_frames_and_resumes(addon_package, server, tmp_path):
-    from pvp_blender.client import Client
-    from pvp_blender.timeline import TimelineJob, frame_path
-
-    from pvp_server.images import load_rgb
+def test_timeline_job_writes_exact_frames_and_resumes(server, tmp_path):
+    from blender_addon.timeline import TimelineJob, frame_path
+    from pvp.images import load_rgb
+    from pvp_contract.client import Client
 
     frames = [(f, _controls(f)) for f in range(3, 9)]
     job = TimelineJob(Client(server.endpoint, 20.0), frames, {}, tmp_path, chunk=4)
@@ -121,10 +114,9 @@ def test_timeline_job_writes_exact_frames_and_resumes(addon_package, server, tmp
     assert frame_path(tmp_path, 3).stat().st_mtime_ns == stamp
 
 
-def test_rig_files_parse_and_bad_ones_name_the_problem(addon_package, tmp_path):
-    from pvp_blender.rig import RigError, load_rig, parse_rig
-
-    from pvp_server import controls
+def test_rig_files_parse_and_bad_ones_name_the_problem(tmp_path):
+    from blender_addon.rig import RigError, load_rig, parse_rig
+    from pvp_contract import controls
 
     spec = load_rig(ROOT / "rigs" / "flame_pvp.json")
     schema = controls.schema(4, (-40, 40), (-30, 30), (0, 30))
@@ -146,8 +138,8 @@ def test_rig_files_parse_and_bad_ones_name_the_problem(addon_package, tmp_path):
         parse_rig(data, "my.json")
 
 
-def test_face_mesh_request_without_a_face_model_is_a_clear_error(addon_package, server):
-    from pvp_blender.client import Client, ServerError
+def test_face_mesh_request_without_a_face_model_is_a_clear_error(server):
+    from pvp_contract.client import Client, ServerError
 
     with pytest.raises(ServerError, match="invalid_field: this avatar has no face model"):
         Client(server.endpoint, 20.0).face_mesh()

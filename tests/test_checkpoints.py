@@ -7,10 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from pvp_server.checkpoints import CheckpointError, load_generator, save_generator
-from pvp_server.generator import z_from_seed
-from tests.official_layouts import (random_generator, rosinality_checkpoint, state_of, write_nvlabs_pkl,
-                                    write_rosinality_pt)
+from pvp.checkpoints import CheckpointError, load_generator, save_generator
+from pvp.models.generator import z_from_seed
+from tests.official_layouts import (
+    random_generator,
+    rosinality_checkpoint,
+    state_of,
+    write_nvlabs_pkl,
+    write_rosinality_pt,
+)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +120,7 @@ def test_malicious_pickle_is_refused(tmp_path):
 
 def test_embedded_source_is_never_executed(G, tmp_path):
     write_nvlabs_pkl(G, tmp_path / "g.pkl")
-    code = ("import os, sys; sys.path.insert(0, '.'); from pvp_server.checkpoints import load_generator; "
+    code = ("import os, sys; sys.path.insert(0, '.'); from pvp.checkpoints import load_generator; "
             f"load_generator({str(tmp_path / 'g.pkl')!r}); print(os.environ.get('PVP_PICKLE_SOURCE_RAN', 'no'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(__file__)))
@@ -139,9 +144,9 @@ def test_rosinality_without_latent_avg_estimates_it(G, tmp_path):
 
 
 def test_generate_cli_reproduces_checkpoint_image(G, tmp_path):
-    from pvp_server.cli import main
-    from pvp_server.generator import to_uint8
-    from pvp_server.images import load_rgb
+    from pvp.cli import main
+    from pvp.images import load_rgb
+    from pvp.models.generator import to_uint8
 
     write_nvlabs_pkl(G, tmp_path / "g.pkl")
     assert main(["generate", "--checkpoint", str(tmp_path / "g.pkl"), "--seed", "3", "--truncation", "0.7",

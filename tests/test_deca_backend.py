@@ -5,8 +5,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from pvp_server.tracking.deca_backend import DecaUnavailable, load_deca, track_video_deca
-from pvp_server.tracking.tracker import TrackSettings
+from pvp.tracking.deca_backend import DecaUnavailable, load_deca, track_video_deca
+from pvp.tracking.tracker import TrackSettings
 
 STANDIN = {
     "decalib/__init__.py": "",
@@ -65,10 +65,10 @@ def test_no_decalib_is_a_clear_error(monkeypatch):
         load_deca("cpu")
 
 
-def test_codedict_maps_onto_the_track(standin_decalib, shared_data):
+def test_codedict_maps_onto_the_track(standin_decalib, real_data):
     from decalib.deca import DECA
 
-    track = track_video_deca(shared_data / "lp_d3.mp4", TrackSettings(end=12), deca=DECA(), batch=5,
+    track = track_video_deca(real_data / "lp_d3.mp4", TrackSettings(end=12), deca=DECA(), batch=5,
                              progress=False)
     assert track.backend == "deca" and len(track) == 12 and track.valid.all()
     assert np.allclose(track.yaw_pitch_roll[:, 0], np.degrees(0.2), atol=1e-4)

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from pvp_server.tracking.align import crop
-from pvp_server.tracking.differentiable import DifferentiableTracker, mediapipe_landmark_model
-from pvp_server.tracking.tflite_graph import TFLiteGraph
+from pvp.tracking.align import crop
+from pvp.tracking.differentiable import DifferentiableTracker, mediapipe_landmark_model
+from pvp.tracking.tflite_graph import TFLiteGraph
 
 
 def _frames(path, indices):
@@ -40,7 +40,7 @@ def landmark_net():
     return TFLiteGraph(mediapipe_landmark_model()).eval()
 
 
-def test_port_agrees_with_mediapipe_runtime_within_a_pixel(landmark_net, shared_data, d3_track, d12_track):
+def test_port_agrees_with_mediapipe_runtime_within_a_pixel(landmark_net, real_data, d3_track, d12_track):
     """The same 192x192 input through MediaPipe's model in the TFLite runtime (LiteRT) and through the
     PyTorch port: landmarks within 1 px, on real frames of both clips."""
     from ai_edge_litert.interpreter import Interpreter
@@ -50,7 +50,7 @@ def test_port_agrees_with_mediapipe_runtime_within_a_pixel(landmark_net, shared_
     inp = interp.get_input_details()[0]["index"]
     out = [d["index"] for d in interp.get_output_details() if np.prod(d["shape"]) == 1404][0]
     for clip, track in (("lp_d3.mp4", d3_track), ("lp_d12.mp4", d12_track)):
-        crops = _mediapipe_roi_crops(track, _frames(shared_data / clip, {0, 40, 90, 150}))
+        crops = _mediapipe_roi_crops(track, _frames(real_data / clip, {0, 40, 90, 150}))
         with torch.no_grad():
             ours = landmark_net(torch.from_numpy(crops).permute(0, 3, 1, 2))[0].reshape(len(crops), 468, 3).numpy()
         for k, c in enumerate(crops):
@@ -60,9 +60,9 @@ def test_port_agrees_with_mediapipe_runtime_within_a_pixel(landmark_net, shared_
             assert np.abs(ours[k, :, :2] - ref[:, :2]).max() < 1.0
 
 
-def test_gradients_reach_the_image(d3_track, shared_data):
+def test_gradients_reach_the_image(d3_track, real_data):
     tracker = DifferentiableTracker(d3_track.face_model)
-    rgb = _frames(shared_data / "lp_d3.mp4", {0})[0]
+    rgb = _frames(real_data / "lp_d3.mp4", {0})[0]
     aligned, _ = crop(rgb, d3_track.align_quad[0], 256)
     img = torch.from_numpy(aligned).permute(2, 0, 1)[None].float() / 127.5 - 1
     img.requires_grad_(True)
@@ -71,10 +71,10 @@ def test_gradients_reach_the_image(d3_track, shared_data):
     assert img.grad is not None and img.grad.abs().sum() > 0 and torch.isfinite(img.grad).all()
 
 
-def test_tracks_aligned_frames_like_the_embedded_tracker(d3_track, shared_data):
+def test_tracks_aligned_frames_like_the_embedded_tracker(d3_track, real_data):
     tracker = DifferentiableTracker(d3_track.face_model)
     idx = [0, 60, 120, 180, 240, 300]
-    frames = _frames(shared_data / "lp_d3.mp4", set(idx))
+    frames = _frames(real_data / "lp_d3.mp4", set(idx))
     imgs = torch.stack([torch.from_numpy(crop(frames[i], d3_track.align_quad[i], 256)[0]).permute(2, 0, 1)
                         for i in idx]).float() / 127.5 - 1
     with torch.no_grad():
@@ -87,14 +87,14 @@ def test_tracks_aligned_frames_like_the_embedded_tracker(d3_track, shared_data):
     assert corr > 0.9
 
 
-def test_port_reproduces_mediapipe_face_mesh_landmarks(landmark_net, shared_data):
+def test_port_reproduces_mediapipe_face_mesh_landmarks(landmark_net, real_data):
     """Pipeline level: MediaPipe's face mesh (without the iris refinement, i.e. this very model) tracks a
     face by cropping each frame around the previous frame's landmarks (box x 1.5, square, rotated to level
     the eye corners 33-263). Given that crop, the port returns MediaPipe's own landmarks."""
     import mediapipe as mp
 
     mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=False)
-    cap = cv2.VideoCapture(str(shared_data / "lp_d12.mp4"))
+    cap = cv2.VideoCapture(str(real_data / "lp_d12.mp4"))
     frames, landmarks = [], []
     while len(frames) < 120:
         ok, bgr = cap.read()

@@ -1,4 +1,4 @@
-"""Driving-performance readers (pvp_server/driving.py, shared with the Blender add-on)."""
+"""Driving-performance readers (pvp_contract/driving.py, shared with the Blender extension)."""
 import pickle
 import zipfile
 
@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pvp_server import controls, driving
-from pvp_server.tracking.geometry import axis_angle_from_rotation, rot_x, rot_y, rotation_from_ypr
+from pvp_contract import controls, driving
+from pvp_contract.geometry import axis_angle_from_rotation, rot_x, rot_y, rotation_from_ypr
 
 SCHEMA = controls.schema(4, (-40, 40), (-30, 30), (0, 30))
 YPR = np.array([[10.0, -5.0, 3.0], [-20.0, 8.0, -4.0], [0.0, 0.0, 0.0]])
@@ -91,13 +91,11 @@ def test_pickles_with_other_globals_are_refused(tmp_path):
 
 
 def test_pvp_track_matches_the_server_reader(d12_track, tmp_path):
-    from pvp_server.fit.controls_io import controls_from_track
-
     d12_track.save(tmp_path / "t.safetensors")
     perf = driving.read_performance(tmp_path / "t.safetensors")
     assert perf.fps == d12_track.fps and len(perf) == len(d12_track)
     values = driving.to_controls(perf, SCHEMA)
-    expected = controls_from_track(d12_track, SCHEMA, np.flatnonzero(d12_track.valid))
+    expected = d12_track.controls(SCHEMA, np.flatnonzero(d12_track.valid))
     got = np.stack([values[n] for n in controls.channel_names(SCHEMA)], 1)
     np.testing.assert_allclose(got, expected, atol=1e-4)
 

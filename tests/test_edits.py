@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from pvp_server.avatar import Avatar
-from pvp_server.cli import main
-from pvp_server.edits import EditError, load_direction
+from pvp.avatar import Avatar
+from pvp.cli import main
+from pvp.edits import EditError, load_direction
 
 
 @pytest.fixture

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from pvp_server.checkpoints import load_generator
-from pvp_server.fit.pivots import select_pivots
-from pvp_server.fit.presets import PRESETS
-from pvp_server.fit.pti import locality_latents, pivotal_tuning
-from pvp_server.fit.training import step_generator
-from pvp_server.losses import PerceptualLoss
+from pvp.checkpoints import load_generator
+from pvp.fit.pivots import select_pivots
+from pvp.fit.presets import PRESETS
+from pvp.fit.pti import locality_latents, pivotal_tuning
+from pvp.fit.training import step_generator
+from pvp.models.losses import PerceptualLoss
 from tests.official_layouts import random_generator, write_nvlabs_pkl, write_rosinality_pt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +56,7 @@ def test_locality_regularizer_keeps_far_latents_in_place(tmp_path):
 
 
 def _fit(args, **kw):
-    return subprocess.run([sys.executable, "-m", "pvp_server.cli", "fit", *map(str, args)], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "pvp.cli", "fit", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, **kw)
 
 
@@ -82,14 +82,15 @@ def test_tuning_path_with_official_layout_priors(layout, d3_track_file, tmp_path
     assert not torch.equal(tuned.synthesis.b32.conv1.weight, load_generator(prior).synthesis.b32.conv1.weight)
     metrics = json.loads((out / "work" / "metrics.json").read_text())
     assert metrics["pivots"] == 4 and np.isfinite(metrics["pivot_psnr_mean"])
-    assert "pivotal tuning" in (out / "work" / "fit.log").read_text() or metrics["tuning"]
+    assert "stage tuning: pivotal tuning on 4 pivots" in (out / "work" / "fit.log").read_text()
+    assert np.isfinite(metrics["tuning"]["perceptual"]) and metrics["tuning"]["locality"] > 0  # regularised
 
 
 def test_fit_killed_during_training_resumes(d3_track_file, tmp_path):
     out = tmp_path / "avatar"
     args = [d3_track_file, "-o", out, "--train-frames", "0:40", "--device", "cpu", "--set", "prior_steps=400",
             "--set", "checkpoint_every=40", "--set", "pivots=6", "--set", "mapper_steps=5"]
-    proc = subprocess.Popen([sys.executable, "-m", "pvp_server.cli", "fit", *map(str, args)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "pvp.cli", "fit", *map(str, args)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = out / "work" / "prior_checkpoint.pt"
     deadline = time.time() + 240

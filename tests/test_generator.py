@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pvp_server.generator import Generator, GeneratorConfig, default_channels, to_uint8, z_from_seed
+from pvp.models.generator import Generator, GeneratorConfig, default_channels, to_uint8, z_from_seed
 from tests.official_layouts import FILTER_2D, random_generator
 
 

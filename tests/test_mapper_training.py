@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from pvp_server.arcface import ArcFace, IdentityLoss
-from pvp_server.fit.mapper_training import LossWeights, MapperData, MapperObjective, drive_range, losses_record
-from pvp_server.losses import PerceptualLoss
-from pvp_server.mappers import MapperConfig, Mappers
-from pvp_server.tracking.differentiable import DifferentiableTracker
+from pvp.fit.mapper_training import LossWeights, MapperData, MapperObjective, drive_range, losses_record
+from pvp.models.arcface import ArcFace, IdentityLoss
+from pvp.models.losses import PerceptualLoss
+from pvp.models.mappers import MapperConfig, Mappers
+from pvp.tracking.differentiable import DifferentiableTracker
 from tests.official_layouts import random_generator
 
 N, EXPR = 6, 4
@@ -30,7 +30,7 @@ def parts(d3_track):
 
 def _mappers(G, pivots, controls, trained_expression: bool) -> Mappers:
     torch.manual_seed(1)
-    m = Mappers(MapperConfig(num_pivots=len(pivots), num_ws=G.num_ws, w_dim=32, expression_dim=3 + EXPR, hidden=16),
+    m = Mappers(MapperConfig(num_pivots=len(pivots), num_ws=G.num_ws, w_dim=32, jaw_expression_dim=3 + EXPR, hidden=16),
                 pivots)
     m.pose.inputs.fit(controls[0])
     m.expression.inputs.fit(controls[1])
@@ -98,7 +98,7 @@ def test_switched_off_terms_are_absent_and_weighted_sum(parts):
 
 
 def test_the_record_says_which_terms_ran():
-    from pvp_server.fit.presets import PRESETS
+    from pvp.fit.presets import PRESETS
 
     paper = losses_record(PRESETS["paper"].loss_weights(), "lpips-vgg", identity=True, tracker=True)
     assert paper["novel_pose"] == {"weight": 0.0, "enabled": False}
@@ -112,7 +112,7 @@ def test_the_record_says_which_terms_ran():
 
 
 def test_novel_pose_renders_draw_from_the_renderers_ranges():
-    from pvp_server import controls
+    from pvp_contract import controls
 
     schema = controls.schema(2, (-20, 20), (-10, 10), (-1.0, 9.0), jaw_lateral_range=(-2.0, 3.0),
                              expression_ranges=[(-1.5, 2.5), (-3.0, 0.5)])

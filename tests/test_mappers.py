@@ -2,12 +2,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pvp_server.mappers import BETA, MapperConfig, Mappers, hull_weights, load_mappers, save_mappers
+from pvp.models.mappers import BETA, MapperConfig, Mappers, hull_weights, load_mappers, save_mappers
 
 
 def _mappers(k=7, num_ws=10, w_dim=16, e=5, seed=0):
     torch.manual_seed(seed)
-    cfg = MapperConfig(num_pivots=k, num_ws=num_ws, w_dim=w_dim, expression_dim=e)
+    cfg = MapperConfig(num_pivots=k, num_ws=num_ws, w_dim=w_dim, jaw_expression_dim=e)
     return Mappers(cfg, torch.randn(k, num_ws, w_dim))
 
 

@@ -9,10 +9,10 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pvp_server import protocol
-from pvp_server.avatar import Avatar
-from pvp_server.client import Client, CurveKeys, ServerError, ServerUnavailable, render_sharded
-from pvp_server.server_process import ServerProcess
+from pvp.avatar import Avatar
+from pvp.serve.process import ServerProcess
+from pvp_contract import protocol
+from pvp_contract.client import Client, CurveKeys, ServerError, ServerUnavailable, render_sharded
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +116,10 @@ def test_cancel_stops_a_sequence(server):
         if not got:
             break
         replies += got
-    cancelled = [h for h, _ in replies if h["type"] == "cancelled"]
-    frames = [h for h, _ in replies if h["type"] == "frame"]
-    assert cancelled and cancelled[0]["found"] and len(frames) < 1999
+    kinds = [h["type"] for h, _ in replies]
+    assert kinds.count("cancelled") == 1 and "done" not in kinds  # stopped, never finished
+    assert next(h for h, _ in replies if h["type"] == "cancelled")["found"]
+    assert "frame" not in kinds[kinds.index("cancelled"):]  # no frame of the sequence after the cancel
     c.close()
 
 
@@ -145,6 +146,8 @@ def _raw_exchange(endpoint, frames, timeout_ms=3000):
     return reply
 
 
+ANSWERS = {"hello": "info", "ping": "pong", "face_mesh": "face_mesh", "render": "frame", "render_sequence": "frame",
+           "cancel": "cancelled"}
 msgpack_ints = st.integers(-2**63, 2**64 - 1)
 junk_values = st.recursive(st.none() | st.booleans() | msgpack_ints | st.floats() | st.text(max_size=20)
                            | st.binary(max_size=20), lambda c: st.lists(c, max_size=5)
@@ -163,11 +166,18 @@ messages = st.one_of(
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(messages)
-def test_fuzzed_messages_get_an_error_or_are_dropped(server, data):
-    reply = _raw_exchange(server.endpoint, [data], timeout_ms=1500)
-    if reply is not None:
-        header = protocol.unpack(reply[0])
-        assert header["type"] in protocol.REPLY_TYPES
+def test_fuzzed_messages_are_answered_as_the_protocol_says(server, data):
+    reply = _raw_exchange(server.endpoint, [data], timeout_ms=5000)
+    assert reply is not None  # every request gets a reply
+    header = protocol.unpack(reply[0])
+    try:
+        request = protocol.validate_request(protocol.unpack(data))
+    except protocol.ProtocolError as e:  # malformed: the error the protocol module names
+        assert header["type"] == "error" and header["code"] == e.code and header["message"]
+    else:  # well-formed: its own reply, or an avatar-level refusal of its values
+        assert header["id"] == request["id"]
+        assert header["type"] == ANSWERS[request["type"]] or (header["type"], header["code"]) == ("error",
+                                                                                              protocol.INVALID_FIELD)
     ok = _raw_exchange(server.endpoint, [protocol.request("ping", 7)])
     assert ok is not None and protocol.unpack(ok[0])["type"] == "pong"
 
@@ -192,7 +202,7 @@ def test_oversized_message_is_refused_and_the_server_stays_up(server):
 
 
 def test_curve_only_accepted_keys_get_in(avatar_dir, tmp_path):
-    from pvp_server.cli import main
+    from pvp.cli import main
 
     clients = tmp_path / "clients"
     assert main(["keys", str(tmp_path / "server"), "server"]) == 0
@@ -218,6 +228,6 @@ def test_curve_only_accepted_keys_get_in(avatar_dir, tmp_path):
 
 
 def test_non_loopback_bind_needs_curve(avatar_dir):
-    from pvp_server.cli import main
+    from pvp.cli import main
 
     assert main(["serve", str(avatar_dir), "--bind", "tcp://0.0.0.0:5599", "--device", "cpu"]) == 2

@@ -4,14 +4,18 @@ import cv2
 import numpy as np
 import pytest
 
-from pvp_server.tracking import topology as topo
-from pvp_server.tracking.align import crop, ffhq_quad_params, quad_from_params, unit_transform, apply_affine
-from pvp_server.tracking.geometry import (axis_angle_from_rotation, rotation_from_axis_angle, rotation_from_ypr,
-                                          umeyama, ypr_from_rotation)
-from pvp_server.tracking.track import Track, TrackError
-from pvp_server.tracking.tracker import NoFaceError, TrackSettings, controls_from_landmarks, track_video
-from pvp_server.video import VideoError
-
+from pvp.tracking import topology as topo
+from pvp.tracking.align import apply_affine, crop, ffhq_quad_params, quad_from_params, unit_transform
+from pvp.tracking.track import Track, TrackError
+from pvp.tracking.tracker import NoFaceError, TrackSettings, controls_from_landmarks, track_video
+from pvp.video import VideoError
+from pvp_contract.geometry import (
+    axis_angle_from_rotation,
+    rotation_from_axis_angle,
+    rotation_from_ypr,
+    umeyama,
+    ypr_from_rotation,
+)
 
 # --- geometry and conventions ------------------------------------------------------------------------
 
@@ -57,12 +61,12 @@ def test_known_rotations_of_the_canonical_face_are_recovered(d3_track):
     assert np.allclose(arrays["expression"], arrays["expression"][0], atol=1e-3)  # rigid motion only
 
 
-# --- the shared real clips ---------------------------------------------------------------------------
+# --- the real clips (tests/data) ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("clip", ["lp_d3", "lp_d12"])
-def test_real_clips(clip, shared_data, d3_track, d12_track):
+def test_real_clips(clip, real_data, d3_track, d12_track):
     track = {"lp_d3": d3_track, "lp_d12": d12_track}[clip]
-    measured = json.loads((shared_data / f"{clip}.json").read_text())["measured"]
+    measured = json.loads((real_data / f"{clip}.json").read_text())["measured"]
     assert track.valid.mean() >= 0.98
     for j, name in [(0, "yaw"), (1, "pitch")]:
         ours = track.yaw_pitch_roll[track.valid, j]
@@ -75,10 +79,10 @@ def test_real_clips(clip, shared_data, d3_track, d12_track):
     assert np.allclose(coeffs.std(0), 1.0, atol=0.05)  # unit-variance coefficients
 
 
-def test_jaw_follows_the_mouth(d3_track, shared_data):
+def test_jaw_follows_the_mouth(d3_track, real_data):
     import csv
 
-    rows = list(csv.DictReader(open(shared_data / "lp_d3_mediapipe_frames.csv")))
+    rows = list(csv.DictReader(open(real_data / "lp_d3_mediapipe_frames.csv")))
     mouth_open = np.array([float(r["mouth_open"]) for r in rows])
     assert np.corrcoef(d3_track.jaw_pose[:, 0], mouth_open)[0, 1] > 0.8
     assert np.median(d3_track.jaw_pose[mouth_open > 0.3, 0]) > np.radians(5)  # open mouth: jaw opened
@@ -133,8 +137,8 @@ def test_track_file_round_trip(d3_track, tmp_path):
         Track.load(tmp_path / "junk.safetensors")
 
 
-def test_driving_video_in_the_source_expression_space(d3_track, shared_data):
-    drive = track_video(shared_data / "lp_d12.mp4", TrackSettings(end=40), face_model=d3_track.face_model,
+def test_driving_video_in_the_source_expression_space(d3_track, real_data):
+    drive = track_video(real_data / "lp_d12.mp4", TrackSettings(end=40), face_model=d3_track.face_model,
                         progress=False)
     assert drive.expression.shape[1] == d3_track.expression.shape[1]
     assert np.allclose(drive.face_model.components, d3_track.face_model.components)
@@ -175,9 +179,9 @@ def _frames(path, n):
     return out
 
 
-def test_folder_with_faceless_frames_and_a_second_face(shared_data, tmp_path):
-    frames = _frames(shared_data / "lp_d3.mp4", 8)
-    other = cv2.resize(cv2.cvtColor(cv2.imread(str(shared_data / "img_lp_d9.jpg")), cv2.COLOR_BGR2RGB), (512, 512))
+def test_folder_with_faceless_frames_and_a_second_face(real_data, tmp_path):
+    frames = _frames(real_data / "lp_d3.mp4", 8)
+    other = cv2.resize(cv2.cvtColor(cv2.imread(str(real_data / "img_lp_d9.jpg")), cv2.COLOR_BGR2RGB), (512, 512))
     blank = np.full((512, 512, 3), 200, np.uint8)
     for i, f in enumerate(frames):
         right = other if i >= 5 else blank

@@ -1,0 +1,378 @@
+"""The ``pvp`` command. Each subcommand parses its arguments here and calls into a plain module."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pvp import __version__
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one clear line, no traceback."""
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from pvp.checkpoints import load_generator
+    from pvp.images import save_png
+    from pvp.models.generator import Generator, GeneratorConfig, to_uint8, z_from_seed
+
+    device = _device(args.device)
+    if args.checkpoint:
+        G = load_generator(args.checkpoint, device=device)
+    else:
+        torch.manual_seed(args.random_weights_seed)
+        cfg = GeneratorConfig(resolution=args.resolution, channels=(64,) * (GeneratorConfig(args.resolution).num_blocks),
+                              z_dim=64, w_dim=64, mapping_layers=4)
+        G = Generator(cfg).eval().requires_grad_(False).to(device)
+        G.mapping.w_avg.copy_(G.estimate_w_avg())
+    z = z_from_seed(args.seed, G.cfg.z_dim).to(device)
+    with torch.no_grad():
+        img = G(z, truncation_psi=args.truncation, noise_mode=args.noise_mode)
+    save_png(args.out, to_uint8(img)[0].cpu().numpy())
+    source = args.checkpoint or f"random {G.cfg.resolution}px generator (weights seed {args.random_weights_seed})"
+    print(f"wrote {args.out} ({G.cfg.resolution}x{G.cfg.resolution}, seed {args.seed}, {source})")
+
+
+def cmd_track(args) -> None:
+    from pvp.tracking.align import write_aligned_frames
+    from pvp.tracking.track import Track
+    from pvp.tracking.tracker import TrackSettings, track_video
+
+    settings = TrackSettings(start=args.start, end=args.end, stride=args.stride, sigma_centre=args.sigma_centre,
+                             sigma_axes=args.sigma_axes)
+    face_model = Track.load(args.expression_space).face_model if args.expression_space else None
+    if args.backend == "deca":
+        from pvp.tracking.deca_backend import track_video_deca
+
+        track = track_video_deca(args.video, settings, device=_device(args.device))
+    else:
+        track = track_video(args.video, settings, face_model=face_model)
+    track.save(args.output)
+    print(f"wrote {args.output}: {len(track)} frames, {int(track.valid.sum())} with a face, "
+          f"{track.expression.shape[1]} expression coefficients ({track.backend})")
+    for event in track.events:
+        print(f"  note: {event['type']} in {len(event['frames'])} frames: {event['frames'][:20]}")
+    if args.aligned:
+        n = write_aligned_frames(track, args.aligned, args.size)
+        print(f"wrote {n} aligned {args.size}px frames to {args.aligned}")
+
+
+def _preset_overrides(preset, items):
+    from dataclasses import fields
+
+    types = {f.name: f.type for f in fields(preset)}
+    values = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in types or key == "name":
+            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(set(types) - {'name'})}")
+        current = getattr(preset, key)
+        try:
+            values[key] = type(current)(raw) if not isinstance(current, tuple) else tuple(int(v) for v in raw.split(","))
+        except ValueError:
+            raise UserError(f"--set {item!r}: {raw!r} is not a valid {type(current).__name__}") from None
+    return preset.with_overrides(**values)
+
+
+def cmd_fit(args) -> None:
+    from pvp.fit.pipeline import FitInputs, FitJob
+    from pvp.fit.presets import PRESETS
+
+    preset = _preset_overrides(PRESETS[args.preset], args.set)
+    for flag in ("prior", "e4e", "arcface", "vgg"):
+        path = getattr(args, flag)
+        if path is not None and not path.is_file():
+            raise UserError(f"--{flag} {path}: no such file")
+    job = FitJob(FitInputs(source=args.source, avatar=args.output, preset=preset, prior=args.prior, e4e=args.e4e,
+                           arcface=args.arcface, vgg=args.vgg, train_frames=args.train_frames, pivot_method=args.pivots,
+                           resume=args.resume, device=_device(args.device)))
+    metrics = job.run()
+    print(f"fit {args.output}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in metrics.items() if not isinstance(v, dict)))
+
+
+def cmd_avatar_random(args) -> None:
+    from pvp.avatar import random_avatar
+
+    avatar = random_avatar(args.resolution, args.expression_dim, seed=args.seed)
+    if args.face_model_from:
+        from pvp.tracking.track import Track
+
+        avatar.face_model = Track.load(args.face_model_from).face_model
+        if avatar.face_model is None or len(avatar.face_model.scales) < args.expression_dim:
+            raise UserError(f"{args.face_model_from}: no face model with {args.expression_dim} expression components")
+    avatar.save(args.output)
+    print(f"wrote a random {args.resolution}px avatar to {args.output} ({avatar.num_channels} controls)")
+
+
+def cmd_edits(args) -> None:
+    from pvp.avatar import Avatar
+    from pvp.edits import add_edit, discover, load_direction
+
+    if args.edits_command == "list":
+        meta = Avatar.load(args.avatar).meta
+        for e in meta.edits:
+            print(f"{e['name']}\t{e['kind']}\t{e['source']}")
+        if not meta.edits:
+            print("no edit directions (add one with pvp edits add, or pvp edits discover)")
+        return
+    if args.edits_command == "add":
+        avatar = Avatar.load(args.avatar)
+        direction = load_direction(args.file, avatar.mappers.cfg.num_ws, avatar.mappers.cfg.w_dim,
+                                   component=args.component, layers=args.layers) * args.scale
+        add_edit(args.avatar, args.name, direction, "file", str(args.file))
+        print(f"added edit {args.name!r} to {args.avatar}")
+        return
+    avatar = Avatar.load(args.avatar)
+    found = discover(avatar, args.count)
+    for name, direction in found:
+        add_edit(args.avatar, name, direction, "discovered", "principal direction of the avatar's latents")
+    print(f"added {len(found)} discovered directions to {args.avatar}: {', '.join(n for n, _ in found)}")
+
+
+def cmd_serve(args) -> None:
+    import torch
+
+    from pvp.avatar import Avatar
+    from pvp.serve.render_service import RenderService
+    from pvp.serve.server import CurveConfig, Server, ServerConfigError
+
+    device = _device(args.device)
+    dtype = torch.float32
+    if args.half:
+        if device.type != "cuda":
+            raise UserError("--half needs --device cuda (half precision is for GPUs)")
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    curve = None
+    if args.curve_secret or args.clients:
+        if not (args.curve_secret and args.clients):
+            raise UserError("CURVE needs both --curve-secret (the server's key pair) and --clients (accepted keys)")
+        curve = CurveConfig(args.curve_secret, args.clients)
+    service = RenderService(Avatar.load(args.avatar, device), dtype=dtype, max_batch=args.max_batch)
+    try:
+        server = Server(service, args.bind, curve, batch_window_s=args.batch_window_ms / 1000)
+    except ServerConfigError as e:
+        raise UserError(str(e)) from None
+    service.warm_up()
+    print(f"pvp serve: {service.avatar.meta.name} ({service.avatar.meta.resolution}px, {device}) on "
+          f"{server.endpoint}", flush=True)
+    server.serve_forever()
+
+
+def cmd_keys(args) -> None:
+    import zmq.auth
+
+    args.directory.mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(str(args.directory), args.name)
+    print(f"wrote {public} (public: give it to the other side) and {secret} (secret: keep it)")
+
+
+def cmd_render(args) -> None:
+    from pvp.serve.batch_render import render_track
+
+    n = render_track(args.avatar, args.track, args.output, normalize=args.normalize, device=_device(args.device),
+                     size=args.size, batch=args.batch, fps=args.fps)
+    print(f"rendered {n} frames to {args.output}")
+
+
+def cmd_eval(args) -> None:
+    from pvp.evaluation.evaluate import evaluate, write_outputs
+
+    result = evaluate(args.avatar, args.video, args.frames, args.mask, args.vgg, args.alex, _device(args.device))
+    paths = write_outputs(result, args.output or args.avatar / "eval")
+    from pvp.evaluation.report import COLUMNS, LABELS
+
+    methods = result.summary()
+    print(f"{len(result.eval_set.frame_index)} frames of {args.video}; LPIPS: {result.lpips}")
+    print(f"{'method':<42}" + "".join(f"{title:>15}" for _, title, _ in COLUMNS))
+    for method, values in methods.items():
+        cells = "".join(f"{fmt.format(values[k]) if k in values else '-':>15}" for k, _, fmt in COLUMNS)
+        print(f"{LABELS.get(method, method):<42}{cells}")
+    for what, path in paths.items():
+        print(f"{what}: {path}")
+
+
+def cmd_demo(args) -> None:
+    from pvp.demo.run import DemoSettings, run_demo
+    from pvp.fit.presets import PRESETS
+
+    settings = DemoSettings(args.out, args.video, args.frames, preset=_preset_overrides(PRESETS[args.preset], args.set))
+    summary = run_demo(settings)
+    print(f"\npvp demo finished. Face found on {summary['face_found']:.0%} of the input frames.")
+    for what in ("input", "avatar", "out_mp4", "frames", "blend", "report"):
+        print(f"  {what:<8} {summary[what]}")
+    print("  times    " + ", ".join(f"{k}: {v:.0f} s" for k, v in summary["seconds"].items()))
+    print(f"  total    {sum(summary['seconds'].values()) / 60:.1f} min")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pvp", description=__doc__)
+    p.add_argument("--version", action="version", version=f"pvp {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="render one image from a StyleGAN2 checkpoint and a seed")
+    g.add_argument("--checkpoint", type=Path, help=".pkl (NVlabs), .pt (rosinality) or .safetensors (pvp); "
+                   "without it, a small random generator")
+    g.add_argument("--seed", type=int, default=0, help="z = np.random.RandomState(seed).randn(1, z_dim)")
+    g.add_argument("--truncation", type=float, default=1.0, help="truncation psi (1 = none)")
+    g.add_argument("--noise-mode", choices=("const", "random", "none"), default="const")
+    g.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    g.add_argument("--resolution", type=int, default=256, help="random generator only")
+    g.add_argument("--random-weights-seed", type=int, default=0, help="random generator only")
+    g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("track", help="track a face through a video: pose, jaw, expression, FFHQ crop")
+    t.add_argument("video", type=Path, help="video file (mp4, mov, avi, webm, ...) or a folder of images")
+    t.add_argument("-o", "--output", type=Path, required=True, help="track file to write (.safetensors)")
+    t.add_argument("--start", type=int, default=0, help="first frame")
+    t.add_argument("--end", type=int, default=None, help="stop before this frame")
+    t.add_argument("--stride", type=int, default=1, help="take every Nth frame")
+    t.add_argument("--backend", choices=("mediapipe", "deca"), default="mediapipe")
+    t.add_argument("--expression-space", type=Path, help="express this (driving) video in another track's "
+                   "expression space")
+    t.add_argument("--aligned", type=Path, help="also write FFHQ-aligned frames to this folder")
+    t.add_argument("--size", type=int, default=512, choices=(256, 512, 1024), help="aligned frame size")
+    t.add_argument("--sigma-centre", type=float, default=1.0, help="temporal smoothing of the crop centre (frames)")
+    t.add_argument("--sigma-axes", type=float, default=3.0, help="temporal smoothing of the crop axes (frames)")
+    t.add_argument("--device", default="auto", help="DECA backend only")
+    t.set_defaults(func=cmd_track)
+
+    f = sub.add_parser("fit", help="fit an avatar to a portrait video (personalized prior, then mappers)")
+    f.add_argument("source", type=Path, help="video, folder of images, or a track file from pvp track")
+    f.add_argument("-o", "--output", type=Path, required=True, help="avatar directory")
+    f.add_argument("--preset", choices=("tiny", "small", "paper"), default="tiny")
+    f.add_argument("--prior", type=Path, help="pretrained StyleGAN2: ffhq.pkl or stylegan2-ffhq-config-f.pt")
+    f.add_argument("--e4e", type=Path, help="e4e_ffhq_encode.pt: encode the pivots instead of optimising")
+    f.add_argument("--arcface", type=Path, help="model_ir_se50.pth for the identity loss")
+    f.add_argument("--vgg", type=Path, help="vgg16-397923af.pth, the backbone of the LPIPS loss")
+    f.add_argument("--train-frames", help="A:B, the track frames to train on (default all)")
+    f.add_argument("--pivots", choices=("kmeans", "uniform"), default="kmeans", help="pivot selection")
+    f.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a preset field (repeatable)")
+    f.add_argument("--resume", action="store_true", help="continue an interrupted fit in the same directory")
+    f.add_argument("--device", default="auto")
+    f.set_defaults(func=cmd_fit)
+
+    a = sub.add_parser("avatar", help="avatar utilities").add_subparsers(dest="avatar_command", required=True)
+    r = a.add_parser("random", help="write a tiny random but complete avatar (for tests and development)")
+    r.add_argument("-o", "--output", type=Path, required=True)
+    r.add_argument("--resolution", type=int, default=64)
+    r.add_argument("--expression-dim", type=int, default=8)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--face-model-from", type=Path, metavar="TRACK",
+                   help="give the avatar this pvp track's face model (a face mesh for Blender rigs)")
+    r.set_defaults(func=cmd_avatar_random)
+
+    sv = sub.add_parser("serve", help="serve an avatar over ZeroMQ (protocol v1, docs/protocol.md)")
+    sv.add_argument("avatar", type=Path)
+    sv.add_argument("--bind", default="tcp://127.0.0.1:5555", help="endpoint; non-loopback addresses need CURVE")
+    sv.add_argument("--device", default="auto")
+    sv.add_argument("--half", action="store_true", help="bf16 (or fp16) synthesis on CUDA")
+    sv.add_argument("--max-batch", type=int, default=16, help="most frames rendered together")
+    sv.add_argument("--batch-window-ms", type=float, default=0.0,
+                    help="extra wait for more live requests before rendering (requests that arrive while a batch "
+                         "renders are batched anyway)")
+    sv.add_argument("--curve-secret", type=Path, help="the server's .key_secret (pvp keys)")
+    sv.add_argument("--clients", type=Path, help="folder of accepted clients' .key files")
+    sv.set_defaults(func=cmd_serve)
+
+    k = sub.add_parser("keys", help="make a CURVE key pair (NAME.key public, NAME.key_secret secret)")
+    k.add_argument("directory", type=Path)
+    k.add_argument("name")
+    k.set_defaults(func=cmd_keys)
+
+    rd = sub.add_parser("render", help="render a whole track through an avatar (video or PNG folder)")
+    rd.add_argument("avatar", type=Path)
+    rd.add_argument("--track", type=Path, required=True, help="a pvp track (the avatar's video or a driving one)")
+    rd.add_argument("-o", "--output", type=Path, required=True, help="OUT.mp4 or a folder of PNGs")
+    rd.add_argument("--normalize", choices=("auto", "on", "off"), default="auto",
+                    help="renormalise a driving track's jaw/expression statistics to the avatar's (auto: when "
+                         "the track is not the avatar's own video)")
+    rd.add_argument("--size", type=int, help="output size (default: the avatar's resolution)")
+    rd.add_argument("--batch", type=int, default=16)
+    rd.add_argument("--fps", type=float, help="video frame rate (default: the track's)")
+    rd.add_argument("--device", default="auto")
+    rd.set_defaults(func=cmd_render)
+
+    ev = sub.add_parser("eval", help="PSNR/SSIM/LPIPS and control accuracy of an avatar on held-out frames, "
+                                     "against nearest-pivot and nearest-frame baselines; CSV + report.html")
+    ev.add_argument("avatar", type=Path)
+    ev.add_argument("--video", type=Path, required=True)
+    ev.add_argument("--frames", help="A:B, the frames to evaluate (the paper: a later part of the video)")
+    ev.add_argument("--mask", choices=("face",), help="measure inside the face (landmarks' convex hull)")
+    ev.add_argument("--vgg", type=Path, help="vgg16-397923af.pth: LPIPS (VGG)")
+    ev.add_argument("--alex", type=Path, help="alexnet-owt-7be5be79.pth: LPIPS (Alex)")
+    ev.add_argument("-o", "--output", type=Path, help="output folder (default AVATAR/eval)")
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=cmd_eval)
+
+    dm = sub.add_parser("demo", help="the whole product on its embedded defaults: synthetic clip (Blender), fit, "
+                                     "server, Blender rig + driving keyframes + timeline render, report")
+    dm.add_argument("--video", type=Path, help="a portrait video instead of the synthetic clip")
+    dm.add_argument("--out", type=Path, default=Path("demo"))
+    dm.add_argument("--frames", type=int, default=240, help="length of the synthetic clip")
+    dm.add_argument("--preset", default="tiny", choices=("tiny", "small"))
+    dm.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a preset field (repeatable)")
+    dm.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("edits", help="appearance edit directions of an avatar")
+    es = e.add_subparsers(dest="edits_command", required=True)
+    el = es.add_parser("list", help="list an avatar's edit directions")
+    el.add_argument("avatar", type=Path)
+    ea = es.add_parser("add", help="add a direction: InterFaceGAN .npy/.pt, GANSpace ffhq_pca.pt")
+    ea.add_argument("avatar", type=Path)
+    ea.add_argument("name")
+    ea.add_argument("file", type=Path)
+    ea.add_argument("--component", type=int, help="GANSpace component")
+    ea.add_argument("--layers", help="A:B, the W+ layers the direction acts on (default all)")
+    ea.add_argument("--scale", type=float, default=1.0, help="scale of one unit of strength")
+    ed = es.add_parser("discover", help="add principal directions of the avatar's own latent space")
+    ed.add_argument("avatar", type=Path)
+    ed.add_argument("--count", type=int, default=8)
+    for sp in (el, ea, ed):
+        sp.set_defaults(func=cmd_edits)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    from pvp.avatar import AvatarError
+    from pvp.checkpoints import CheckpointError
+    from pvp.demo.run import DemoError
+    from pvp.edits import EditError
+    from pvp.evaluation.evaluate import EvalError
+    from pvp.fit.pipeline import FitError
+    from pvp.models.losses import MissingWeights
+    from pvp.tracking.track import TrackError
+    from pvp.video import VideoError
+
+    try:
+        args.func(args)
+    except (UserError, CheckpointError, VideoError, TrackError, FitError, MissingWeights,
+            AvatarError, EditError, EvalError, DemoError, FileNotFoundError) as e:
+        print(f"pvp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pvp {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

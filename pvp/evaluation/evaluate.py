@@ -1,0 +1,270 @@
+"""`pvp eval`: how faithful an avatar is on frames of a video, the paper's way (section 5.1-5.2).
+
+Renders the avatar at each evaluation frame's tracked controls and compares with the frame's aligned
+crop: PSNR, SSIM, LPIPS (when the backbone weights are given), optionally inside the face mask; re-tracks
+the renders to measure control accuracy (yaw/pitch/jaw error in degrees, expression error in sd) and
+disentanglement (how far the re-tracked head pose moves when only jaw and expression change: each frame
+rendered again with the jaw and expression of a training frame).
+Two baselines go through the same measures: the nearest pivot (the training pivot closest in pose and
+expression, rendered from its latent) and the nearest training frame (its real crop).
+Writes metrics.csv (per frame and method), summary.json and report.html (see report.py).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from pvp.avatar import Avatar
+from pvp.fit.data import aligned_at, parse_range, to_tensor
+from pvp.fit.pivots import pivot_features
+from pvp.models.losses import PerceptualLoss, psnr, ssim
+from pvp.tracking.track import Track
+from pvp.tracking.tracker import track_video
+from pvp_contract import controls
+from pvp_contract.atomic import atomic_path, write_text
+
+log = logging.getLogger(__name__)
+METHODS = ("avatar", "nearest_pivot", "nearest_frame")
+METRICS = ("psnr", "ssim", "lpips", "yaw_err", "pitch_err", "jaw_err", "expr_err", "yaw_shift", "pitch_shift")
+
+
+class EvalError(ValueError):
+    """Bad evaluation input; the message names it."""
+
+
+@dataclass
+class FrameSet:
+    """Aligned crops and tracked controls of some frames of a track."""
+
+    frame_index: np.ndarray  # [N] frame numbers in the video
+    images: np.ndarray  # [N, R, R, 3] uint8
+    controls: np.ndarray  # [N, C] the avatar's schema (roll 0: crops are upright)
+    masks: np.ndarray  # [N, R, R] bool, the face (convex hull of the landmarks)
+
+
+@dataclass
+class Evaluation:
+    avatar: str
+    video: str
+    frames: str
+    mask: str | None
+    lpips: str | None  # the LPIPS network used, or why none
+    eval_set: FrameSet
+    train_set: FrameSet
+    pivot_positions: np.ndarray | None  # rows of train_set that are pivots
+    renders: dict[str, np.ndarray] = field(default_factory=dict)  # method -> [N, R, R, 3] uint8
+    per_frame: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # method -> metric -> [N]
+    retracked: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # method -> yaw/pitch -> [N]
+    samples: np.ndarray | None = None  # renders at random controls: samples of the manifold
+
+    def summary(self) -> dict:
+        out = {}
+        for method, metrics in self.per_frame.items():
+            row = {}
+            for name, values in metrics.items():
+                finite = values[np.isfinite(values)]
+                if len(finite):
+                    row[name] = float(np.median(finite) if name.endswith(("_err", "_shift")) else finite.mean())
+            out[method] = row
+        floor = self.retracked.get("ground_truth")
+        if floor is not None:  # the tracker's own error on the real frames: no render can score below it
+            c = self.eval_set.controls
+            out["ground_truth_retracked"] = {"yaw_err": float(np.median(np.abs(floor["yaw"] - c[:, controls.YAW]))),
+                                             "pitch_err": float(np.median(np.abs(floor["pitch"] - c[:, controls.PITCH]))),
+                                             "jaw_err": float(np.median(np.abs(floor["jaw"] - c[:, controls.JAW_OPEN])))}
+        return out
+
+
+def load_frames(track: Track, positions: np.ndarray, avatar: Avatar) -> FrameSet:
+    """Aligned crops (at the avatar's resolution), face masks and controls of the given valid positions."""
+    sub = track.select(positions)
+    res = avatar.meta.resolution
+    images, masks, index = [], [], []
+    for k, (i, img, A) in enumerate(aligned_at(sub, res)):
+        pts = sub.landmarks_2d[k] @ A[:, :2].T + A[:, 2]
+        mask = np.zeros((res, res), np.uint8)
+        cv2.fillConvexPoly(mask, cv2.convexHull(np.round(pts).astype(np.int32)), 1)
+        images.append(img)
+        masks.append(mask.astype(bool))
+        index.append(i)
+    ctrl = sub.controls(avatar.meta.schema)
+    ctrl[:, controls.ROLL] = 0.0  # the aligned crops are upright
+    return FrameSet(np.array(index), np.stack(images), ctrl, np.stack(masks))
+
+
+def _valid_positions(track: Track, text: str | None, what: str) -> np.ndarray:
+    try:
+        start, stop = parse_range(text, len(track), what)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    pos = np.arange(start, stop)
+    return pos[track.valid[pos]]
+
+
+def _tracks(avatar_dir: Path, avatar: Avatar, video: Path, progress: bool) -> tuple[Track, Track]:
+    """(the avatar's training track, the evaluation video's track): one and the same file when the video
+    is the one the avatar was fitted on."""
+    fit_track_path = avatar_dir / "work" / "track.safetensors"
+    if not fit_track_path.is_file():
+        raise EvalError(f"{avatar_dir}: no work/track.safetensors — pvp eval needs an avatar made by pvp fit "
+                        "(its training frames give the baselines)")
+    fit_track = Track.load(fit_track_path)
+    if Path(fit_track.source).resolve() == video.resolve():
+        return fit_track, fit_track
+    if avatar.face_model is None:
+        raise EvalError(f"{avatar_dir}: the avatar has no face model to express {video} in its expression space")
+    return fit_track, track_video(video, face_model=avatar.face_model, progress=progress)
+
+
+def _render(avatar: Avatar, ctrl: np.ndarray, batch: int = 32) -> np.ndarray:
+    out = [avatar.render_uint8(torch.from_numpy(ctrl[i:i + batch]).float()) for i in range(0, len(ctrl), batch)]
+    return np.concatenate(out)
+
+
+def random_controls(schema: dict, n: int, seed: int = 0) -> np.ndarray:
+    """Uniform controls in the schema's ranges (roll 0)."""
+    lo, hi = controls.ranges(schema)
+    ctrl = lo + (hi - lo) * np.random.default_rng(seed).random((n, len(lo)), dtype=np.float32)
+    ctrl[:, controls.ROLL] = 0.0
+    return ctrl
+
+
+def _render_pivots(avatar: Avatar, which: np.ndarray) -> np.ndarray:
+    from pvp.models.generator import to_uint8
+
+    w = avatar.mappers.pose.pivots[torch.as_tensor(which)]
+    with torch.no_grad():
+        img = avatar.generator.synthesis(w.to(avatar.device), noise_mode="const")
+    return to_uint8(img).cpu().numpy()
+
+
+def _features(train: FrameSet, query: np.ndarray, expression_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Standardised (yaw, pitch, expression) of the training frames and of the queries, as K-means sees them."""
+    cols = [controls.YAW, controls.PITCH, *np.arange(expression_dim) + controls.EXPRESSION_COLUMNS.start]
+    both = np.concatenate([train.controls[:, cols], query[:, cols]])
+    feats = pivot_features(both[:, :2], both[:, 2:])
+    return feats[:len(train.controls)], feats[len(train.controls):]
+
+
+def _retrack(tracker, images: np.ndarray) -> dict[str, np.ndarray]:
+    out = {"yaw": [], "pitch": [], "jaw": [], "expression": []}
+    with torch.no_grad():
+        for i in range(0, len(images), 32):
+            r = tracker(to_tensor(images[i:i + 32]))
+            out["yaw"].append(np.degrees(r["yaw"].numpy()))
+            out["pitch"].append(np.degrees(r["pitch"].numpy()))
+            out["jaw"].append(np.degrees(r["jaw"][:, 0].numpy()))
+            out["expression"].append(r["expression"].numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _pose_shift(avatar: Avatar, tracker, ctrl: np.ndarray, donors: np.ndarray, retracked: dict,
+                seed: int = 0) -> dict[str, np.ndarray]:
+    """|re-tracked yaw/pitch change| when each frame's jaw and expression become a random donor's (the
+    head pose requested stays the same): 0 for a perfectly disentangled avatar."""
+    face = controls.FACE_COLUMNS
+    swapped = ctrl.copy()
+    swapped[:, face] = donors[np.random.default_rng(seed).integers(len(donors), size=len(ctrl)), face]
+    rt = _retrack(tracker, _render(avatar, swapped))
+    return {"yaw_shift": np.abs(rt["yaw"] - retracked["yaw"]), "pitch_shift": np.abs(rt["pitch"] - retracked["pitch"])}
+
+
+def evaluate(avatar_dir, video, frames: str | None = None, mask: str | None = None, vgg=None, alex=None,
+             device="cpu", progress: bool = True) -> Evaluation:
+    avatar_dir, video = Path(avatar_dir), Path(video)
+    if mask not in (None, "face"):
+        raise EvalError(f"--mask {mask!r}: the only mask is 'face'")
+    if not video.is_file():
+        raise EvalError(f"{video}: no such video")
+    avatar = Avatar.load(avatar_dir, device)
+    fit_track, eval_track = _tracks(avatar_dir, avatar, video, progress)
+    train_pos = _valid_positions(fit_track, avatar.meta.provenance.get("train_frames"), "the avatar's train_frames")
+    eval_pos = _valid_positions(eval_track, frames, "--frames")
+    if not len(eval_pos):
+        raise EvalError(f"--frames {frames!r}: no frame with a face in that range of {video}")
+    if eval_track is fit_track and np.intersect1d(train_pos, eval_pos).size:
+        log.warning("--frames overlaps the training frames: those are not held out")
+    log.info("eval: %d frames of %s against %d training frames", len(eval_pos), video.name, len(train_pos))
+    ev_set, tr_set = load_frames(eval_track, eval_pos, avatar), load_frames(fit_track, train_pos, avatar)
+    lpips_net, lpips_note = None, "not computed: pass --vgg vgg16-397923af.pth or --alex alexnet-owt-7be5be79.pth"
+    if vgg or alex:
+        lpips_net = PerceptualLoss("lpips-vgg" if vgg else "lpips-alex", vgg=vgg, alex=alex).to(device)
+        lpips_note = "vgg" if vgg else "alex"
+    result = Evaluation(str(avatar_dir), str(video), frames or ":", mask, lpips_note, ev_set, tr_set, None)
+
+    k = sum(1 for c in avatar.meta.schema["channels"] if c["group"] == "expression")
+    train_f, eval_f = _features(tr_set, ev_set.controls, k)
+    nearest_frame = np.argmin(((eval_f[:, None] - train_f[None]) ** 2).sum(-1), 1)
+    result.renders["avatar"] = _render(avatar, ev_set.controls)
+    result.samples = _render(avatar, random_controls(avatar.meta.schema, 8))
+    result.renders["nearest_frame"] = tr_set.images[nearest_frame]
+    pivots_file = avatar_dir / "work" / "pivots.json"
+    if pivots_file.is_file():
+        pivot_frames = json.loads(pivots_file.read_text())["frame_index"]
+        row_of = {int(f): r for r, f in enumerate(tr_set.frame_index)}
+        pivot_rows = np.array([row_of[int(f)] for f in pivot_frames if int(f) in row_of])
+        result.pivot_positions = pivot_rows
+        nearest = np.argmin(((eval_f[:, None] - train_f[pivot_rows][None]) ** 2).sum(-1), 1)
+        result.renders["nearest_pivot"] = _render_pivots(avatar, nearest)
+    tracker = None
+    if avatar.face_model is not None:
+        from pvp.tracking.differentiable import DifferentiableTracker
+
+        tracker = DifferentiableTracker(avatar.face_model)
+        result.retracked["ground_truth"] = _retrack(tracker, ev_set.images)
+    gt = to_tensor(ev_set.images)
+    m = torch.from_numpy(ev_set.masks[:, None].astype(np.float32)) if mask == "face" else None
+    for method in METHODS:
+        if method not in result.renders:
+            continue
+        img = to_tensor(result.renders[method])
+        row = {"psnr": psnr(img, gt, m).numpy(), "ssim": ssim(img, gt, m).numpy()}
+        if lpips_net is not None:
+            with torch.no_grad():
+                a, b = (img * m, gt * m) if m is not None else (img, gt)
+                row["lpips"] = torch.cat([lpips_net(a[i:i + 16].to(device), b[i:i + 16].to(device)).cpu()
+                                          for i in range(0, len(a), 16)]).numpy()
+        if tracker is not None:
+            rt = _retrack(tracker, result.renders[method])
+            result.retracked[method] = rt
+            row["yaw_err"] = np.abs(rt["yaw"] - ev_set.controls[:, controls.YAW])
+            row["pitch_err"] = np.abs(rt["pitch"] - ev_set.controls[:, controls.PITCH])
+            row["jaw_err"] = np.abs(rt["jaw"] - ev_set.controls[:, controls.JAW_OPEN])
+            row["expr_err"] = np.sqrt(((rt["expression"][:, :k] - ev_set.controls[:, controls.EXPRESSION_COLUMNS][:, :k]) ** 2).mean(1))
+            if method == "avatar":
+                row.update(_pose_shift(avatar, tracker, ev_set.controls, tr_set.controls, rt))
+        result.per_frame[method] = row
+    return result
+
+
+def write_outputs(result: Evaluation, out_dir, ground_truth: dict | None = None) -> dict[str, Path]:
+    """metrics.csv, summary.json and report.html (with its plots) in out_dir. ``ground_truth``: the demo's
+    control accuracy against a synthetic clip's known head rotation and jaw (a section of the report)."""
+    from pvp.evaluation.report import write_report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "metrics.csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["frame", "method", *METRICS, "yaw", "pitch", "jaw_open"])
+            for method, metrics in result.per_frame.items():
+                for i, frame in enumerate(result.eval_set.frame_index):
+                    values = [f"{metrics[m][i]:.6g}" if m in metrics else "" for m in METRICS]
+                    c = result.eval_set.controls[i]
+                    w.writerow([int(frame), method, *values, f"{c[0]:.3f}", f"{c[1]:.3f}", f"{c[3]:.3f}"])
+    summary = {"avatar": result.avatar, "video": result.video, "frames": result.frames,
+               "evaluated_frames": int(len(result.eval_set.frame_index)), "mask": result.mask,
+               "lpips": result.lpips, "methods": result.summary()}
+    if ground_truth is not None:
+        summary["ground_truth"] = {k: v for k, v in ground_truth.items() if k != "series"}
+    write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    report = write_report(result, summary, out, ground_truth)
+    return {"csv": out / "metrics.csv", "summary": out / "summary.json", "report": report}

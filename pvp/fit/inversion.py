@@ -1,0 +1,35 @@
+"""Inversion of the pivot frames into a pretrained generator's W+ (paper Eq. 1): e4e when its checkpoint
+is given, otherwise optimisation from the average latent, first in W, then in W+ (perceptual + L2)."""
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from pvp.models.generator import Generator
+from pvp.models.losses import PerceptualLoss
+
+
+def optimize_latents(G: Generator, targets: torch.Tensor, perceptual: PerceptualLoss, w_steps: int,
+                     wplus_steps: int, lr: float, batch: int = 8, progress: bool = True) -> torch.Tensor:
+    """targets [K, 3, R, R] in [-1, 1] -> W+ [K, num_ws, w_dim]."""
+    device = targets.device
+    out = []
+    w_avg = G.mapping.w_avg.detach()
+    for start in tqdm(range(0, len(targets), batch), desc="invert pivots", unit="batch", disable=not progress):
+        target = targets[start:start + batch]
+        w = w_avg.repeat(len(target), 1).clone().requires_grad_(True)
+        for phase, steps in (("w", w_steps), ("w+", wplus_steps)):
+            if phase == "w+":
+                w = w.detach().unsqueeze(1).repeat(1, G.num_ws, 1).requires_grad_(True)
+            opt = torch.optim.Adam([w], lr=lr)
+            for i in range(steps):
+                for group in opt.param_groups:  # cosine ramp-down, as NVIDIA's projector
+                    group["lr"] = lr * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * i / max(steps, 1)))).item()
+                ws = w.unsqueeze(1).repeat(1, G.num_ws, 1) if phase == "w" else w
+                img = G.synthesis(ws, noise_mode="const")
+                loss = (img - target).square().mean() + perceptual(img, target).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        out.append(w.detach())
+    return torch.cat(out).to(device)

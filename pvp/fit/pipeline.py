@@ -1,0 +1,346 @@
+"""`pvp fit`, stage by stage. Every stage writes its result atomically under AVATAR/work/; a finished
+stage is never redone, and a stage that was interrupted resumes from its last checkpoint (--resume).
+
+Stages: track -> frames (aligned crops) -> pivots -> prior (from scratch, or inversion + pivotal
+tuning of a pretrained generator) -> mappers -> the avatar bundle (with held-out metrics)."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pvp.checkpoints import load_generator, save_generator
+from pvp.fit.data import build_frames, parse_range, to_tensor
+from pvp.fit.inversion import optimize_latents
+from pvp.fit.mapper_training import MapperData, drive_range, eyes_mouth_masks, losses_record, train_mappers
+from pvp.fit.pivots import select_pivots
+from pvp.fit.presets import Preset
+from pvp.fit.pti import pivotal_tuning
+from pvp.fit.scratch_prior import standardized_controls, train_scratch_prior
+from pvp.models.losses import PerceptualLoss, psnr
+from pvp.models.mappers import load_mappers, mapper_inputs, save_mappers
+from pvp.tracking.track import Track, TrackError
+from pvp.tracking.tracker import track_video
+from pvp_contract import controls
+from pvp_contract.atomic import atomic_path, write_text
+
+log = logging.getLogger("pvp.fit")
+
+
+class FitError(ValueError):
+    """Bad fit input or state; the message names it."""
+
+
+@dataclass
+class FitInputs:
+    source: Path  # a video, a folder of images, or a pvp track file
+    avatar: Path
+    preset: Preset
+    prior: Path | None = None
+    e4e: Path | None = None
+    arcface: Path | None = None
+    vgg: Path | None = None
+    train_frames: str | None = None
+    pivot_method: str = "kmeans"
+    resume: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    progress: bool = True
+    seed: int = 0
+
+
+def _is_track_file(path: Path) -> bool:
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        Track.load(path)
+        return True
+    except TrackError:
+        return False
+
+
+class FitJob:
+    def __init__(self, inputs: FitInputs):
+        self.x = inputs
+        self.work = inputs.avatar / "work"
+        self.metrics_path = self.work / "metrics.json"
+
+    # -- bookkeeping ------------------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        x = self.x
+        if not x.source.exists():
+            raise FitError(f"{x.source}: no such video, image folder or track file")
+        if x.preset.needs_prior and x.prior is None:
+            raise FitError(f"preset {x.preset.name!r} fine-tunes a pretrained generator: pass --prior ffhq.pkl or "
+                           "stylegan2-ffhq-config-f.pt (NVlabs stylegan2-ada-pytorch or rosinality stylegan2-pytorch "
+                           "downloads); the CPU presets 'tiny' and 'small' need none")
+        settings_path = self.work / "settings.json"
+        settings = {"source": str(x.source), "preset": x.preset.to_json(), "prior": str(x.prior) if x.prior else None,
+                    "e4e": str(x.e4e) if x.e4e else None, "train_frames": x.train_frames,
+                    "pivot_method": x.pivot_method, "seed": x.seed}
+        if settings_path.is_file():
+            if not x.resume:
+                raise FitError(f"{x.avatar}: a fit already started there; pass --resume to continue it, "
+                               "or choose another output directory")
+            previous = json.loads(settings_path.read_text())
+            if previous != settings:
+                changed = sorted(k for k in settings if previous.get(k) != settings[k])
+                raise FitError(f"{x.avatar}: --resume with different settings ({', '.join(changed)}); "
+                               "use the original ones or another output directory")
+        self.work.mkdir(parents=True, exist_ok=True)
+        write_text(settings_path, json.dumps(settings, indent=1))
+        handler = logging.FileHandler(self.work / "fit.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logging.getLogger("pvp").addHandler(handler)
+        logging.getLogger("pvp").setLevel(logging.INFO)
+        logging.getLogger("pvp").addHandler(handler)
+
+    def _metrics(self) -> dict:
+        return json.loads(self.metrics_path.read_text()) if self.metrics_path.is_file() else {}
+
+    def _record(self, **values) -> None:
+        write_text(self.metrics_path, json.dumps({**self._metrics(), **values}, indent=1))
+
+    # -- stages -----------------------------------------------------------------------------------------
+    def track(self) -> Track:
+        path = self.work / "track.safetensors"
+        if path.is_file():
+            return Track.load(path)
+        if _is_track_file(self.x.source):
+            track = Track.load(self.x.source)
+        else:
+            log.info("stage track: %s", self.x.source)
+            track = track_video(self.x.source, progress=self.x.progress)
+        track.save(path)
+        return track
+
+    def frames(self, track: Track, resolution: int) -> dict[str, np.ndarray]:
+        log.info("stage frames: aligned crops at %dpx", resolution)
+        return build_frames(track, resolution, self.work / f"frames_{resolution}.safetensors", self.x.progress)
+
+    def training_rows(self, track: Track, frame_index: np.ndarray) -> np.ndarray:
+        """Rows of the frames array inside --train-frames (positions in the track)."""
+        start, stop = parse_range(self.x.train_frames, len(track))
+        wanted = set(int(i) for i in track.frame_index[start:stop])
+        rows = np.array([r for r, i in enumerate(frame_index) if int(i) in wanted])
+        if len(rows) < 2:
+            raise FitError(f"--train-frames {self.x.train_frames!r} leaves {len(rows)} frames with a face; need >= 2")
+        return rows
+
+    def pivots(self, track: Track, frame_index: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        path = self.work / "pivots.json"
+        if path.is_file():
+            return np.array(json.loads(path.read_text())["rows"])
+        pos = {int(i): k for k, i in enumerate(track.frame_index)}
+        tr = np.array([pos[int(frame_index[r])] for r in rows])
+        chosen = rows[select_pivots(track.yaw_pitch_roll[tr, :2], track.expression[tr], self.x.preset.pivots,
+                                    self.x.pivot_method, self.x.seed)]
+        write_text(path, json.dumps({"rows": chosen.tolist(), "frame_index": frame_index[chosen].tolist(),
+                                     "method": self.x.pivot_method}))
+        log.info("stage pivots: %d pivots (%s)", len(chosen), self.x.pivot_method)
+        return chosen
+
+    def prior(self, track: Track, frames: torch.Tensor, frame_index: np.ndarray, rows: np.ndarray,
+              pivots: np.ndarray):
+        gen_path, lat_path = self.work / "generator.safetensors", self.work / "latents.safetensors"
+        if gen_path.is_file() and lat_path.is_file():
+            return load_generator(gen_path, self.x.device), load_file(str(lat_path))
+        x, device = self.x, self.x.device
+        if x.prior is None:
+            pos = {int(i): k for k, i in enumerate(track.frame_index)}
+            tr = np.array([pos[int(frame_index[r])] for r in rows])
+            controls = standardized_controls(track.yaw_pitch_roll[tr, :2], track.jaw_pose[tr], track.expression[tr])
+            log.info("stage prior: from scratch on %d frames, %d steps", len(rows), x.preset.prior_steps)
+            G, latents, _ = train_scratch_prior(frames[rows], controls, x.preset, self.work / "prior_checkpoint.pt",
+                                                device, x.resume, x.seed, x.progress)
+            with torch.no_grad():
+                frame_w = latents(torch.arange(len(rows), device=device))
+            row_of = {int(r): k for k, r in enumerate(rows)}
+            pivot_w = frame_w[[row_of[int(p)] for p in pivots]]
+        else:
+            G, pivot_w = self._tune_pretrained(frames[pivots])
+            frame_w = pivot_w.clone()  # only the pivots have latents in a pretrained prior
+        with torch.no_grad():
+            recon = torch.cat([G.synthesis(pivot_w[i:i + 8], noise_mode="const") for i in range(0, len(pivot_w), 8)])
+            pivot_psnr = psnr(recon, frames[pivots].to(device))
+        self._record(pivot_psnr_mean=float(pivot_psnr.mean()), pivot_psnr_min=float(pivot_psnr.min()),
+                     pivots=len(pivots), training_frames=len(rows))
+        log.info("stage prior: pivot reconstructions PSNR %.2f dB (min %.2f)", pivot_psnr.mean(), pivot_psnr.min())
+        latents = {"pivot_w": pivot_w.cpu().contiguous(), "frame_w": frame_w.cpu().contiguous(),
+                   "pivot_rows": torch.as_tensor(pivots), "train_rows": torch.as_tensor(rows)}
+        save_generator(G, gen_path)
+        with atomic_path(lat_path) as tmp:
+            save_file(latents, str(tmp))
+        return G, latents
+
+    def _tune_pretrained(self, targets: torch.Tensor):
+        x, device = self.x, self.x.device
+        G_orig = load_generator(x.prior, device)
+        if G_orig.cfg.resolution != targets.shape[-1]:
+            raise FitError(f"{x.prior}: a {G_orig.cfg.resolution}px generator, but the frames are "
+                           f"{targets.shape[-1]}px")
+        perceptual = PerceptualLoss(x.preset.perceptual, vgg=x.vgg).to(device)
+        inv_path = self.work / "inversion.safetensors"
+        if inv_path.is_file():
+            pivot_w = load_file(str(inv_path))["pivot_w"].to(device)
+        else:
+            if x.e4e:
+                from pvp.models.e4e import encode_pivots
+
+                pivot_w = encode_pivots(x.e4e, targets.to(device), G_orig, device)
+            else:
+                log.info("stage inversion: optimising %d pivots (W then W+)", len(targets))
+                pivot_w = optimize_latents(G_orig, targets.to(device), perceptual, x.preset.invert_w_steps,
+                                           x.preset.invert_wplus_steps, x.preset.invert_lr, progress=x.progress)
+            with atomic_path(inv_path) as tmp:
+                save_file({"pivot_w": pivot_w.cpu().contiguous()}, str(tmp))
+        log.info("stage tuning: pivotal tuning on %d pivots", len(targets))
+        G, metrics = pivotal_tuning(G_orig, pivot_w, targets.to(device), perceptual, x.preset,
+                                    self.work / "pti_checkpoint.pt", x.resume, seed=x.seed, progress=x.progress)
+        self._record(tuning=metrics, perceptual_loss=perceptual.kind)
+        return G, pivot_w
+
+    def track_positions(self, track: Track, frame_index: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        pos = {int(i): k for k, i in enumerate(track.frame_index)}
+        return np.array([pos[int(frame_index[r])] for r in rows])
+
+    def mappers(self, track: Track, G, latents: dict, frames: torch.Tensor, frame_index: np.ndarray,
+                rows: np.ndarray, expression_dim: int):
+        path = self.work / "mappers.safetensors"
+        x, device = self.x, self.x.device
+        if path.is_file():
+            return load_mappers(path)
+        from pvp.tracking.differentiable import DifferentiableTracker
+
+        tr = self.track_positions(track, frame_index, rows)
+        schema = learned_schema(track, tr, expression_dim)
+        pitch_yaw, jaw_expr = mapper_inputs(torch.from_numpy(track.controls(schema, tr)))  # as the renderer does
+        masks = torch.from_numpy(eyes_mouth_masks(track.landmarks_2d[tr], track.align_quad[tr], frames.shape[-1]))
+        identity = None
+        if x.arcface is not None:
+            from pvp.models.arcface import IdentityLoss, load_arcface
+
+            identity = IdentityLoss(load_arcface(x.arcface, device))
+        elif x.preset.needs_prior:
+            raise FitError(f"preset {x.preset.name!r} uses the identity loss: pass --arcface model_ir_se50.pth "
+                           "(TreB1eN/InsightFace_Pytorch, as pSp/e4e/PTI distribute it)")
+        else:
+            log.warning("identity loss off: no --arcface given (allowed by preset %r)", x.preset.name)
+        tracker = DifferentiableTracker(track.face_model).to(device) if track.face_model is not None else None
+        if tracker is None:
+            log.warning("pose and expression losses off: the %s track has no differentiable tracker", track.backend)
+        perceptual = PerceptualLoss(x.preset.perceptual, vgg=x.vgg).to(device)
+        log.info("stage mappers: %d steps on %d frames, %d expression coefficients", x.preset.mapper_steps,
+                 len(rows), expression_dim)
+        drive_min, drive_max = drive_range(schema)
+        data = MapperData(pitch_yaw.to(device), jaw_expr.to(device), frames[rows].to(device), masks.to(device),
+                          drive_min.to(device), drive_max.to(device))
+        mappers, metrics = train_mappers(
+            G, latents["pivot_w"].to(device), data, perceptual, x.preset.mapper_steps, x.preset.mapper_batch,
+            x.preset.mapper_lr, self.work / "mappers_checkpoint.pt", x.preset.checkpoint_every, x.resume, tracker,
+            identity, weights=x.preset.loss_weights(), seed=x.seed, progress=x.progress)
+        self._record(mapper_training=metrics, losses=losses_record(x.preset.loss_weights(), perceptual.kind,
+                                                                   identity is not None, tracker is not None))
+        save_mappers(mappers, path)
+        return mappers
+
+    def bundle(self, track: Track, G, mappers, frames: torch.Tensor, frame_index: np.ndarray, rows: np.ndarray,
+               expression_dim: int) -> Path:
+        from pvp import __version__
+        from pvp.avatar import Avatar, AvatarMeta, ExpressionStats
+
+        x = self.x
+        tr = self.track_positions(track, frame_index, rows)
+        schema = learned_schema(track, tr, expression_dim)
+        drive = track.controls(schema, tr)[:, controls.FACE_COLUMNS]
+        metrics = self._metrics()
+        meta = AvatarMeta(schema=schema, resolution=G.cfg.resolution, stats=ExpressionStats.of(drive),
+                          name=x.avatar.name, preset=x.preset.name, tracker_backend=track.backend,
+                          losses=metrics.get("losses", {}), metrics={}, provenance={
+                              "source": str(x.source), "frames": len(track), "train_frames": x.train_frames or ":",
+                              "training_frames_used": len(rows), "prior": str(x.prior) if x.prior else "from scratch",
+                              "pvp_version": __version__, "preset": x.preset.to_json()})
+        face_model = track.face_model
+        avatar = Avatar(meta, G, mappers, face_model, {}).to(x.device)
+        meta.metrics = {**{k: v for k, v in metrics.items() if k != "losses"}, **self.evaluate(avatar, track, frames,
+                                                                                              frame_index, rows)}
+        avatar.save(x.avatar)
+        log.info("wrote the avatar %s", x.avatar)
+        return x.avatar
+
+    def evaluate(self, avatar, track: Track, frames: torch.Tensor, frame_index: np.ndarray, rows: np.ndarray) -> dict:
+        """PSNR and SSIM of renders at the tracked controls: training frames and held-out frames (valid
+        frames outside --train-frames)."""
+        from pvp.models.losses import ssim
+
+        held = np.setdiff1d(np.arange(len(frame_index)), rows)
+        out = {}
+        for name, sel in (("train", rows), ("heldout", held)):
+            if len(sel) == 0:
+                continue
+            ctrl = track.controls(avatar.meta.schema, self.track_positions(track, frame_index, sel))
+            ctrl[:, controls.ROLL] = 0.0  # the aligned crops are already upright
+            renders = torch.cat([avatar.render(torch.from_numpy(ctrl[i:i + 32]).float())
+                                 for i in range(0, len(sel), 32)]).cpu()
+            target = frames[sel]
+            out[f"{name}_psnr"] = float(psnr(renders, target).mean())
+            out[f"{name}_ssim"] = float(ssim(renders, target).mean())
+            out[f"{name}_frames"] = int(len(sel))
+        log.info("metrics: %s", ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
+        return out
+
+    def run(self) -> dict:
+        self._prepare()
+        seconds: dict[str, float] = {}
+
+        def timed(stage, fn, *args):
+            t0 = time.perf_counter()
+            result = fn(*args)
+            seconds[stage] = round(time.perf_counter() - t0, 3)
+            return result
+
+        track = timed("track", self.track)
+        resolution = self.x.preset.resolution
+        if self.x.prior is not None:
+            resolution = load_generator(self.x.prior).cfg.resolution
+        data = timed("frames", self.frames, track, resolution)
+        frames = to_tensor(data["images"])
+        rows = self.training_rows(track, data["frame_index"])
+        pivots = timed("pivots", self.pivots, track, data["frame_index"], rows)
+        G, latents = timed("prior", self.prior, track, frames, data["frame_index"], rows, pivots)
+        expression_dim = choose_expression_dim(track)
+        mappers = timed("mappers", self.mappers, track, G, latents, frames, data["frame_index"], rows, expression_dim)
+        # stage times of this run (a resumed stage counts only what it did now); bench/fit.py reads them
+        self._record(stage_seconds=seconds)
+        timed("bundle", self.bundle, track, G, mappers, frames, data["frame_index"], rows, expression_dim)
+        self._record(stage_seconds=seconds)
+        return json.loads((self.x.avatar / "avatar.json").read_text())["metrics"]
+
+
+def learned_schema(track: Track, positions: np.ndarray, expression_dim: int) -> dict:
+    """The control schema of an avatar trained on these track positions: the ranges it learned, with a
+    margin (poses 5 degrees beyond the video, jaw 1 degree, expressions half a standard deviation); the
+    renderer clamps controls to them."""
+    ypr, jaw_deg = track.yaw_pitch_roll[positions], controls.jaw_degrees(track.jaw_pose[positions])
+    expr = track.expression[positions, :expression_dim]
+    margin = 5.0
+    return controls.schema(expression_dim, (ypr[:, 0].min() - margin, ypr[:, 0].max() + margin),
+                           (ypr[:, 1].min() - margin, ypr[:, 1].max() + margin),
+                           (min(0.0, jaw_deg[:, 0].min()), jaw_deg[:, 0].max() + 1.0),
+                           jaw_lateral_range=(jaw_deg[:, 1].min() - 1.0, jaw_deg[:, 1].max() + 1.0),
+                           expression_ranges=list(zip(expr.min(0) - 0.5, expr.max(0) + 0.5)))
+
+
+def choose_expression_dim(track: Track, variance: float = 0.98, lo: int = 8) -> int:
+    """The leading expression coefficients that hold ``variance`` of the pose-free landmark variance (at
+    least ``lo``): the rest is landmark noise no render can show."""
+    k = track.expression.shape[1]
+    if track.face_model is None:
+        return k
+    cumulative = np.cumsum(track.face_model.explained)
+    return int(min(k, max(lo, int(np.searchsorted(cumulative, variance)) + 1)))

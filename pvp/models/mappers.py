@@ -1,0 +1,167 @@
+"""The pose and expression mappers (paper 4.2, appendix B).
+
+F_rot: (pitch, yaw) -> blend weights over the K pivots, inside the beta-dilated convex hull
+P_beta = {sum_i a_i w_i : sum_i a_i = 1, a_i >= -beta} (Eq. 6-7). The MLP predicts residuals around the
+centroid (1/K each); softplus after a shift by beta keeps every weight above -beta, and the shifted
+weights are normalised so that the weights sum to 1 exactly while staying >= -beta.
+
+F_expr: (jaw, expression) -> residuals of W+ layers 0..7 only, one MLP per layer (Eq. 8-9).
+
+Both standardise their inputs with the training frames' mean and spread (buffers saved with the
+weights): in radians, head pose spans a few tenths and jaw opening a few hundredths, which leaves an
+MLP at its initialisation almost blind to them over a short schedule.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pvp_contract import controls
+
+BETA = 0.02  # the authors' code (ken2576/pvp)
+SOFTPLUS_SHARPNESS = 100.0
+EXPR_LAYERS = 8
+JAW_AXES = 3  # the expression mapper takes the jaw as a FLAME axis-angle (third axis 0)
+
+
+@dataclass(frozen=True)
+class MapperConfig:
+    num_pivots: int
+    num_ws: int
+    w_dim: int
+    jaw_expression_dim: int  # JAW_AXES + K expression coefficients: the expression mapper's input
+    hidden: int = 128
+    beta: float = BETA
+    expr_layers: int = EXPR_LAYERS
+
+    @property
+    def expression_coefficients(self) -> int:
+        """K, as the control schema counts it."""
+        return self.jaw_expression_dim - JAW_AXES
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "MapperConfig":
+        d = dict(d)
+        if "expression_dim" in d:  # bundles written before the field was renamed
+            d["jaw_expression_dim"] = d.pop("expression_dim")
+        return cls(**d)
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """Linear -> LeakyReLU -> Linear -> Tanh, the last layer starting at zero (output 0 at initialisation)."""
+    net = nn.Sequential(nn.Linear(in_dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, out_dim), nn.Tanh())
+    nn.init.zeros_(net[2].weight)
+    nn.init.zeros_(net[2].bias)
+    return net
+
+
+def hull_weights(residual: torch.Tensor, beta: float) -> torch.Tensor:
+    """Residuals [B, K] around the centroid -> weights with sum 1 and every weight >= -beta."""
+    k = residual.shape[-1]
+    # >= 0, ~ alpha + beta; the epsilon keeps the sum positive when every weight is pushed to -beta
+    shifted = F.softplus(residual + 1.0 / k + beta, beta=SOFTPLUS_SHARPNESS) + 1e-12
+    return shifted / shifted.sum(-1, keepdim=True) * (1 + k * beta) - beta
+
+
+class Standardize(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+
+    def fit(self, x: torch.Tensor) -> None:
+        """Mean and standard deviation of the rows of x; a constant column keeps scale 1."""
+        std = x.std(0) if len(x) > 1 else torch.zeros_like(self.scale)
+        self.mean.copy_(x.mean(0))
+        self.scale.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.scale
+
+
+class PoseMapper(nn.Module):
+    def __init__(self, cfg: MapperConfig, pivots: torch.Tensor):
+        super().__init__()
+        if pivots.shape != (cfg.num_pivots, cfg.num_ws, cfg.w_dim):
+            raise ValueError(f"pivots must be [{cfg.num_pivots}, {cfg.num_ws}, {cfg.w_dim}], got {list(pivots.shape)}")
+        self.cfg = cfg
+        self.inputs = Standardize(2)
+        self.net = mlp(2, cfg.hidden, cfg.num_pivots)
+        self.register_buffer("pivots", pivots.float())
+
+    def weights(self, pitch_yaw: torch.Tensor) -> torch.Tensor:
+        return hull_weights(self.net(self.inputs(pitch_yaw)), self.cfg.beta)
+
+    def forward(self, pitch_yaw: torch.Tensor) -> torch.Tensor:
+        """[B, 2] radians -> w_rot [B, num_ws, w_dim]."""
+        return torch.einsum("bk,kld->bld", self.weights(pitch_yaw), self.pivots)
+
+
+class ExpressionMapper(nn.Module):
+    def __init__(self, cfg: MapperConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.inputs = Standardize(cfg.jaw_expression_dim)
+        self.nets = nn.ModuleList(mlp(cfg.jaw_expression_dim, cfg.hidden, cfg.w_dim) for _ in range(cfg.expr_layers))
+
+    def forward(self, jaw_expression: torch.Tensor) -> torch.Tensor:
+        """[B, 3 + E] -> delta W+ [B, num_ws, w_dim], zero beyond the first expr_layers layers."""
+        x = self.inputs(jaw_expression)
+        deltas = torch.stack([net(x) for net in self.nets], 1)
+        rest = deltas.new_zeros(deltas.shape[0], self.cfg.num_ws - self.cfg.expr_layers, self.cfg.w_dim)
+        return torch.cat([deltas, rest], 1)
+
+
+def mapper_inputs(ctrl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Controls [B, C] in the schema's order (degrees for head and jaw) -> the mappers' inputs:
+    (pitch, yaw) [B, 2] and (jaw, expression) [B, JAW_AXES + K], angles in radians, the jaw's third axis 0."""
+    pitch_yaw = torch.deg2rad(torch.stack([ctrl[:, controls.PITCH], ctrl[:, controls.YAW]], 1))
+    jaw_open, jaw_lateral = ctrl[:, controls.JAW_OPEN], ctrl[:, controls.JAW_LATERAL]
+    jaw = torch.deg2rad(torch.stack([jaw_open, jaw_lateral, torch.zeros_like(jaw_open)], 1))
+    return pitch_yaw, torch.cat([jaw, ctrl[:, controls.EXPRESSION_COLUMNS]], 1)
+
+
+class Mappers(nn.Module):
+    """w_final = F_rot(pitch, yaw) + F_expr(jaw, expression)."""
+
+    def __init__(self, cfg: MapperConfig, pivots: torch.Tensor):
+        super().__init__()
+        self.cfg = cfg
+        self.pose = PoseMapper(cfg, pivots)
+        self.expression = ExpressionMapper(cfg)
+
+    def forward(self, pitch_yaw: torch.Tensor, jaw_expression: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (w_final, delta_w_expr)."""
+        delta = self.expression(jaw_expression)
+        return self.pose(pitch_yaw) + delta, delta
+
+
+def save_mappers(mappers: Mappers, path) -> None:
+    """safetensors with the config in the metadata (atomic)."""
+    from safetensors.torch import save_file
+
+    from pvp_contract.atomic import atomic_path
+
+    state = {k: v.detach().cpu().contiguous() for k, v in mappers.state_dict().items()}
+    with atomic_path(Path(path)) as tmp:
+        save_file(state, str(tmp), metadata={"config": json.dumps(mappers.cfg.to_json())})
+
+
+def load_mappers(path) -> Mappers:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        cfg = MapperConfig.from_json(json.loads(f.metadata()["config"]))
+    state = load_file(str(path))
+    mappers = Mappers(cfg, state["pose.pivots"])
+    mappers.load_state_dict(state, strict=True)
+    return mappers

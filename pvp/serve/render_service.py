@@ -1,0 +1,124 @@
+"""The server's renderer, without sockets: validated requests in, encoded frames out, in batches."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+from pvp import __version__
+from pvp.avatar import Avatar
+from pvp_contract import controls, protocol
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FrameJob:
+    """One frame to render: validated controls, edits and output options."""
+
+    controls: list[float]
+    edits: dict[str, float]
+    format: str
+    size: int | None
+    quality: int
+
+
+def encode(rgb: np.ndarray, fmt: str, quality: int) -> bytes:
+    """HxWx3 uint8 -> the wire payload of a format."""
+    if fmt == "rgb8":
+        return np.ascontiguousarray(rgb).tobytes()
+    if fmt == "rgba8":
+        rgba = np.empty(rgb.shape[:2] + (4,), np.uint8)
+        rgba[..., :3] = rgb
+        rgba[..., 3] = 255
+        return rgba.tobytes()
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if fmt == "jpeg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    ok, buf = cv2.imencode(".jpg" if fmt == "jpeg" else ".png", bgr, params)
+    if not ok:
+        raise RuntimeError(f"encoding a {fmt} frame failed")
+    return buf.tobytes()
+
+
+def resize(rgb: np.ndarray, size: int | None) -> np.ndarray:
+    if size is None or size == rgb.shape[0]:
+        return rgb
+    interp = cv2.INTER_AREA if size < rgb.shape[0] else cv2.INTER_LINEAR
+    return cv2.resize(rgb, (size, size), interpolation=interp)
+
+
+class RenderService:
+    def __init__(self, avatar: Avatar, dtype: torch.dtype = torch.float32, max_batch: int = 16):
+        self.avatar = avatar
+        self.dtype = dtype
+        self.max_batch = max_batch
+        self.num_channels = len(avatar.meta.schema["channels"])
+        self.edit_index = {n: i for i, n in enumerate(avatar.edit_names)}
+
+    def info(self) -> dict:
+        m = self.avatar.meta
+        return {"v": protocol.VERSION, "type": "info", "server": f"pvp {__version__}",
+                "avatar": {"id": m.id, "name": m.name, "resolution": m.resolution, "control_schema": m.schema,
+                           "expression_stats": {"mean": m.stats.mean, "std": m.stats.std},
+                           "edits": m.edits, "has_face_model": self.avatar.face_model is not None},
+                "limits": {"max_batch": self.max_batch, "max_sequence": protocol.MAX_SEQUENCE,
+                           "min_size": protocol.MIN_SIZE, "max_size": protocol.MAX_SIZE,
+                           "formats": list(protocol.FORMATS), "max_message_bytes": protocol.MAX_MESSAGE_BYTES}}
+
+    def face_mesh(self) -> dict:
+        """The avatar's face model as a mesh for client rigs (FLAME frame: X right, Y up, Z towards the
+        camera; interocular distance 1): mean vertices, triangles, and per expression channel the vertex
+        offsets of +1 sd. Arrays are little-endian float32 / int32 bytes."""
+        fm = self.avatar.face_model
+        if fm is None:
+            raise protocol.ProtocolError(protocol.INVALID_FIELD, "this avatar has no face model "
+                                         "(info.avatar.has_face_model is false)", "type")
+        k = controls.expression_dim(self.avatar.meta.schema)
+        offsets = fm.components[:k] * fm.scales[:k, None, None]
+        return {"v": protocol.VERSION, "type": "face_mesh", "vertex_count": int(fm.mean.shape[0]),
+                "vertices": fm.mean.astype("<f4").tobytes(),
+                "triangles": self.avatar.triangles().astype("<i4").tobytes(),
+                "shape_keys": {n: o.astype("<f4").tobytes() for n, o in zip(controls.expression_names(k), offsets)}}
+
+    def check(self, values: list[float], edits: dict[str, float], field: str = "controls") -> None:
+        """Avatar-specific checks of a request (the protocol module checked types and bounds)."""
+        if len(values) != self.num_channels:
+            raise protocol.ProtocolError(protocol.INVALID_FIELD, f"{field} has {len(values)} values; this avatar "
+                                         f"takes {self.num_channels} (see info.avatar.control_schema)", field)
+        unknown = sorted(set(edits) - set(self.edit_index))
+        if unknown:
+            raise protocol.ProtocolError(protocol.INVALID_FIELD, f"unknown edit directions {unknown}", "edits")
+
+    def controls_tensor(self, jobs: list[FrameJob]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ctrl = np.array([j.controls for j in jobs], np.float32)  # the avatar clamps them to its ranges
+        edits = None
+        if self.edit_index:
+            edits = torch.zeros(len(jobs), len(self.edit_index))
+            for row, job in enumerate(jobs):
+                for name, strength in job.edits.items():
+                    edits[row, self.edit_index[name]] = strength
+        return torch.from_numpy(ctrl), edits
+
+    def render_rgb(self, jobs: list[FrameJob]) -> np.ndarray:
+        """[N, R, R, 3] uint8, in batches of at most max_batch."""
+        out = []
+        for start in range(0, len(jobs), self.max_batch):
+            ctrl, edits = self.controls_tensor(jobs[start:start + self.max_batch])
+            out.append(self.avatar.render_uint8(ctrl, edits, self.dtype))
+        return np.concatenate(out)
+
+    def render(self, jobs: list[FrameJob]) -> list[tuple[int, int, bytes]]:
+        """-> (width, height, payload) per job."""
+        frames = self.render_rgb(jobs)
+        out = []
+        for job, rgb in zip(jobs, frames):
+            rgb = resize(rgb, job.size)
+            out.append((rgb.shape[1], rgb.shape[0], encode(rgb, job.format, job.quality)))
+        return out
+
+    def warm_up(self) -> None:
+        self.render([FrameJob(controls.defaults(self.avatar.meta.schema), {}, "rgb8", None, 90)] * min(self.max_batch, 2))
+

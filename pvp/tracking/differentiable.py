@@ -1,0 +1,88 @@
+"""The differentiable tracker for the mappers' losses: aligned image tensor -> (head rotation, jaw,
+expression) in PyTorch, with gradients reaching the image.
+
+MediaPipe's face-landmark network (face_landmark.tflite, shipped in the mediapipe wheel) runs as a
+PyTorch graph (:mod:`.tflite_graph`); its 468 landmarks then go through the same face model as the
+embedded tracker (rigid fit to the canonical face, jaw angles, projection on the expression space).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pvp.tracking import topology as topo
+from pvp.tracking.face_model import FaceModel
+from pvp.tracking.tflite_graph import TFLiteGraph
+
+LANDMARK_INPUT = 192
+# Where the landmark network looks in an FFHQ-aligned crop (centre x, centre y, side; fractions of the
+# crop): MediaPipe's own ROI rule (landmark box x 1.5) measured on aligned frames of the shared clips.
+ALIGNED_ROI = (0.5, 0.58, 0.96)
+
+
+def mediapipe_landmark_model() -> Path:
+    import mediapipe
+
+    path = Path(os.path.dirname(mediapipe.__file__)) / "modules" / "face_landmark" / "face_landmark.tflite"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: mediapipe's face-landmark model is missing; pvp needs mediapipe 0.10.x "
+                                "(pip install 'mediapipe==0.10.14'), whose wheel ships it")
+    return path
+
+
+def umeyama_torch(src: torch.Tensor, dst: torch.Tensor):
+    """Batched similarity fit dst ~ s R src + t; src [P, 3], dst [B, P, 3]. Differentiable."""
+    mu_s, mu_d = src.mean(0), dst.mean(1, keepdim=True)
+    a, b = src - mu_s, dst - mu_d
+    cov = b.transpose(1, 2) @ a / src.shape[0]
+    u, d, vh = torch.linalg.svd(cov)
+    sign = torch.ones_like(d)
+    sign[:, 2] = torch.sign(torch.det(u) * torch.det(vh))
+    R = u @ torch.diag_embed(sign) @ vh
+    s = (d * sign).sum(-1) / a.square().sum(-1).mean()
+    t = mu_d[:, 0] - s[:, None] * (R @ mu_s)
+    return s, R, t
+
+
+class DifferentiableTracker(nn.Module):
+    def __init__(self, face_model: FaceModel, roi=ALIGNED_ROI, landmark_model: Path | None = None):
+        super().__init__()
+        self.net = TFLiteGraph(landmark_model or mediapipe_landmark_model()).eval().requires_grad_(False)
+        self.roi = roi
+        f32 = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+        self.register_buffer("canonical", f32(face_model.canonical))
+        self.register_buffer("mean", f32(face_model.mean))
+        self.register_buffer("components", f32(face_model.components).reshape(len(face_model.components), -1))
+        self.register_buffer("scales", f32(face_model.scales))
+        self.register_buffer("jaw_reference", f32(face_model.jaw_reference))
+
+    def landmarks(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] (square) -> [B, 468, 3] in the image's pixels (x right, y down, z like x)."""
+        b, _, h, w = images.shape
+        cx, cy, side = self.roi
+        theta = images.new_tensor([[side, 0, 2 * cx - 1], [0, side, 2 * cy - 1]]).expand(b, 2, 3)
+        grid = F.affine_grid(theta, [b, 3, LANDMARK_INPUT, LANDMARK_INPUT], align_corners=False)
+        crop = F.grid_sample((images + 1) / 2, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        raw = self.net(crop)[0].reshape(b, topo.NUM_MESH, 3)
+        scale = side * w / LANDMARK_INPUT
+        offset = images.new_tensor([(cx - side / 2) * w, (cy - side / 2) * h, 0.0])
+        return raw * scale + offset
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        lm = self.landmarks(images)
+        mesh = lm * lm.new_tensor([1.0, -1.0, -1.0])  # FLAME frame: Y up, Z towards the camera
+        rig = list(topo.RIGID)
+        s, R, t = umeyama_torch(self.canonical[rig], mesh[:, rig])
+        free = ((mesh - t[:, None]) @ R) / s[:, None, None]
+        nose = R[:, :, 2]
+        yaw = torch.atan2(nose[:, 0], nose[:, 2])
+        pitch = torch.asin(nose[:, 1].clamp(-1, 1))
+        v = free[:, topo.CHIN] - (free[:, topo.EAR_RIGHT] + free[:, topo.EAR_LEFT]) / 2
+        jaw = torch.stack([self.jaw_reference[0] - torch.atan2(v[:, 2], -v[:, 1]),
+                           torch.atan2(v[:, 0], -v[:, 1]) - self.jaw_reference[1], torch.zeros_like(v[:, 0])], -1)
+        expression = (free - self.mean).reshape(len(free), -1) @ self.components.T / self.scales
+        return {"landmarks": lm, "rotation": R, "yaw": yaw, "pitch": pitch, "jaw": jaw, "expression": expression}

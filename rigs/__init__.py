@@ -1,0 +1,1 @@
+"""Rig descriptions (JSON) from which the Blender extension builds its rig: see README.md here."""
