@@ -2,18 +2,15 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "pvp_server.cli", "demo", "--out", str(out), "--frames", "60",
-                        "--set", "prior_steps=200", "--set", "mapper_steps=20"], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "pvp.cli", "demo", "--out", str(out), "--frames", "60",
+                        "--set", "prior_steps=200", "--set", "mapper_steps=20"], cwd=tmp_path, capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "pvp demo finished" in r.stdout and "total" in r.stdout
@@ -25,8 +22,19 @@ def test_demo_runs_end_to_end(tmp_path):
     movie = cv2.VideoCapture(str(out / "out.mp4"))
     assert int(movie.get(cv2.CAP_PROP_FRAME_COUNT)) == held
     ok, first = movie.read()
-    assert ok and first.std() > 5  # an image, not a blank
+    assert ok and first.std() > 5 and first.shape[:2] == (512, 512)  # an image a person can see, not a blank
     movie.release()
+    side = cv2.VideoCapture(str(out / "side_by_side.mp4"))
+    assert int(side.get(cv2.CAP_PROP_FRAME_COUNT)) == held
+    ok, pair = side.read()
+    assert ok and pair.shape[:2] == (512, 1024)  # the 256 px input and the avatar, both 512 px high
+    side.release()
+    # its left half is the held-out input frame the right half was driven by
+    clip = cv2.VideoCapture(str(out / "input.mp4"))
+    clip.set(cv2.CAP_PROP_POS_FRAMES, 60 - held)
+    ok, source = clip.read()
+    left = cv2.resize(source, (512, 512), interpolation=cv2.INTER_CUBIC)[40:, :]  # below the label
+    assert ok and np.abs(pair[40:, :512].astype(int) - left.astype(int)).mean() < 6
     assert len(list((out / "frames").glob("frame_*.png"))) == held
     assert (out / "scene.blend").stat().st_size > 100_000
     page = (out / "eval" / "report.html").read_text()

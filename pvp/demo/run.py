@@ -1,0 +1,212 @@
+"""`pvp demo`: the whole product on its embedded defaults — video in (a synthetic Blender clip unless
+--video is given), avatar fitted (tiny preset), server started, Blender headless with the extension
+animating the rig from a driving track and rendering the timeline — with the evaluation report.
+
+Outputs in OUT (default ./demo): input.mp4 (+ truth.json for the synthetic clip), avatar/, driving.safetensors,
+frames/ and out.mp4 (the Blender render, VIEW_SIZE px), side_by_side.mp4 (each held-out input frame beside the
+avatar frame its tracked controls drove), scene.blend, eval/report.html. Every step is kept: a second run
+resumes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pvp.fit.presets import PRESETS, Preset
+from pvp.serve.process import ServerProcess
+from pvp.tracking.track import Track
+from pvp.video import write_video
+
+log = logging.getLogger(__name__)
+VIEW_SIZE = 512  # the Blender render's frame size: a size a person can look at, whatever the avatar's resolution
+
+
+class DemoError(RuntimeError):
+    """A demo step failed; the message names the step and what to look at."""
+
+
+@dataclass
+class DemoSettings:
+    out: Path
+    video: Path | None = None
+    frames: int = 240  # synthetic clip length
+    size: int = 256
+    fps: float = 25.0
+    train_share: float = 0.8  # the first 80% train, the rest is held out and drives the animation
+    preset: Preset = PRESETS["tiny"]  # the test run shortens its training steps
+
+
+def _run(step: str, cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        raise DemoError(f"{step} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+    return r
+
+
+def synthetic_input(s: DemoSettings) -> tuple[Path, Path]:
+    video, truth = s.out / "input.mp4", s.out / "synthetic" / "truth.json"
+    if not video.is_file():
+        _run("rendering the synthetic clip (Blender)", [sys.executable, "-m", "pvp.demo.synthetic_head",
+                                                         str(s.out / "synthetic"), "--frames", str(s.frames),
+                                                         "--size", str(s.size), "--fps", str(s.fps)])
+        write_video(sorted((s.out / "synthetic" / "frames").glob("frame_*.png")), s.fps, video)
+    return video, truth
+
+
+def fit(s: DemoSettings, video: Path, train_end: int) -> Path:
+    avatar = s.out / "avatar"
+    if (avatar / "avatar.json").is_file():
+        return avatar
+    from pvp.fit.pipeline import FitInputs, FitJob
+
+    FitJob(FitInputs(video, avatar, s.preset, train_frames=f"0:{train_end}", resume=(avatar / "work").exists(),
+                     progress=True)).run()
+    return avatar
+
+
+def driving_track(avatar: Path, start: int, out: Path) -> Track:
+    """The held-out part of the avatar's own tracked video: it drives the rig in Blender."""
+    track = Track.load(avatar / "work" / "track.safetensors")
+    held = track.select(slice(start, None))
+    held.save(out)
+    return held
+
+
+def ground_truth_accuracy(avatar_dir: Path, frames: list[Path], truth: dict, frame_numbers: np.ndarray,
+                          keyed: np.ndarray) -> dict:
+    """Re-track the rendered animation and compare head rotation and jaw with the synthetic truth of the
+    frames that drove it; also the keyed controls against the truth (what tracking + import delivered)."""
+    import torch
+
+    from pvp.avatar import Avatar
+    from pvp.fit.data import to_tensor
+    from pvp.tracking.differentiable import DifferentiableTracker
+
+    avatar = Avatar.load(avatar_dir)
+    res = avatar.meta.resolution  # re-tracked at the avatar's own resolution (the render is an upscale of it)
+    images = np.stack([cv2.resize(cv2.imread(str(f)), (res, res), interpolation=cv2.INTER_AREA)[:, :, ::-1]
+                       for f in frames])
+    tracker = DifferentiableTracker(avatar.face_model)
+    with torch.no_grad():
+        r = tracker(to_tensor(images))
+    got = {"yaw": np.degrees(r["yaw"].numpy()), "pitch": np.degrees(r["pitch"].numpy()),
+           "jaw": np.degrees(r["jaw"][:, 0].numpy())}
+    by_frame = {f["frame"]: f for f in truth["frames"]}
+    gt = {k: np.array([by_frame[int(i)][k] for i in frame_numbers]) for k in ("yaw", "pitch", "jaw")}
+    out = {"frames": int(len(frames))}
+    for k, col in (("yaw", 0), ("pitch", 1), ("jaw", 3)):
+        out[k] = {"render_median_abs_err_deg": float(np.median(np.abs(got[k] - gt[k]))),
+                  "render_corr": float(np.corrcoef(got[k], gt[k])[0, 1]) if gt[k].std() > 0 else None,
+                  "keyed_median_abs_err_deg": float(np.median(np.abs(keyed[:, col] - gt[k])))}
+    out["series"] = {"truth": {k: v.tolist() for k, v in gt.items()}, "render": {k: v.tolist() for k, v in got.items()},
+                     "keyed": {"yaw": keyed[:, 0].tolist(), "pitch": keyed[:, 1].tolist(), "jaw": keyed[:, 3].tolist()}}
+    return out
+
+
+def run_demo(s: DemoSettings) -> dict:
+    s.out.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+
+    def step(name, fn, *args):
+        print(f"[pvp demo] {name}…", flush=True)
+        t0 = time.perf_counter()
+        result = fn(*args)
+        times[name] = time.perf_counter() - t0
+        print(f"[pvp demo] {name}: {times[name]:.1f} s", flush=True)
+        return result
+
+    if s.video is None:
+        video, truth_path = step("synthetic clip (Blender, procedural head)", synthetic_input, s)
+    else:
+        video, truth_path = s.video, None
+        if not video.is_file():
+            raise DemoError(f"{video}: no such video")
+    n = int(cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT))
+    if n < 10:
+        raise DemoError(f"{video}: {n} frames; the demo needs at least 10")
+    train_end = int(n * s.train_share)
+    avatar = step(f"fit ({s.preset.name} preset, frames 0:{train_end})", fit, s, video, train_end)
+    track = Track.load(avatar / "work" / "track.safetensors")
+    found = float(track.valid.mean())
+    held = driving_track(avatar, train_end, s.out / "driving.safetensors")
+    zip_path = step("extension zip", extension_zip, s.out / "dist")
+    frames_dir, movie = s.out / "frames", s.out / "out.mp4"
+    try:
+        server = ServerProcess(avatar, threads=None)
+    except RuntimeError as e:
+        raise DemoError(str(e)) from None
+    with server:
+        result = step("Blender: rig, driving keyframes, timeline render", lambda: _run("the Blender step", [
+            sys.executable, "-m", "pvp.demo.blender_session", "--zip", str(zip_path), "--endpoint",
+            server.endpoint,
+            "--track", str(s.out / "driving.safetensors"), "--frames", str(frames_dir), "--movie", str(movie),
+            "--blend", str(s.out / "scene.blend"), "--fps", str(held.fps), "--size", str(VIEW_SIZE)]))
+    blender = json.loads(next(line for line in result.stdout.splitlines()
+                              if line.startswith("PVP_DEMO_RESULT "))[len("PVP_DEMO_RESULT "):])
+    frames = [frames_dir / f"frame_{f:06d}.png" for f in range(blender["frame_start"], blender["frame_end"] + 1)]
+    valid_numbers = held.frame_index[held.valid]  # the rig is keyed from the valid frames, in order
+    side = step("side-by-side movie", side_by_side, video, valid_numbers, frames, held.fps, s.out / "side_by_side.mp4")
+    gt = None
+    if truth_path is not None:
+        gt = step("ground-truth accuracy", ground_truth_accuracy, avatar, frames, json.loads(truth_path.read_text()),
+                  valid_numbers, np.array(blender["controls"]))
+    report = step("evaluation report", evaluate_and_report, avatar, video, train_end, s.out / "eval", gt)
+    summary = {"input": str(video), "face_found": found, "avatar": str(avatar), "out_mp4": str(movie),
+               "side_by_side_mp4": str(side), "frames": str(frames_dir), "blend": str(s.out / "scene.blend"), "report": str(report),
+               "seconds": {k: round(v, 1) for k, v in times.items()}, "ground_truth": gt and {
+                   k: v for k, v in gt.items() if k != "series"}}
+    (s.out / "demo.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def side_by_side(video: Path, input_numbers: np.ndarray, renders: list[Path], fps: float, out: Path) -> Path:
+    """Each driving input frame (left) beside the avatar frame Blender rendered from its tracked controls
+    (right), both VIEW_SIZE px high, labelled."""
+    from pvp.video import open_video
+
+    wanted = {int(n): i for i, n in enumerate(input_numbers)}
+    inputs: dict[int, np.ndarray] = {}
+    for number, rgb in open_video(video).frames(int(input_numbers.min())):
+        if number in wanted:
+            inputs[wanted[number]] = rgb
+    folder = out.with_name(out.stem + "_frames")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, render in enumerate(renders):
+        left = inputs[i][:, :, ::-1]
+        left = cv2.resize(left, (round(left.shape[1] * VIEW_SIZE / left.shape[0]), VIEW_SIZE),
+                          interpolation=cv2.INTER_AREA if left.shape[0] > VIEW_SIZE else cv2.INTER_CUBIC)
+        right = cv2.imread(str(render))
+        right = cv2.resize(right, (round(right.shape[1] * VIEW_SIZE / right.shape[0]), VIEW_SIZE))
+        panel = np.concatenate([left, right], 1)
+        for x, label in ((8, f"input frame {int(input_numbers[i])} (held out)"), (left.shape[1] + 8, "avatar (Blender)")):
+            cv2.putText(panel, label, (x, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 3, cv2.LINE_AA)
+            cv2.putText(panel, label, (x, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1, cv2.LINE_AA)
+        paths.append(folder / f"frame_{i:06d}.png")
+        cv2.imwrite(str(paths[-1]), panel)
+    return write_video(paths, fps, out)
+
+
+def extension_zip(out: Path) -> Path:
+    """The Blender extension for this machine's platform, from the installed pvp package."""
+    from pvp.extension import ExtensionBuildError, build, current_platform
+
+    try:
+        return build(out, [current_platform()], out / "wheels")
+    except ExtensionBuildError as e:
+        raise DemoError(f"building the Blender extension failed: {e}") from None
+
+
+def evaluate_and_report(avatar: Path, video: Path, train_end: int, out: Path, gt: dict | None) -> Path:
+    from pvp.evaluation.evaluate import evaluate, write_outputs
+
+    result = evaluate(avatar, video, f"{train_end}:", progress=False)
+    return write_outputs(result, out, ground_truth=gt)["report"]
