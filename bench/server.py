@@ -1,6 +1,8 @@
 """Server round trip: one render through the client against calling the renderer directly (256 px),
-render_sequence throughput, and the transport cost of a 512x512 raw frame on loopback.
-Targets: protocol overhead <= 10% of the generator's time at 256 px on CPU; <= 1 ms per 512x512 raw frame.
+render_sequence throughput, the transport cost of a 512x512 raw frame on loopback, and how much a client
+that never reads its replies delays another client's ping (and grows the server).
+Targets: protocol overhead <= 10% of the generator's time at 256 px on CPU; <= 1 ms per 512x512 raw frame;
+ping delay by a non-reading client <= 100 ms.
 
     python bench/server.py [--resolution 256] [--repeat 10]
 """
@@ -47,6 +49,31 @@ def transport_ms(size: int = 512, repeat: int = 200) -> float:
     return statistics.median(times) * 1e3
 
 
+def ping_beside_a_hog(server: ServerProcess, controls: list[float], repeat: int = 50) -> dict:
+    """Another client's ping times (median, max) before and while one client floods the server and never
+    reads a reply (four 4096-frame 512 px RGBA sequences, thousands of hellos and renders), and the
+    server's memory growth."""
+    good = Client(server.endpoint, timeout_s=60)
+    quiet = [good.ping() for _ in range(repeat)]
+    rss = server.rss_bytes()
+    hog = zmq.Context.instance().socket(zmq.DEALER)
+    hog.setsockopt(zmq.LINGER, 0)
+    hog.setsockopt(zmq.SNDHWM, 0)
+    hog.connect(server.endpoint)
+    for i in range(4):
+        hog.send(protocol.request("render_sequence", 10 + i, frames=[controls] * 4096, format="rgba8", size=512))
+    for i in range(5000):
+        hog.send(protocol.request("hello" if i % 4 else "render", 100 + i, controls=controls, format="rgba8",
+                                  size=512))
+    time.sleep(1.0)
+    loaded = [good.ping() for _ in range(repeat)]
+    grown = server.rss_bytes() - rss
+    hog.close(0)
+    good.close()
+    return {"quiet_ms": (statistics.median(quiet) * 1e3, max(quiet) * 1e3),
+            "hog_ms": (statistics.median(loaded) * 1e3, max(loaded) * 1e3), "rss_mib": grown / 2**20}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--resolution", type=int, default=256)
@@ -80,6 +107,7 @@ def main(argv=None):
             n = sum(1 for _ in client.render_sequence(frames[:32]))
             seq_time = time.perf_counter() - t0
             client.close()
+            hog = ping_beside_a_hog(server, defaults)
         finally:
             server.stop()
     transport = transport_ms()
@@ -92,6 +120,11 @@ def main(argv=None):
          "fps": round(n / seq_time, 1)},
         {"measure": "direct batched 32 frames, per frame", "ms": round(direct_seq / 32 * 1e3, 2)},
         {"measure": "transport of a 512x512 RGBA frame on loopback", "ms": round(transport, 3), "target": "<= 1 ms"},
+        {"measure": "ping, median / max (no other client)", "ms": " / ".join(f"{v:.2f}" for v in hog["quiet_ms"])},
+        {"measure": "ping, median / max, beside a client that never reads",
+         "ms": " / ".join(f"{v:.2f}" for v in hog["hog_ms"]),
+         "share": f"+{hog['hog_ms'][1] - hog['quiet_ms'][1]:.1f} ms max", "target": "<= +100 ms"},
+        {"measure": "server memory growth from that client", "ms": "", "share": f"{hog['rss_mib']:.0f} MiB"},
     ]
     desc = device_description("cpu")
     print(f"pvp server round trip on {desc}")

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from pvp_contract.atomic import write_bytes
-from pvp_contract.client import Client, ServerError, ServerUnavailable
+from pvp_contract.client import Client, CreditWindow, ServerError, ServerUnavailable
 
 
 def frame_path(folder: Path, frame: int) -> Path:
@@ -28,7 +28,10 @@ def frames_ahead(current: int, start: int, end: int, step: int, count: int) -> l
     return [start + (current + step * i - start) % span for i in range(1, count + 1)]
 
 
-def runs_of_equal_edits(frames: list[tuple[int, list[float], dict]]) -> list[tuple[dict, list[tuple[int, list[float]]]]]:
+Run = tuple[dict, list[tuple[int, list[float]]]]  # edits, then (frame, controls) in order
+
+
+def runs_of_equal_edits(frames: list[tuple[int, list[float], dict]]) -> list[Run]:
     """(frame, controls, edits) in order -> runs of consecutive frames sharing their edits: one sequence
     request carries one set of edits."""
     runs: list[tuple[dict, list]] = []
@@ -51,6 +54,7 @@ class TimelineJob:
         self.skipped = self.total - len(self.todo)
         self.written = 0
         self.request: tuple[int, list[int]] | None = None  # sequence id, frame numbers in order
+        self.window: CreditWindow | None = None
         self.last_reply = time.monotonic()
         self.cancelled = False
 
@@ -66,6 +70,7 @@ class TimelineJob:
         part, self.todo = self.todo[:self.chunk], self.todo[self.chunk:]
         request_id = self.client.start_sequence([c for _, c in part], edits=self.edits, fmt="png", size=self.size)
         self.request = (request_id, [f for f, _ in part])
+        self.window = CreditWindow(self.client, request_id)
         self.last_reply = time.monotonic()
 
     def step(self, timeout_s: float = 0.05) -> int:
@@ -86,6 +91,7 @@ class TimelineJob:
             if kind == "frame":
                 write_bytes(frame_path(self.folder, numbers[header["seq"]]), payload or b"")
                 written += 1
+                self.window.received()
             elif kind == "done":
                 self.request = None
         self.written += written

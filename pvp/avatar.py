@@ -26,9 +26,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pvp import __version__
-from pvp.checkpoints import load_generator, save_generator
+from pvp.checkpoints import CheckpointError, load_generator, save_generator
 from pvp.models.generator import Generator, to_uint8
-from pvp.models.mappers import JAW_AXES, MapperConfig, Mappers, load_mappers, mapper_inputs, save_mappers
+from pvp.models.mappers import (
+    JAW_AXES,
+    MapperConfig,
+    MapperFileError,
+    Mappers,
+    load_mappers,
+    mapper_inputs,
+    save_mappers,
+)
 from pvp.tracking.face_model import FaceModel
 from pvp_contract import controls
 from pvp_contract.atomic import atomic_path, write_text
@@ -190,9 +198,17 @@ class Avatar(nn.Module):
         for name in ("generator.safetensors", "mappers.safetensors"):
             if not (d / name).is_file():
                 raise AvatarError(f"{d}: {name} is missing")
-        generator = load_generator(d / "generator.safetensors")
-        mappers = load_mappers(d / "mappers.safetensors")
+        try:
+            generator = load_generator(d / "generator.safetensors")
+            mappers = load_mappers(d / "mappers.safetensors")
+        except (CheckpointError, MapperFileError) as e:
+            raise AvatarError(str(e)) from None
         cfg = mappers.cfg
+        if (cfg.num_ws, cfg.w_dim) != (generator.num_ws, generator.cfg.w_dim) or \
+                generator.cfg.resolution != meta.resolution:
+            raise AvatarError(f"{d}: generator.safetensors ({generator.cfg.resolution} px, {generator.num_ws} x "
+                              f"{generator.cfg.w_dim} W+) does not belong with this avatar's mappers ({cfg.num_ws} x "
+                              f"{cfg.w_dim}) and avatar.json ({meta.resolution} px)")
         face_arrays = load_np(str(d / "face_model.safetensors")) if (d / "face_model.safetensors").is_file() else None
         face_model = FaceModel.from_arrays(face_arrays) if face_arrays is not None else None
         edits = {}
@@ -221,7 +237,8 @@ def random_avatar(resolution: int = 64, expression_dim: int = 8, num_pivots: int
                            z_dim=32, w_dim=32, mapping_layers=2)
     G = Generator(gcfg).eval()
     G.mapping.w_avg.copy_(G.estimate_w_avg())
-    cfg = MapperConfig(num_pivots=num_pivots, num_ws=gcfg.num_ws, w_dim=gcfg.w_dim, jaw_expression_dim=JAW_AXES + expression_dim,
+    cfg = MapperConfig(num_pivots=num_pivots, num_ws=gcfg.num_ws, w_dim=gcfg.w_dim,
+                       jaw_expression_dim=JAW_AXES + expression_dim,
                        hidden=32)
     mappers = Mappers(cfg, G.map_z(torch.randn(num_pivots, gcfg.z_dim)))
     for net in [mappers.pose.net, *mappers.expression.nets]:

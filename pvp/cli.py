@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,17 @@ from pvp import __version__
 
 class UserError(Exception):
     """Bad input from the user: printed as one clear line, no traceback."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def _device(name: str):
@@ -177,7 +189,12 @@ def cmd_keys(args) -> None:
     import zmq.auth
 
     args.directory.mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(str(args.directory), args.name)
+    old_umask = os.umask(0o077)  # the secret key is never readable by others, not even for a moment
+    try:
+        public, secret = zmq.auth.create_certificates(str(args.directory), args.name)
+    finally:
+        os.umask(old_umask)
+    os.chmod(public, 0o644)  # the public key is meant to be handed out
     print(f"wrote {public} (public: give it to the other side) and {secret} (secret: keep it)")
 
 
@@ -283,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--bind", default="tcp://127.0.0.1:5555", help="endpoint; non-loopback addresses need CURVE")
     sv.add_argument("--device", default="auto")
     sv.add_argument("--half", action="store_true", help="bf16 (or fp16) synthesis on CUDA")
-    sv.add_argument("--max-batch", type=int, default=16, help="most frames rendered together")
+    sv.add_argument("--max-batch", type=positive_int, default=16, help="most frames rendered together")
     sv.add_argument("--batch-window-ms", type=float, default=0.0,
                     help="extra wait for more live requests before rendering (requests that arrive while a batch "
                          "renders are batched anyway)")

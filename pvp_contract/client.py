@@ -4,8 +4,9 @@
   so a restarted server is reached again without the caller doing anything.
 - ``Client.send`` + ``Client.poll``: non-blocking, for Blender's timers; replies carry the request id.
 - a bounded frame cache keyed by the quantised controls, edits and output options.
-- ``render_sequence``: streamed frames, cancellable; ``render_sharded`` spreads one sequence over
-  several servers.
+- ``render_sequence``: streamed frames, cancellable, flow-controlled by credit (the server sends at
+  most a window of frames ahead of the reading; :class:`CreditWindow` grants more as frames are read);
+  ``render_sharded`` spreads one sequence over several servers.
 """
 from __future__ import annotations
 
@@ -83,6 +84,21 @@ class FrameCache:
             self.bytes -= len(old.data)
 
 
+class CreditWindow:
+    """The client's side of a sequence's flow control: the server sends at most ``size`` frames ahead of
+    what was granted; each half window read is granted back."""
+
+    def __init__(self, client: "Client", request_id: int, size: int = protocol.DEFAULT_CREDIT):
+        self.client, self.request_id, self.size = client, request_id, size
+        self.unacknowledged = 0
+
+    def received(self, frames: int = 1) -> None:
+        self.unacknowledged += frames
+        if self.unacknowledged >= max(1, self.size // 2):
+            self.client.grant(self.request_id, self.unacknowledged)
+            self.unacknowledged = 0
+
+
 def _reply(frames: list[bytes]) -> tuple[dict, bytes | None]:
     header = protocol.unpack(frames[0])
     return header, frames[1] if len(frames) > 1 else None
@@ -105,6 +121,7 @@ class Client:
     def _connect(self) -> None:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:PORT and IPv6 hosts; IPv4 endpoints connect as before
         if self.curve is not None:
             server_public, _ = zmq.auth.load_certificate(str(self.curve.server_public))
             public, secret = zmq.auth.load_certificate(str(self.curve.client_secret))
@@ -187,25 +204,28 @@ class Client:
         return frame
 
     def start_sequence(self, frames, edits: dict | None = None, fmt: str = "rgb8", size: int | None = None,
-                       quality: int = 90, first_seq: int = 0) -> int:
-        """Send a render_sequence request; returns its id (read the frames with :meth:`stream`)."""
+                       quality: int = 90, first_seq: int = 0, credit: int = protocol.DEFAULT_CREDIT) -> int:
+        """Send a render_sequence request; returns its id (read the frames with :meth:`stream`, or poll and
+        grant credit with a :class:`CreditWindow` of the same ``credit``)."""
         fields = {"frames": [[float(v) for v in f] for f in frames], "format": fmt, "quality": quality,
-                  "first_seq": first_seq}
+                  "first_seq": first_seq, "credit": credit}
         if edits:
             fields["edits"] = {k: float(v) for k, v in edits.items()}
         if size is not None:
             fields["size"] = int(size)
         return self.send("render_sequence", **fields)
 
-    def stream(self, request_id: int, count: int):
-        """Yield the count Frame objects (with seq) of a sequence as they arrive; closing the generator
-        early cancels the rest on the server."""
+    def stream(self, request_id: int, count: int, credit: int = protocol.DEFAULT_CREDIT):
+        """Yield the count Frame objects (with seq) of a sequence as they arrive, granting credit as they
+        are read; closing the generator early cancels the rest on the server."""
         remaining = count
+        window = CreditWindow(self, request_id, credit)
         try:
             while remaining:
                 header, payload = self._wait(request_id)
                 if header["type"] == "frame":
                     remaining -= 1
+                    window.received()
                     yield Frame(request_id, header["width"], header["height"], header["format"], payload or b"",
                                 header.get("seq"))
             self._wait(request_id)  # the closing "done"
@@ -215,6 +235,13 @@ class Client:
 
     def render_sequence(self, frames, **options):
         return self.stream(self.start_sequence(frames, **options), len(frames))
+
+    def grant(self, target: int, frames: int) -> None:
+        """Let the server send ``frames`` more frames of sequence ``target``."""
+        try:
+            self.send("credit", target=target, frames=frames)
+        except zmq.ZMQError:
+            pass
 
     def cancel(self, target: int) -> None:
         try:

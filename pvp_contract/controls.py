@@ -47,7 +47,8 @@ def schema(expression_dim: int, yaw_range, pitch_range, jaw_open_range, roll_ran
                 channel("head_roll", "deg", *roll_range, "head"), channel("jaw_open", "deg", *jaw_open_range, "jaw"),
                 channel("jaw_lateral", "deg", *jaw_lateral_range, "jaw")]
     ranges = expression_ranges or [(-EXPRESSION_RANGE, EXPRESSION_RANGE)] * expression_dim
-    channels += [channel(n, "sd", lo, hi, "expression") for n, (lo, hi) in zip(expression_names(expression_dim), ranges)]
+    channels += [channel(n, "sd", lo, hi, "expression")
+                 for n, (lo, hi) in zip(expression_names(expression_dim), ranges)]
     for c in channels:  # a default must be a valid value even when the range excludes 0
         c["default"] = min(max(0.0, c["min"]), c["max"])
     return {"version": 1, "channels": channels}

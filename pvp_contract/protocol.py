@@ -18,13 +18,14 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # requests; ZMQ_MAXMSGSIZE on the server so
 MAX_CHANNELS = 1024
 MAX_EDITS = 256
 MAX_SEQUENCE = 4096
+DEFAULT_CREDIT = 16  # frames of a sequence the server may send ahead of the client's reading (flow control)
 MAX_ID = 2**63 - 1
 MIN_SIZE, MAX_SIZE = 16, 2048
 MAX_CONTROL = 1.0e4  # magnitude; each channel is then clamped to its schema range
 MAX_EDIT_STRENGTH = 100.0
 FORMATS = ("rgb8", "rgba8", "jpeg", "png")
-REQUEST_TYPES = ("hello", "ping", "face_mesh", "render", "render_sequence", "cancel")
-REPLY_TYPES = ("info", "pong", "face_mesh", "frame", "done", "cancelled", "error")
+REQUEST_TYPES = ("hello", "ping", "face_mesh", "render", "render_sequence", "credit", "cancel")
+REPLY_TYPES = ("info", "pong", "face_mesh", "frame", "done", "credited", "cancelled", "error")
 
 # error codes
 BAD_MESSAGE = "bad_message"  # not decodable msgpack, or not a map
@@ -32,10 +33,8 @@ UNSUPPORTED_VERSION = "unsupported_version"
 UNKNOWN_TYPE = "unknown_type"
 INVALID_FIELD = "invalid_field"
 TOO_LARGE = "too_large"
+BUSY = "busy"  # this client already has as much work queued as the server holds for one client
 INTERNAL = "internal"
-
-_UNPACK_LIMITS = dict(max_str_len=64 * 1024, max_bin_len=MAX_MESSAGE_BYTES,
-                      max_array_len=MAX_SEQUENCE * 4, max_map_len=MAX_EDITS + 32, max_ext_len=0)
 
 
 class ProtocolError(ValueError):
@@ -52,10 +51,14 @@ def unpack(data: bytes) -> dict:
     """Decode a header with bounded sizes; anything malformed raises ProtocolError(bad_message)."""
     if len(data) > MAX_MESSAGE_BYTES:
         raise ProtocolError(TOO_LARGE, f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    # every element takes at least a byte: no declared length can exceed the message's own size, so nothing
+    # is preallocated beyond it, and over-long lists reach validate_request, which answers with the id
+    limits = dict(max_str_len=64 * 1024, max_bin_len=len(data), max_array_len=len(data), max_map_len=len(data),
+                  max_ext_len=0)
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, **limits)
     except Exception as e:  # msgpack raises several types for corrupt or oversized input
-        raise ProtocolError(BAD_MESSAGE, f"not a msgpack message: {type(e).__name__}") from None
+        raise ProtocolError(BAD_MESSAGE, f"not a msgpack message ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise ProtocolError(BAD_MESSAGE, f"a message must be a map, got {type(obj).__name__}")
     return obj
@@ -82,9 +85,15 @@ def _int(value, field: str, lo: int, hi: int) -> int:
     return value
 
 
-def _controls(value, field: str) -> list[float]:
+def _check_controls_length(value, field: str, channels: int | None) -> None:
     if not isinstance(value, list) or not 1 <= len(value) <= MAX_CHANNELS:
         raise ProtocolError(INVALID_FIELD, f"{field} must be a list of 1..{MAX_CHANNELS} numbers", field)
+    if channels is not None and len(value) != channels:
+        raise ProtocolError(INVALID_FIELD, f"{field} has {len(value)} values; this avatar takes {channels} (see "
+                            "info.avatar.control_schema)", field)
+
+
+def _controls(value, field: str) -> list[float]:
     return [_number(v, f"{field}[{i}]", -MAX_CONTROL, MAX_CONTROL) for i, v in enumerate(value)]
 
 
@@ -111,9 +120,16 @@ def _output(msg: dict) -> dict:
     return out
 
 
-def validate_request(msg: dict) -> dict:
-    """Check a decoded request; return a normalised copy (defaults filled in) or raise ProtocolError."""
-    if msg.get("v") != VERSION:
+def request_id(msg: dict) -> int | None:
+    """The request's id when it is a valid one (error replies echo it), else None."""
+    value = msg.get("id")
+    return value if type(value) is int and 0 <= value <= MAX_ID else None
+
+
+def validate_request(msg: dict, channels: int | None = None) -> dict:
+    """Check a decoded request; return a normalised copy (defaults filled in) or raise ProtocolError.
+    ``channels``: the avatar's control count, checked before any value is read."""
+    if type(msg.get("v")) is not int or msg["v"] != VERSION:  # 1.0 and True are not version 1
         raise ProtocolError(UNSUPPORTED_VERSION, f"protocol version {msg.get('v')!r} is not supported (this is "
                             f"version {VERSION})", "v")
     kind = msg.get("type")
@@ -121,6 +137,7 @@ def validate_request(msg: dict) -> dict:
         raise ProtocolError(UNKNOWN_TYPE, f"unknown message type {kind!r}", "type")
     out = {"v": VERSION, "type": kind, "id": _int(msg.get("id"), "id", 0, MAX_ID)}
     if kind == "render":
+        _check_controls_length(msg.get("controls"), "controls", channels)
         out["controls"] = _controls(msg.get("controls"), "controls")
         out["edits"] = _edits(msg.get("edits"), "edits")
         out.update(_output(msg))
@@ -128,10 +145,16 @@ def validate_request(msg: dict) -> dict:
         frames = msg.get("frames")
         if not isinstance(frames, list) or not 1 <= len(frames) <= MAX_SEQUENCE:
             raise ProtocolError(INVALID_FIELD, f"frames must be a list of 1..{MAX_SEQUENCE} control lists", "frames")
+        for i, f in enumerate(frames):  # every length before any value: a wrong request fails fast
+            _check_controls_length(f, f"frames[{i}]", channels)
         out["frames"] = [_controls(f, f"frames[{i}]") for i, f in enumerate(frames)]
         out["edits"] = _edits(msg.get("edits"), "edits")
         out["first_seq"] = _int(msg.get("first_seq", 0), "first_seq", 0, MAX_ID)
+        out["credit"] = _int(msg.get("credit", DEFAULT_CREDIT), "credit", 1, MAX_SEQUENCE)
         out.update(_output(msg))
+    elif kind == "credit":
+        out["target"] = _int(msg.get("target"), "target", 0, MAX_ID)
+        out["frames"] = _int(msg.get("frames"), "frames", 1, MAX_SEQUENCE)
     elif kind == "cancel":
         out["target"] = _int(msg.get("target"), "target", 0, MAX_ID)
     return out

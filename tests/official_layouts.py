@@ -183,12 +183,12 @@ def _stub_modules():
                 sys.modules[k] = v
 
 
-def write_nvlabs_pkl(G: Generator, path, mutate=None) -> None:
+def write_nvlabs_pkl(G: Generator, path, mutate=None, protocol=pickle.DEFAULT_PROTOCOL) -> None:
     data = nvlabs_pickle_dict(G)
     if mutate:
         mutate(data)
     with _stub_modules(), open(path, "wb") as f:
-        pickle.dump(data, f)
+        pickle.dump(data, f, protocol=protocol)
 
 
 def write_rosinality_pt(G: Generator, path, mutate=None) -> None:

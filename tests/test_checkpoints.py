@@ -104,6 +104,31 @@ def test_nvlabs_missing_extra_misshaped(G, tmp_path):
     assert "mapping.fc3.weight: expected [32, 32], found [7, 32]" in msg
 
 
+def test_pickles_from_numpy_2_and_protocol_2_load(G, tmp_path):
+    def extras(data):  # what training scripts leave in a snapshot: numpy scalars, sets
+        data["G_ema"].state["w_avg_beta"] = np.float32(0.995)
+        data["augment_pipe"] = None
+        data["training_set_kwargs"] = {"xflip": np.bool_(False), "tags": {"ffhq"}}
+
+    write_nvlabs_pkl(G, tmp_path / "p2.pkl", extras, protocol=2)  # names __builtin__.set
+    assert b"__builtin__" in (tmp_path / "p2.pkl").read_bytes()
+    # numpy 2 pickles its scalars as numpy._core.multiarray.scalar; the rest of the file is the same
+    data = (tmp_path / "p2.pkl").read_bytes().replace(b"numpy.core.multiarray", b"numpy._core.multiarray")
+    (tmp_path / "np2.pkl").write_bytes(data)
+    for name in ("p2.pkl", "np2.pkl"):
+        loaded = load_generator(tmp_path / name)
+        assert torch.equal(loaded.synthesis.b8.conv1.weight, G.synthesis.b8.conv1.weight)
+
+
+def test_unexpected_field_types_are_one_clear_error(G, tmp_path):
+    def wrong(data):
+        data["G_ema"].state["c_dim"] = "none"
+
+    write_nvlabs_pkl(G, tmp_path / "odd.pkl", wrong)
+    with pytest.raises(CheckpointError, match=r"odd.pkl: not an NVlabs generator snapshot this loader understands"):
+        load_generator(tmp_path / "odd.pkl")
+
+
 def test_malicious_pickle_is_refused(tmp_path):
     marker = tmp_path / "pwned"
 

@@ -121,3 +121,33 @@ def test_paper_preset_needs_a_prior_and_vgg(d3_track_file, tmp_path):
     r = _fit([d3_track_file, "-o", tmp_path / "b", "--preset", "paper", "--prior", tmp_path / "g.pkl",
               "--train-frames", "0:10"])
     assert r.returncode == 2 and "vgg16-397923af.pth" in r.stderr
+
+
+def test_a_fit_that_fails_at_its_first_stage_can_simply_be_run_again(tmp_path):
+    bad = tmp_path / "clip.mp4"
+    bad.write_bytes(b"not a video")
+    args = [bad, "-o", tmp_path / "avatar", "--device", "cpu"]
+    first, second = _fit(args), _fit(args)
+    assert first.returncode == second.returncode == 2
+    assert "--resume" not in second.stderr  # nothing was done, so there is nothing to resume
+    assert second.stderr.strip().splitlines()[-1] == first.stderr.strip().splitlines()[-1]
+
+
+def test_the_track_stage_continues_with_the_saved_values(real_data, tmp_path):
+    import cv2
+
+    from pvp.fit.pipeline import FitInputs, FitJob
+    from pvp.tracking.track import Track
+    from pvp.video import write_video
+
+    cap = cv2.VideoCapture(str(real_data / "lp_d12.mp4"))
+    for i in range(12):
+        ok, frame = cap.read()
+        cv2.imwrite(str(tmp_path / f"f{i:02d}.png"), frame)
+    clip = write_video(sorted(tmp_path.glob("f*.png")), 25.0, tmp_path / "clip.mp4")
+    job = FitJob(FitInputs(clip, tmp_path / "avatar", PRESETS["tiny"], progress=False))
+    job._prepare()
+    fresh = job.track()
+    resumed = Track.load(tmp_path / "avatar" / "work" / "track.safetensors")  # what a restarted fit reads
+    for name in ("yaw_pitch_roll", "jaw_pose", "expression", "landmarks_2d", "align_quad"):
+        assert np.array_equal(getattr(fresh, name), getattr(resumed, name)), name

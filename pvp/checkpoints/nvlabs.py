@@ -7,6 +7,7 @@ other global with an error that names it.
 """
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import pickle
 from collections import OrderedDict
@@ -37,17 +38,26 @@ def _load_storage(data: bytes):
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """How protocol-2 pickles store bytes (``_codecs.encode(text, 'latin1')``); no other codec."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refused codec {encoding!r} in _codecs.encode")
+    return text.encode("latin1")
+
+
 def _numpy_global(name):
     import numpy as np
 
-    return {"_reconstruct": np.core.multiarray._reconstruct, "ndarray": np.ndarray, "dtype": np.dtype,
-            "scalar": np.core.multiarray.scalar}[name]
+    multiarray = np.core.multiarray  # numpy 1 and 2 both provide it (numpy 2 as an alias of numpy._core)
+    return {"_reconstruct": multiarray._reconstruct, "ndarray": np.ndarray, "dtype": np.dtype,
+            "scalar": multiarray.scalar}[name]
 
 
 _ALLOWED = {
     ("collections", "OrderedDict"): lambda: OrderedDict,
     ("builtins", "set"): lambda: set,
     ("builtins", "frozenset"): lambda: frozenset,
+    ("_codecs", "encode"): lambda: _latin1_bytes,
     ("torch._utils", "_rebuild_tensor_v2"): lambda: torch._utils._rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): lambda: torch._utils._rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): lambda: _load_storage,
@@ -56,6 +66,8 @@ _ALLOWED = {
     ("dnnlib.util", "EasyDict"): lambda: dict,
     ("numpy.core.multiarray", "_reconstruct"): lambda: _numpy_global("_reconstruct"),
     ("numpy.core.multiarray", "scalar"): lambda: _numpy_global("scalar"),
+    ("numpy._core.multiarray", "_reconstruct"): lambda: _numpy_global("_reconstruct"),  # pickled under numpy 2
+    ("numpy._core.multiarray", "scalar"): lambda: _numpy_global("scalar"),
     ("numpy", "ndarray"): lambda: _numpy_global("ndarray"),
     ("numpy", "dtype"): lambda: _numpy_global("dtype"),
 }
@@ -63,6 +75,9 @@ _ALLOWED = {
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
+        # protocol-2 pickles may name Python 2 modules (__builtin__.set); pickle's own find_class maps them
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         factory = _ALLOWED.get((module, name))
         if factory is None:
             raise pickle.UnpicklingError(
@@ -136,7 +151,16 @@ def _config_fields(G: PersistentRecord, source: str) -> dict:
 
 def load(path: Path, network: str = "G_ema"):
     source = str(path)
-    data = read_pickle(path)
+    try:
+        return _load(source, read_pickle(path), network)
+    except CheckpointError:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:  # fields of unexpected types
+        raise CheckpointError(f"{source}: not an NVlabs generator snapshot this loader understands "
+                              f"({type(e).__name__}: {e})") from None
+
+
+def _load(source: str, data: dict, network: str):
     G = data.get(network)
     if not isinstance(G, PersistentRecord):
         raise CheckpointError(f"{source}: no '{network}' network in this pickle (found {sorted(map(str, data))})")

@@ -160,7 +160,8 @@ def run_demo(s: DemoSettings) -> dict:
                   valid_numbers, np.array(blender["controls"]))
     report = step("evaluation report", evaluate_and_report, avatar, video, train_end, s.out / "eval", gt)
     summary = {"input": str(video), "face_found": found, "avatar": str(avatar), "out_mp4": str(movie),
-               "side_by_side_mp4": str(side), "frames": str(frames_dir), "blend": str(s.out / "scene.blend"), "report": str(report),
+               "side_by_side_mp4": str(side), "frames": str(frames_dir), "blend": str(s.out / "scene.blend"),
+               "report": str(report),
                "seconds": {k: round(v, 1) for k, v in times.items()}, "ground_truth": gt and {
                    k: v for k, v in gt.items() if k != "series"}}
     (s.out / "demo.json").write_text(json.dumps(summary, indent=1))
@@ -187,7 +188,8 @@ def side_by_side(video: Path, input_numbers: np.ndarray, renders: list[Path], fp
         right = cv2.imread(str(render))
         right = cv2.resize(right, (round(right.shape[1] * VIEW_SIZE / right.shape[0]), VIEW_SIZE))
         panel = np.concatenate([left, right], 1)
-        for x, label in ((8, f"input frame {int(input_numbers[i])} (held out)"), (left.shape[1] + 8, "avatar (Blender)")):
+        labels = ((8, f"input frame {int(input_numbers[i])} (held out)"), (left.shape[1] + 8, "avatar (Blender)"))
+        for x, label in labels:
             cv2.putText(panel, label, (x, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 3, cv2.LINE_AA)
             cv2.putText(panel, label, (x, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1, cv2.LINE_AA)
         paths.append(folder / f"frame_{i:06d}.png")

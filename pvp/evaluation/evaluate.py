@@ -76,9 +76,9 @@ class Evaluation:
         floor = self.retracked.get("ground_truth")
         if floor is not None:  # the tracker's own error on the real frames: no render can score below it
             c = self.eval_set.controls
-            out["ground_truth_retracked"] = {"yaw_err": float(np.median(np.abs(floor["yaw"] - c[:, controls.YAW]))),
-                                             "pitch_err": float(np.median(np.abs(floor["pitch"] - c[:, controls.PITCH]))),
-                                             "jaw_err": float(np.median(np.abs(floor["jaw"] - c[:, controls.JAW_OPEN])))}
+            out["ground_truth_retracked"] = {
+                f"{name}_err": float(np.median(np.abs(floor[name] - c[:, column])))
+                for name, column in (("yaw", controls.YAW), ("pitch", controls.PITCH), ("jaw", controls.JAW_OPEN))}
         return out
 
 
@@ -237,7 +237,8 @@ def evaluate(avatar_dir, video, frames: str | None = None, mask: str | None = No
             row["yaw_err"] = np.abs(rt["yaw"] - ev_set.controls[:, controls.YAW])
             row["pitch_err"] = np.abs(rt["pitch"] - ev_set.controls[:, controls.PITCH])
             row["jaw_err"] = np.abs(rt["jaw"] - ev_set.controls[:, controls.JAW_OPEN])
-            row["expr_err"] = np.sqrt(((rt["expression"][:, :k] - ev_set.controls[:, controls.EXPRESSION_COLUMNS][:, :k]) ** 2).mean(1))
+            requested = ev_set.controls[:, controls.EXPRESSION_COLUMNS][:, :k]
+            row["expr_err"] = np.sqrt(((rt["expression"][:, :k] - requested) ** 2).mean(1))
             if method == "avatar":
                 row.update(_pose_shift(avatar, tracker, ev_set.controls, tr_set.controls, rt))
         result.per_frame[method] = row

@@ -83,11 +83,11 @@ class FitJob:
         settings = {"source": str(x.source), "preset": x.preset.to_json(), "prior": str(x.prior) if x.prior else None,
                     "e4e": str(x.e4e) if x.e4e else None, "train_frames": x.train_frames,
                     "pivot_method": x.pivot_method, "seed": x.seed}
-        if settings_path.is_file():
+        if (self.work / "track.safetensors").is_file():  # a stage finished: the fit has really started
             if not x.resume:
                 raise FitError(f"{x.avatar}: a fit already started there; pass --resume to continue it, "
                                "or choose another output directory")
-            previous = json.loads(settings_path.read_text())
+            previous = json.loads(settings_path.read_text()) if settings_path.is_file() else settings
             if previous != settings:
                 changed = sorted(k for k in settings if previous.get(k) != settings[k])
                 raise FitError(f"{x.avatar}: --resume with different settings ({', '.join(changed)}); "
@@ -117,7 +117,7 @@ class FitJob:
             log.info("stage track: %s", self.x.source)
             track = track_video(self.x.source, progress=self.x.progress)
         track.save(path)
-        return track
+        return Track.load(path)  # the saved values (float32): a resumed fit continues from the same numbers
 
     def frames(self, track: Track, resolution: int) -> dict[str, np.ndarray]:
         log.info("stage frames: aligned crops at %dpx", resolution)

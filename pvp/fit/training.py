@@ -40,7 +40,11 @@ def run_steps(name: str, steps: int, step_fn: Callable[[int], dict[str, float]],
         for key, obj in modules.items():
             obj.load_state_dict(state[key])
         start = int(state["step"])
-        log.info("%s: resuming from step %d of %d (%s)", name, start, steps, checkpoint)
+        log.info("%s: resuming from step %d of %d (%s); steps after it were not checkpointed and run again",
+                 name, start, steps, checkpoint)
+    elif resume:
+        log.warning("%s: no checkpoint at %s (the last run stopped before step %d): starting from step 0", name,
+                    checkpoint, min(every, steps))
     metrics: dict[str, float] = dict(state.get("metrics", {})) if state else {}
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=name, unit="step", disable=not progress)
     for step in bar:

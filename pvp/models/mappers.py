@@ -155,13 +155,20 @@ def save_mappers(mappers: Mappers, path) -> None:
         save_file(state, str(tmp), metadata={"config": json.dumps(mappers.cfg.to_json())})
 
 
+class MapperFileError(ValueError):
+    """A mapper file that cannot be loaded; the message names it."""
+
+
 def load_mappers(path) -> Mappers:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), "pt") as f:
-        cfg = MapperConfig.from_json(json.loads(f.metadata()["config"]))
-    state = load_file(str(path))
-    mappers = Mappers(cfg, state["pose.pivots"])
-    mappers.load_state_dict(state, strict=True)
+    try:
+        with safe_open(str(path), "pt") as f:
+            cfg = MapperConfig.from_json(json.loads((f.metadata() or {})["config"]))
+        state = load_file(str(path))
+        mappers = Mappers(cfg, state["pose.pivots"])
+        mappers.load_state_dict(state, strict=True)
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise MapperFileError(f"{path}: not a readable pvp mapper file ({type(e).__name__}: {e})") from None
     return mappers

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -19,9 +20,10 @@ class ServerProcess:
     """Starts the server and waits until it listens (``endpoint``); a context manager that stops it."""
 
     def __init__(self, avatar_dir, *extra, bind="tcp://127.0.0.1:*", threads: int | None = 1, device: str = "cpu"):
+        self.log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a log nobody reads must never block the server
         self.proc = subprocess.Popen([sys.executable, "-u", "-m", "pvp.cli", "serve", str(avatar_dir),
                                       "--bind", bind, "--device", device, *map(str, extra)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      env={**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})})
         deadline = time.time() + 120
         line = ""
@@ -31,8 +33,17 @@ class ServerProcess:
                 break
         if not line.startswith("pvp serve:"):
             self.stop()
-            raise RuntimeError(f"the server did not start: {line} {self.proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"the server did not start: {line} {self.stderr()[-2000:]}")
         self.endpoint = line.rsplit(" on ", 1)[1].strip()
+
+    def stderr(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def rss_bytes(self) -> int:
+        """The server's resident memory (Linux)."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -83,11 +83,9 @@ class RenderService:
                 "triangles": self.avatar.triangles().astype("<i4").tobytes(),
                 "shape_keys": {n: o.astype("<f4").tobytes() for n, o in zip(controls.expression_names(k), offsets)}}
 
-    def check(self, values: list[float], edits: dict[str, float], field: str = "controls") -> None:
-        """Avatar-specific checks of a request (the protocol module checked types and bounds)."""
-        if len(values) != self.num_channels:
-            raise protocol.ProtocolError(protocol.INVALID_FIELD, f"{field} has {len(values)} values; this avatar "
-                                         f"takes {self.num_channels} (see info.avatar.control_schema)", field)
+    def check_edits(self, edits: dict[str, float]) -> None:
+        """Avatar-specific check of a request's edits (the protocol module checked types, bounds and the
+        control count)."""
         unknown = sorted(set(edits) - set(self.edit_index))
         if unknown:
             raise protocol.ProtocolError(protocol.INVALID_FIELD, f"unknown edit directions {unknown}", "edits")
@@ -120,5 +118,6 @@ class RenderService:
         return out
 
     def warm_up(self) -> None:
-        self.render([FrameJob(controls.defaults(self.avatar.meta.schema), {}, "rgb8", None, 90)] * min(self.max_batch, 2))
+        job = FrameJob(controls.defaults(self.avatar.meta.schema), {}, "rgb8", None, 90)
+        self.render([job] * min(self.max_batch, 2))
 

@@ -2,8 +2,15 @@
 
 One thread does everything: it drains the socket, answers control messages at once, batches live
 render requests that arrive within a short window, and between them renders the frames of pending
-sequences round-robin, streaming each frame as it is ready. A peer that vanishes (ROUTER_MANDATORY
-reports it unreachable) loses its pending work and no one else notices.
+sequences round-robin, streaming each frame as it is ready.
+
+No client can stall or starve the others (docs/protocol.md, "Flow control"): every send is
+non-blocking; what ZeroMQ cannot take for a peer waits in that peer's own bounded outbox, and a peer
+whose outbox overflows (it stopped reading) is dropped with its work. Sequences are credit-based: a
+sequence frame is rendered only when its client has granted credit and its outbox is empty, so a slow
+reader pauses its own stream and holds at most one frame. Each client may queue a bounded amount of
+work (live frames, sequences); beyond it requests are refused with ``busy``. A peer that vanishes
+(ROUTER_MANDATORY reports it unreachable) loses its pending work.
 """
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ import logging
 import signal
 import time
 import urllib.parse
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,13 +54,34 @@ def is_loopback(endpoint: str) -> bool:
         return False
 
 
+# Per client. ZeroMQ holds at most PIPE_MESSAGES replies in its pipe to a peer, the outbox at most
+# OUTBOX_BYTES more (at least one frame always fits): together the memory bound for a client's replies.
+PIPE_MESSAGES = 4
+MAX_FRAME_BYTES = protocol.MAX_SIZE * protocol.MAX_SIZE * 4
+OUTBOX_BYTES = MAX_FRAME_BYTES + 4 * 1024 * 1024
+OUTBOX_MESSAGES = 1024
+MAX_SEQUENCES = 4  # pending render_sequence requests of one client
+LIVE_PER_BATCH = 4  # pending render requests of one client: this many batches
+
+
 @dataclass
 class Sequence:
     peer: bytes
     request_id: int
     jobs: list[FrameJob]
     first_seq: int
+    credit: int
     next: int = 0
+
+
+@dataclass
+class Peer:
+    """What the server holds for one client: its queued work and the replies ZeroMQ could not take yet."""
+
+    live: int = 0  # render requests waiting in the server's live queue
+    sequences: int = 0
+    outbox: deque = field(default_factory=deque)  # multipart messages, oldest first
+    outbox_bytes: int = 0
 
 
 @dataclass
@@ -74,25 +102,39 @@ class Server:
         self.auth = None
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full or vanished peer is reported, never waited for
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 10000)
+        self.sock.setsockopt(zmq.SNDHWM, PIPE_MESSAGES)
+        self.sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:PORT; IPv4 addresses bind as before
         if curve is not None:
             self._setup_curve(curve)
-        self.sock.bind(bind)
+        try:
+            self.sock.bind(bind)
+        except zmq.ZMQError as e:
+            self.close()
+            raise ServerConfigError(f"--bind {bind}: {e}") from None
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.pending = Pending()
+        self.peers: dict[bytes, Peer] = {}
         self.running = False
         self.served = 0
+        self.dropped_peers = 0
 
     def _setup_curve(self, curve: CurveConfig) -> None:
         import zmq.auth
         from zmq.auth.thread import ThreadAuthenticator
 
-        for path, what in ((curve.server_secret, "--curve-secret"), (curve.clients_dir, "--clients")):
-            if not path.exists():
-                raise ServerConfigError(f"{what} {path}: not found")
-        public, secret = zmq.auth.load_certificate(str(curve.server_secret))
+        if not curve.server_secret.is_file():
+            raise ServerConfigError(f"--curve-secret {curve.server_secret}: no such file (pvp keys makes one)")
+        if not curve.clients_dir.is_dir():
+            raise ServerConfigError(f"--clients {curve.clients_dir}: not a folder (it holds the accepted clients' "
+                                    ".key files)")
+        if not any(curve.clients_dir.glob("*.key")):
+            raise ServerConfigError(f"--clients {curve.clients_dir}: holds no .key file, so no client could connect")
+        try:
+            public, secret = zmq.auth.load_certificate(str(curve.server_secret))
+        except (OSError, ValueError) as e:
+            raise ServerConfigError(f"--curve-secret {curve.server_secret}: not a key file ({e})") from None
         if secret is None:
             raise ServerConfigError(f"--curve-secret {curve.server_secret}: holds no secret key")
         self.auth = ThreadAuthenticator(self.ctx)
@@ -103,18 +145,50 @@ class Server:
         self.sock.curve_server = True
 
     # -- sending ------------------------------------------------------------------------------------
+    def _peer(self, peer: bytes) -> Peer:
+        state = self.peers.get(peer)
+        if state is None:
+            state = self.peers[peer] = Peer()
+        return state
+
     def _send(self, peer: bytes, header: dict, payload: bytes | None = None) -> bool:
-        frames = [peer, protocol.pack(header)] + ([payload] if payload is not None else [])
-        try:
-            self.sock.send_multipart(frames, copy=False)
-            return True
-        except zmq.ZMQError as e:
-            if e.errno == zmq.EHOSTUNREACH:  # the peer went away: drop what it asked for
-                self._forget(peer)
-                return False
-            raise
+        """Queue a reply; False when the peer is gone (or was just dropped for not reading)."""
+        message = [peer, protocol.pack(header)] + ([payload] if payload is not None else [])
+        state = self._peer(peer)
+        state.outbox.append(message)
+        state.outbox_bytes += sum(len(part) for part in message)
+        if state.outbox_bytes > OUTBOX_BYTES or len(state.outbox) > OUTBOX_MESSAGES:
+            log.warning("client %s stopped reading its replies (%d bytes waiting): dropped with its work",
+                        peer.hex(), state.outbox_bytes)
+            self.dropped_peers += 1
+            self._forget(peer)
+            return False
+        return self._flush_peer(peer, state)
+
+    def _flush_peer(self, peer: bytes, state: Peer) -> bool:
+        """Hand the peer's outbox to ZeroMQ until its pipe is full; False when the peer is gone."""
+        while state.outbox:
+            try:
+                self.sock.send_multipart(state.outbox[0], flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:  # its pipe is full: it is reading slowly, or not at all
+                return True
+            except zmq.ZMQError as e:
+                if e.errno == zmq.EHOSTUNREACH:  # the peer went away: drop what it asked for
+                    self._forget(peer)
+                    return False
+                raise
+            state.outbox_bytes -= sum(len(part) for part in state.outbox.popleft())
+        if not (state.live or state.sequences):
+            self.peers.pop(peer, None)
+        return True
+
+    def _flush(self) -> None:
+        for peer, state in list(self.peers.items()):
+            if state.outbox:
+                self._flush_peer(peer, state)
 
     def _forget(self, peer: bytes) -> None:
+        self.peers.pop(peer, None)
         self.pending.live = [j for j in self.pending.live if j[0] != peer]
         for key in [k for k in self.pending.sequences if k[0] == peer]:
             del self.pending.sequences[key]
@@ -122,6 +196,12 @@ class Server:
 
     def _error(self, peer: bytes, err: protocol.ProtocolError, request_id=None) -> None:
         self._send(peer, protocol.error_reply(err.code, err.message, request_id, err.field))
+
+    def _end_sequence(self, key: tuple[bytes, int]) -> Sequence | None:
+        seq = self.pending.sequences.pop(key, None)
+        if seq is not None and key[0] in self.peers:
+            self.peers[key[0]].sequences -= 1
+        return seq
 
     # -- receiving ----------------------------------------------------------------------------------
     def _handle(self, frames: list) -> None:
@@ -132,27 +212,40 @@ class Server:
         raw_id = None
         try:
             msg = protocol.unpack(bytes(frames[1]))
-            raw_id = msg.get("id") if isinstance(msg.get("id"), int) and not isinstance(msg.get("id"), bool) else None
-            req = protocol.validate_request(msg)
-            kind = req["type"]
+            raw_id = protocol.request_id(msg)
+            req = protocol.validate_request(msg, self.service.num_channels)
+            kind, state = req["type"], self._peer(peer)
             if kind == "hello":
                 self._send(peer, {**self.service.info(), "id": req["id"]})
             elif kind == "face_mesh":
                 self._send(peer, {**self.service.face_mesh(), "id": req["id"]})
             elif kind == "ping":
                 self._send(peer, {"v": protocol.VERSION, "type": "pong", "id": req["id"], "time": time.time()})
+            elif kind == "credit":
+                seq = self.pending.sequences.get((peer, req["target"]))
+                if seq is not None:
+                    seq.credit = min(seq.credit + req["frames"], len(seq.jobs))
+                self._send(peer, {"v": protocol.VERSION, "type": "credited", "id": req["id"],
+                                  "target": req["target"], "found": seq is not None})
             elif kind == "cancel":
-                removed = self.pending.sequences.pop((peer, req["target"]), None)
+                removed = self._end_sequence((peer, req["target"]))
                 self._send(peer, {"v": protocol.VERSION, "type": "cancelled", "id": req["id"],
                                   "target": req["target"], "found": removed is not None})
             elif kind == "render":
-                self.service.check(req["controls"], req["edits"])
+                self.service.check_edits(req["edits"])
+                if state.live >= LIVE_PER_BATCH * self.service.max_batch:
+                    raise protocol.ProtocolError(protocol.BUSY, f"{state.live} frames of this client are waiting "
+                                                 "to render; read their replies first")
                 self.pending.live.append((peer, req["id"], _job(req, req["controls"])))
+                state.live += 1
             else:  # render_sequence
-                for i, f in enumerate(req["frames"]):
-                    self.service.check(f, req["edits"], f"frames[{i}]")
+                self.service.check_edits(req["edits"])
+                if state.sequences >= MAX_SEQUENCES:
+                    raise protocol.ProtocolError(protocol.BUSY, f"this client has {state.sequences} sequences "
+                                                 f"rendering (at most {MAX_SEQUENCES}); cancel or finish one first")
                 self.pending.sequences[(peer, req["id"])] = Sequence(
-                    peer, req["id"], [_job(req, f) for f in req["frames"]], req["first_seq"])
+                    peer, req["id"], [_job(req, f) for f in req["frames"]], req["first_seq"], req["credit"])
+                state.sequences += 1
         except protocol.ProtocolError as e:
             self._error(peer, e, raw_id)
 
@@ -176,24 +269,33 @@ class Server:
         self._drain(0)
         batch, self.pending.live = (self.pending.live[:self.service.max_batch],
                                     self.pending.live[self.service.max_batch:])
+        for peer, _, _ in batch:
+            if peer in self.peers:
+                self.peers[peer].live -= 1
         results = self._safe_render([job for _, _, job in batch], [(p, i) for p, i, _ in batch])
         for (peer, request_id, job), result in zip(batch, results or []):
             w, h, payload = result
             self._send(peer, protocol.frame_header(request_id, w, h, job.format), payload)
             self.served += 1
 
+    def _ready(self, seq: Sequence) -> bool:
+        """A sequence frame may render: its client granted credit and took every reply already sent."""
+        state = self.peers.get(seq.peer)
+        return seq.next < len(seq.jobs) and seq.credit > 0 and state is not None and not state.outbox
+
     def _render_sequences(self) -> None:
-        """Up to one batch of frames, taken round-robin from the pending sequences."""
+        """Up to one batch of frames, taken round-robin from the sequences that may render."""
         picks: list[tuple[Sequence, int]] = []
-        while len(picks) < self.service.max_batch and self.pending.sequences:
-            progressed = False
-            for seq in list(self.pending.sequences.values()):
-                if seq.next < len(seq.jobs) and len(picks) < self.service.max_batch:
-                    picks.append((seq, seq.next))
-                    seq.next += 1
-                    progressed = True
-            if not progressed:
+        while len(picks) < self.service.max_batch:
+            ready = [s for s in self.pending.sequences.values() if self._ready(s)]
+            if not ready:
                 break
+            for seq in ready[:self.service.max_batch - len(picks)]:
+                picks.append((seq, seq.next))
+                seq.next += 1
+                seq.credit -= 1
+        if not picks:
+            return
         results = self._safe_render([s.jobs[i] for s, i in picks], [(s.peer, s.request_id) for s, _ in picks])
         for (seq, i), result in zip(picks, results or []):
             key = (seq.peer, seq.request_id)
@@ -202,9 +304,9 @@ class Server:
             w, h, payload = result
             header = protocol.frame_header(seq.request_id, w, h, seq.jobs[i].format, seq.first_seq + i)
             if self._send(seq.peer, header, payload) and i == len(seq.jobs) - 1:
+                self._end_sequence(key)
                 self._send(seq.peer, {"v": protocol.VERSION, "type": "done", "id": seq.request_id,
                                       "count": len(seq.jobs)})
-                self.pending.sequences.pop(key, None)
             self.served += 1
 
     def _safe_render(self, jobs, owners):
@@ -213,9 +315,9 @@ class Server:
         except Exception as e:  # a render failure must not take the server down
             log.exception("render failed")
             for peer, request_id in dict.fromkeys(owners):
-                self._send(peer, protocol.error_reply(protocol.INTERNAL, f"render failed: {type(e).__name__}",
+                self._end_sequence((peer, request_id))
+                self._send(peer, protocol.error_reply(protocol.INTERNAL, f"render failed: {type(e).__name__}: {e}",
                                                       request_id))
-                self.pending.sequences.pop((peer, request_id), None)
             return None
 
     # -- loop ---------------------------------------------------------------------------------------
@@ -227,12 +329,15 @@ class Server:
         log.info("serving %s on %s", self.service.avatar.meta.name, self.endpoint)
         try:
             while self.running:
-                busy = self.pending.live or self.pending.sequences
-                self._drain(0 if busy else 50)
+                renderable = self.pending.live or any(self._ready(s) for s in self.pending.sequences.values())
+                waiting = any(state.outbox for state in self.peers.values())
+                self._drain(0 if renderable else 2 if waiting else 50)
+                self._flush()
                 if self.pending.live:
                     self._render_live()
-                elif self.pending.sequences:
+                else:
                     self._render_sequences()
+                self._flush()
         finally:
             self.close()
 
