@@ -310,16 +310,28 @@ class PVP_OT_add_rig(bpy.types.Operator):
 class PVP_OT_import_track(bpy.types.Operator, ImportHelper):
     bl_idname = "pvp.import_track"
     bl_label = "Import FLAME Track"
-    bl_description = ("Keyframe the rig from a driving performance: pvp track, DECA/EMOCA codes, NHA npz, "
-                      "metrical-tracker frames or CSV")
+    bl_description = ("Keyframe the rig from a driving performance (pvp track, DECA/EMOCA codes, NHA npz, "
+                      "metrical-tracker frames or CSV) as a take of its own, source timing kept")
     bl_options = {"REGISTER", "UNDO"}
 
     filter_glob: StringProperty(default="*.safetensors;*.npz;*.pt;*.pth;*.pkl;*.csv", options={"HIDDEN"})
-    start_frame: IntProperty(name="Start frame", default=1)
+    start_frame: IntProperty(name="Start frame", default=1, description="the scene frame of the take's first frame")
     resample: BoolProperty(name="Resample to scene fps", default=True,
-                           description="interpolate the track's frames onto the scene's frame rate when it says its fps")
+                           description="place the take's frames by its frame rate (when known) on the scene's")
     source_fps: FloatProperty(name="Track fps", default=0.0, min=0.0,
-                              description="the track's frame rate when the file does not say (0: one key per frame)")
+                              description="the track's frame rate when the file does not say (0: one scene frame "
+                                          "per track frame)")
+    gaps: EnumProperty(name="Gaps", default="HOLD", items=[
+        ("HOLD", "Hold", "frames without a face hold the last value"),
+        ("INTERPOLATE", "Interpolate", "frames without a face interpolate between their neighbours")])
+    mode: EnumProperty(name="Into", default="STRIP", items=[
+        ("STRIP", "New NLA strip", "the take becomes its own action on an NLA track (importing the same file "
+                                   "again replaces it); other keys are never touched"),
+        ("MERGE", "Active action", "write into the active action, replacing its keys of these channels inside "
+                                   "the take's range only")])
+    set_frame_range: BoolProperty(name="Scene range follows the take", default=False)
+    smoothing: FloatProperty(name="Smoothing (frames)", default=0.0, min=0.0, max=20.0,
+                             description="Gaussian smoothing of the imported channels over time (0: the raw take)")
     renormalize: EnumProperty(name="Normalization", default="RENORMALIZE", items=[
         ("RENORMALIZE", "Renormalize", "map jaw and expression from the track's mean/std to the avatar's "
                                        "(paper, appendix B): for another person's performance"),
@@ -329,36 +341,50 @@ class PVP_OT_import_track(bpy.types.Operator, ImportHelper):
     use_expression: BoolProperty(name="Expression", default=True)
 
     def execute(self, context):
-        s, props = runtime.session, context.scene.pvp
-        reader = scene_rig(self, context.scene)
+        s, props, scene = runtime.session, context.scene.pvp, context.scene
+        reader = scene_rig(self, scene)
         if reader is None:
             return {"CANCELLED"}
         groups = [g for g, on in (("head", self.use_head), ("jaw", self.use_jaw), ("expression", self.use_expression))
                   if on]
+        avatar = s.info["avatar"]
+        scene_fps = scene.render.fps / scene.render.fps_base
         try:
             keys = key_table(self.filepath, reader.schema, groups, self.renormalize == "RENORMALIZE",
-                             s.info["avatar"]["expression_stats"], self.start_frame,
-                             context.scene.render.fps / context.scene.render.fps_base, self.resample, self.source_fps)
+                             avatar["expression_stats"], self.start_frame, scene_fps, self.resample, self.source_fps,
+                             self.smoothing, (avatar.get("expression_maps") or {}).get("flame"))
         except (DrivingError, ValueError) as e:
-            self.report({"ERROR"}, str(e))
+            message = str(e)
+            self.report({"ERROR"}, message if Path(self.filepath).name in message else f"{self.filepath}: {message}")
             return {"CANCELLED"}
-        write_controls(reader, props, keys.names, keys.frames, keys.values)
-        self.report({"INFO"}, f"{len(keys.frames)} frames × {len(keys.names)} channels from {Path(self.filepath).name}")
+        write_controls(reader, props, f"PVP {Path(self.filepath).stem}", keys, self.gaps, self.mode)
+        if self.set_frame_range:
+            scene.frame_start, scene.frame_end = keys.frame_range
+        timing = (f"{keys.source_fps:g} fps onto the scene's {scene_fps:g}" if keys.source_fps and self.resample
+                  else "one scene frame per track frame")
+        for note in keys.notes:
+            self.report({"WARNING"} if "FLAME" in note else {"INFO"}, note)
+        self.report({"INFO"}, f"{len(keys.frames)} keys × {len(keys.names)} channels from {Path(self.filepath).name}, "
+                              f"frames {keys.frame_range[0]}–{keys.frame_range[1]} ({timing})")
         return {"FINISHED"}
 
 
-def write_controls(reader: bl_rig.RigReader, props, names, frames, table) -> None:
+def write_controls(reader: bl_rig.RigReader, props, take: str, keys, gaps: str, mode: str) -> None:
+    """Key the rig's bones and the control mesh's shape keys from a KeyTable."""
     spec = reader.spec
-    for j, name in enumerate(names):
+    bones, shapes = [], []
+    for j, name in enumerate(keys.names):
         if name in spec.channels:
-            targets = [spec.bone_target(name, v) for v in table[:, j]]
+            targets = [spec.bone_target(name, v) for v in keys.values[:, j]]
             bone, axis = targets[0][:2]
-            bl_rig.write_keys(props.rig, f'pose.bones["{bone}"].rotation_euler', axis, frames,
-                              np.array([t[2] for t in targets]), group=bone)
+            bones.append((f'pose.bones["{bone}"].rotation_euler', axis, bone, np.array([t[2] for t in targets])))
         elif props.mesh is not None and props.mesh.data.shape_keys is not None:
-            key = props.mesh.data.shape_keys
-            if spec.shape_key(name) in key.key_blocks:
-                bl_rig.write_keys(key, f'key_blocks["{spec.shape_key(name)}"].value', -1, frames, table[:, j])
+            if spec.shape_key(name) in props.mesh.data.shape_keys.key_blocks:
+                shapes.append((f'key_blocks["{spec.shape_key(name)}"].value', -1, "", keys.values[:, j]))
+    if bones:
+        bl_rig.write_take(props.rig, take, bones, keys.frames, keys.hold_after, gaps, mode)
+    if shapes:
+        bl_rig.write_take(props.mesh.data.shape_keys, take, shapes, keys.frames, keys.hold_after, gaps, mode)
 
 
 def timeline_controls(scene, reader) -> list[tuple[int, list[float], dict]]:
@@ -389,6 +415,7 @@ class FrameStepper:
                     self.step(context)
                 self.on_finished(context)
             except (ServerUnavailable, ServerError, OSError, ValueError) as e:
+                self.cancel_job()  # the server stops rendering what nobody will read
                 self.report({"ERROR"}, str(e))
                 return {"CANCELLED"}
             self.report({"INFO"}, self.summary())
@@ -407,6 +434,7 @@ class FrameStepper:
             try:
                 self.step(context)
             except (ServerUnavailable, ServerError, OSError) as e:
+                self.cancel_job()
                 return self.end(context, {"CANCELLED"}, str(e), "ERROR")
             context.window_manager.progress_update(self.done())
             context.workspace.status_text_set(f"PVP: {self.done()}/{self.total()} frames — Esc to cancel")

@@ -75,12 +75,14 @@ class AvatarMeta:
     metrics: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     edits: list[dict] = field(default_factory=list)
+    expression_maps: dict = field(default_factory=dict)  # basis name -> {weights, bias, ...}
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "id": self.id, "name": self.name, "resolution": self.resolution,
                 "control_schema": self.schema, "expression_stats": {"mean": self.stats.mean, "std": self.stats.std},
                 "preset": self.preset, "tracker_backend": self.tracker_backend, "losses": self.losses,
-                "metrics": self.metrics, "provenance": self.provenance, "edits": self.edits}
+                "metrics": self.metrics, "provenance": self.provenance, "edits": self.edits,
+                "expression_maps": self.expression_maps}
 
     @classmethod
     def from_json(cls, d: dict, source: str) -> "AvatarMeta":
@@ -93,7 +95,7 @@ class AvatarMeta:
                        stats=ExpressionStats(**d["expression_stats"]), id=d["id"], name=d.get("name", "avatar"),
                        preset=d.get("preset", ""), tracker_backend=d.get("tracker_backend", ""),
                        losses=d.get("losses", {}), metrics=d.get("metrics", {}), provenance=d.get("provenance", {}),
-                       edits=d.get("edits", []))
+                       edits=d.get("edits", []), expression_maps=d.get("expression_maps", {}))
         except (KeyError, TypeError, ValueError) as e:
             raise AvatarError(f"{source}: bad avatar.json ({e})") from None
 
@@ -146,17 +148,21 @@ class Avatar(nn.Module):
     def latents(self, ctrl: torch.Tensor, edits: torch.Tensor | None = None) -> torch.Tensor:
         """ctrl [B, C]; edits [B, E] strengths (E = number of edit directions) -> W+ [B, num_ws, w_dim].
         Controls are clamped to the schema's ranges: the region the avatar learned."""
-        if ctrl.ndim != 2 or ctrl.shape[1] != self.num_channels:
-            raise ValueError(f"controls must be [batch, {self.num_channels}], got {list(ctrl.shape)}")
-        ctrl = torch.maximum(torch.minimum(ctrl.to(self.device, torch.float32), self.ctrl_max), self.ctrl_min)
-        w, _ = self.mappers(*mapper_inputs(ctrl))
+        w, _ = self.mappers(*mapper_inputs(self.clamp(ctrl)))
         if edits is not None and len(self.edit_names):
             w = w + torch.einsum("be,eld->bld", edits.to(self.device, torch.float32), self.edit_directions)
         return w
 
+    def clamp(self, ctrl: torch.Tensor) -> torch.Tensor:
+        """Controls [B, C] clamped to the schema's ranges: the region the avatar learned."""
+        if ctrl.ndim != 2 or ctrl.shape[1] != self.num_channels:
+            raise ValueError(f"controls must be [batch, {self.num_channels}], got {list(ctrl.shape)}")
+        return torch.maximum(torch.minimum(ctrl.to(self.device, torch.float32), self.ctrl_max), self.ctrl_min)
+
     @torch.no_grad()
     def render(self, ctrl: torch.Tensor, edits: torch.Tensor | None = None, dtype=torch.float32) -> torch.Tensor:
         """-> [B, 3, R, R] in [-1, 1]; head_roll rotates the image in its plane."""
+        ctrl = self.clamp(ctrl)
         img = self.generator.synthesis(self.latents(ctrl, edits), noise_mode="const", dtype=dtype)
         return rotate_images(img, ctrl[:, controls.ROLL].to(img.device))
 
@@ -217,9 +223,14 @@ class Avatar(nn.Module):
             if not path.is_file():
                 raise AvatarError(f"{d}: edit {e['name']!r} is listed in avatar.json but {path} is missing")
             edits[e["name"]] = load_file(str(path))["direction"]
-        if controls.expression_dim(meta.schema) != cfg.expression_coefficients:
-            raise AvatarError(f"{meta_path}: the control schema has {controls.expression_dim(meta.schema)} expression "
-                              f"channels, the mappers take {cfg.expression_coefficients} expression coefficients")
+        if (controls.expression_dim(meta.schema) != cfg.expression_coefficients
+                or controls.channel_names(meta.schema)[:controls.EXPRESSION_COLUMNS.start] != [*controls.HEAD,
+                                                                                               *controls.JAW]):
+            names = ", ".join(controls.channel_names(meta.schema)[:6])
+            raise AvatarError(f"{meta_path}: the control schema ({names}, ... {controls.expression_dim(meta.schema)} "
+                              "expression channels) does not match the "
+                              f"mappers (head yaw/pitch/roll, jaw open/lateral, {cfg.expression_coefficients} expression "
+                              "coefficients)")
         avatar = cls(meta, generator, mappers, face_model, edits).to(device)
         if face_arrays is not None and "face_model.triangles" in face_arrays:
             avatar.face_triangles = face_arrays["face_model.triangles"].astype(np.int32)

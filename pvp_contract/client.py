@@ -94,9 +94,8 @@ class CreditWindow:
 
     def received(self, frames: int = 1) -> None:
         self.unacknowledged += frames
-        if self.unacknowledged >= max(1, self.size // 2):
-            self.client.grant(self.request_id, self.unacknowledged)
-            self.unacknowledged = 0
+        if self.unacknowledged >= max(1, self.size // 2) and self.client.grant(self.request_id, self.unacknowledged):
+            self.unacknowledged = 0  # a grant that could not be sent goes out with the next one
 
 
 def _reply(frames: list[bytes]) -> tuple[dict, bytes | None]:
@@ -234,14 +233,16 @@ class Client:
                 self.cancel(request_id)
 
     def render_sequence(self, frames, **options):
-        return self.stream(self.start_sequence(frames, **options), len(frames))
+        credit = options.get("credit", protocol.DEFAULT_CREDIT)
+        return self.stream(self.start_sequence(frames, **options), len(frames), credit)
 
-    def grant(self, target: int, frames: int) -> None:
-        """Let the server send ``frames`` more frames of sequence ``target``."""
+    def grant(self, target: int, frames: int) -> bool:
+        """Let the server send ``frames`` more frames of sequence ``target``; False when it could not be sent."""
         try:
             self.send("credit", target=target, frames=frames)
         except zmq.ZMQError:
-            pass
+            return False
+        return True
 
     def cancel(self, target: int) -> None:
         try:

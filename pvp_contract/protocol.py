@@ -18,7 +18,7 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # requests; ZMQ_MAXMSGSIZE on the server so
 MAX_CHANNELS = 1024
 MAX_EDITS = 256
 MAX_SEQUENCE = 4096
-DEFAULT_CREDIT = 16  # frames of a sequence the server may send ahead of the client's reading (flow control)
+DEFAULT_CREDIT = 16  # the client library's window: frames of a sequence the server may send ahead of its reading
 MAX_ID = 2**63 - 1
 MIN_SIZE, MAX_SIZE = 16, 2048
 MAX_CONTROL = 1.0e4  # magnitude; each channel is then clamped to its schema range
@@ -150,7 +150,9 @@ def validate_request(msg: dict, channels: int | None = None) -> dict:
         out["frames"] = [_controls(f, f"frames[{i}]") for i, f in enumerate(frames)]
         out["edits"] = _edits(msg.get("edits"), "edits")
         out["first_seq"] = _int(msg.get("first_seq", 0), "first_seq", 0, MAX_ID)
-        out["credit"] = _int(msg.get("credit", DEFAULT_CREDIT), "credit", 1, MAX_SEQUENCE)
+        # no credit field (clients before flow control): no credit limit; the server still renders only as
+        # fast as the client reads
+        out["credit"] = None if msg.get("credit") is None else _int(msg["credit"], "credit", 1, MAX_SEQUENCE)
         out.update(_output(msg))
     elif kind == "credit":
         out["target"] = _int(msg.get("target"), "target", 0, MAX_ID)

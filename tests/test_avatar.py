@@ -97,3 +97,11 @@ def test_mapper_files_from_before_the_config_rename_load(tmp_path):
               metadata={"config": json.dumps(config)})
     old = load_mappers(tmp_path / "old.safetensors")
     assert old.cfg == avatar.mappers.cfg and old.cfg.expression_coefficients == 4
+
+
+def test_head_roll_is_clamped_like_every_control():
+    avatar = random_avatar(resolution=32, expression_dim=4)
+    limit = avatar.meta.schema["channels"][2]["max"]
+    over, at = torch.zeros(1, avatar.num_channels), torch.zeros(1, avatar.num_channels)
+    over[0, 2], at[0, 2] = limit + 150.0, limit
+    assert torch.equal(avatar.render(over), avatar.render(at))

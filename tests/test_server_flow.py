@@ -236,3 +236,35 @@ def test_an_ipv6_loopback_bind_serves(avatar_dir):
     with ServerProcess(avatar_dir, bind="tcp://[::1]:*") as srv:
         assert srv.endpoint.startswith("tcp://[::1]:")
         assert Client(srv.endpoint, timeout_s=30).ping() < 5.0
+
+
+def test_a_reader_of_large_frames_is_never_mistaken_for_a_stalled_client(server):
+    client = Client(server.endpoint, timeout_s=60)
+    frames = list(client.render_sequence([_controls(i) for i in range(40)], size=1024, credit=4))
+    assert [f.seq for f in frames] == list(range(40)) and all(len(f.data) == 1024 * 1024 * 3 for f in frames)
+    frames = list(client.render_sequence([_controls(i) for i in range(24)], fmt="rgba8", size=2048))
+    assert len(frames) == 24
+
+
+def test_a_sequence_without_a_credit_field_streams_whole(server):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.endpoint)
+    sock.send(protocol.request("render_sequence", 9, frames=[_controls(i) for i in range(30)], size=32))
+    kinds = []
+    while "done" not in kinds:
+        assert sock.poll(30000), kinds
+        kinds.append(protocol.unpack(sock.recv_multipart()[0])["type"])
+    assert kinds.count("frame") == 30
+    sock.close(linger=0)
+
+
+def test_a_sequence_id_in_use_is_refused(server):
+    client = Client(server.endpoint, timeout_s=30)
+    first = client.start_sequence([_controls(i) for i in range(50)], size=32, credit=1)
+    client.sock.send(protocol.request("render_sequence", first, frames=[_controls(0)], size=32, credit=1))
+    end, errors = time.monotonic() + 10, []
+    while not errors and time.monotonic() < end:
+        errors = [h for h, _ in client.poll(0.2) if h["type"] == "error"]
+    assert errors and errors[0]["id"] == first and errors[0]["field"] == "id"
+    client.cancel(first)

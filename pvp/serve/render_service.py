@@ -63,7 +63,8 @@ class RenderService:
         return {"v": protocol.VERSION, "type": "info", "server": f"pvp {__version__}",
                 "avatar": {"id": m.id, "name": m.name, "resolution": m.resolution, "control_schema": m.schema,
                            "expression_stats": {"mean": m.stats.mean, "std": m.stats.std},
-                           "edits": m.edits, "has_face_model": self.avatar.face_model is not None},
+                           "edits": m.edits, "expression_maps": m.expression_maps,
+                           "has_face_model": self.avatar.face_model is not None},
                 "limits": {"max_batch": self.max_batch, "max_sequence": protocol.MAX_SEQUENCE,
                            "min_size": protocol.MIN_SIZE, "max_size": protocol.MAX_SIZE,
                            "formats": list(protocol.FORMATS), "max_message_bytes": protocol.MAX_MESSAGE_BYTES}}

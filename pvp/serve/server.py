@@ -5,12 +5,14 @@ render requests that arrive within a short window, and between them renders the 
 sequences round-robin, streaming each frame as it is ready.
 
 No client can stall or starve the others (docs/protocol.md, "Flow control"): every send is
-non-blocking; what ZeroMQ cannot take for a peer waits in that peer's own bounded outbox, and a peer
-whose outbox overflows (it stopped reading) is dropped with its work. Sequences are credit-based: a
-sequence frame is rendered only when its client has granted credit and its outbox is empty, so a slow
-reader pauses its own stream and holds at most one frame. Each client may queue a bounded amount of
-work (live frames, sequences); beyond it requests are refused with ``busy``. A peer that vanishes
-(ROUTER_MANDATORY reports it unreachable) loses its pending work.
+non-blocking; what ZeroMQ cannot take for a peer waits in that peer's own outbox. A peer's frames are
+rendered only while its outbox is empty, at most PER_PEER_FRAMES of them a batch, so a slow reader
+pauses its own work and its outbox stays bounded; a peer whose outbox still overflows (a flood of
+requests it never reads the replies of) is dropped with its work. Sequences are also credit-based:
+frames are rendered only as the client grants credit. Live renders and sequences take turns, and
+sequences are served round-robin. Each client may queue a bounded amount of work; beyond it requests
+are refused with ``busy``. A peer that vanishes (ROUTER_MANDATORY reports it unreachable, or its
+sequence waits for credit longer than SEQUENCE_IDLE_S) loses its pending work.
 """
 from __future__ import annotations
 
@@ -54,14 +56,18 @@ def is_loopback(endpoint: str) -> bool:
         return False
 
 
-# Per client. ZeroMQ holds at most PIPE_MESSAGES replies in its pipe to a peer, the outbox at most
-# OUTBOX_BYTES more (at least one frame always fits): together the memory bound for a client's replies.
+# Per client. ZeroMQ holds at most PIPE_MESSAGES replies in its pipe to a peer; frames are rendered for a
+# peer only while its outbox is empty, PER_PEER_FRAMES at most a batch (live and sequence frames each), so
+# its outbox holds at most 2 * PER_PEER_FRAMES frames plus control replies: OUTBOX_BYTES bounds it.
 PIPE_MESSAGES = 4
+PER_PEER_FRAMES = 4
 MAX_FRAME_BYTES = protocol.MAX_SIZE * protocol.MAX_SIZE * 4
-OUTBOX_BYTES = MAX_FRAME_BYTES + 4 * 1024 * 1024
+OUTBOX_BYTES = 2 * PER_PEER_FRAMES * MAX_FRAME_BYTES + 16 * 1024 * 1024
 OUTBOX_MESSAGES = 1024
 MAX_SEQUENCES = 4  # pending render_sequence requests of one client
 LIVE_PER_BATCH = 4  # pending render requests of one client: this many batches
+SEQUENCE_IDLE_S = 120.0  # a sequence waiting this long for credit: its client is gone
+MAX_DRAIN = 1000  # requests read before the loop renders again
 
 
 @dataclass
@@ -72,6 +78,7 @@ class Sequence:
     first_seq: int
     credit: int
     next: int = 0
+    waiting_since: float | None = None  # when its credit ran out
 
 
 @dataclass
@@ -155,6 +162,8 @@ class Server:
         """Queue a reply; False when the peer is gone (or was just dropped for not reading)."""
         message = [peer, protocol.pack(header)] + ([payload] if payload is not None else [])
         state = self._peer(peer)
+        if state.outbox and not self._flush_peer(peer, state):
+            return False
         state.outbox.append(message)
         state.outbox_bytes += sum(len(part) for part in message)
         if state.outbox_bytes > OUTBOX_BYTES or len(state.outbox) > OUTBOX_MESSAGES:
@@ -224,7 +233,7 @@ class Server:
             elif kind == "credit":
                 seq = self.pending.sequences.get((peer, req["target"]))
                 if seq is not None:
-                    seq.credit = min(seq.credit + req["frames"], len(seq.jobs))
+                    seq.credit, seq.waiting_since = min(seq.credit + req["frames"], len(seq.jobs)), None
                 self._send(peer, {"v": protocol.VERSION, "type": "credited", "id": req["id"],
                                   "target": req["target"], "found": seq is not None})
             elif kind == "cancel":
@@ -240,11 +249,15 @@ class Server:
                 state.live += 1
             else:  # render_sequence
                 self.service.check_edits(req["edits"])
+                if (peer, req["id"]) in self.pending.sequences:
+                    raise protocol.ProtocolError(protocol.INVALID_FIELD, f"id {req['id']} is a sequence of this "
+                                                 "client still rendering; ids must be unique", "id")
                 if state.sequences >= MAX_SEQUENCES:
                     raise protocol.ProtocolError(protocol.BUSY, f"this client has {state.sequences} sequences "
                                                  f"rendering (at most {MAX_SEQUENCES}); cancel or finish one first")
+                credit = len(req["frames"]) if req["credit"] is None else req["credit"]
                 self.pending.sequences[(peer, req["id"])] = Sequence(
-                    peer, req["id"], [_job(req, f) for f in req["frames"]], req["first_seq"], req["credit"])
+                    peer, req["id"], [_job(req, f) for f in req["frames"]], req["first_seq"], credit)
                 state.sequences += 1
         except protocol.ProtocolError as e:
             self._error(peer, e, raw_id)
@@ -253,7 +266,7 @@ class Server:
         """Receive everything waiting (after waiting up to timeout_ms for the first message)."""
         if not self.sock.poll(timeout_ms, zmq.POLLIN):
             return
-        while True:
+        for _ in range(MAX_DRAIN):  # a flood of requests must not keep the loop from rendering
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -261,42 +274,67 @@ class Server:
             self._handle([f.bytes if hasattr(f, "bytes") else f for f in frames])
 
     # -- rendering ----------------------------------------------------------------------------------
+    def _may_render_for(self, peer: bytes) -> bool:
+        """Frames are rendered for a peer only once it has taken every reply sent to it."""
+        state = self.peers.get(peer)
+        return state is not None and not state.outbox
+
     def _render_live(self) -> None:
         deadline = time.perf_counter() + self.window
         while len(self.pending.live) < self.service.max_batch and time.perf_counter() < deadline:
             self._drain(0)
             time.sleep(0.0002)
         self._drain(0)
-        batch, self.pending.live = (self.pending.live[:self.service.max_batch],
-                                    self.pending.live[self.service.max_batch:])
-        for peer, _, _ in batch:
-            if peer in self.peers:
-                self.peers[peer].live -= 1
-        results = self._safe_render([job for _, _, job in batch], [(p, i) for p, i, _ in batch])
-        for (peer, request_id, job), result in zip(batch, results or []):
-            w, h, payload = result
-            self._send(peer, protocol.frame_header(request_id, w, h, job.format), payload)
-            self.served += 1
+        batch, rest, per_peer = [], [], {}
+        for entry in self.pending.live:
+            peer = entry[0]
+            if (len(batch) < self.service.max_batch and self._may_render_for(peer)
+                    and per_peer.get(peer, 0) < PER_PEER_FRAMES):
+                batch.append(entry)
+                per_peer[peer] = per_peer.get(peer, 0) + 1
+            else:
+                rest.append(entry)
+        self.pending.live = rest
+        if not batch:
+            return
+        results = self._safe_render([job for _, _, job in batch], [(p, i) for p, i, _ in batch], sequences=False)
+        for (peer, request_id, job), result in zip(batch, results or [None] * len(batch)):
+            state = self.peers.get(peer)
+            if state is None:
+                continue  # dropped during this batch: its replies are moot
+            state.live -= 1
+            if result is not None:
+                w, h, payload = result
+                self._send(peer, protocol.frame_header(request_id, w, h, job.format), payload)
+                self.served += 1
 
     def _ready(self, seq: Sequence) -> bool:
         """A sequence frame may render: its client granted credit and took every reply already sent."""
-        state = self.peers.get(seq.peer)
-        return seq.next < len(seq.jobs) and seq.credit > 0 and state is not None and not state.outbox
+        return seq.next < len(seq.jobs) and seq.credit > 0 and self._may_render_for(seq.peer)
 
     def _render_sequences(self) -> None:
-        """Up to one batch of frames, taken round-robin from the sequences that may render."""
+        """Up to one batch of frames: one per ready sequence in turn (round-robin across batches), at most
+        PER_PEER_FRAMES per client."""
         picks: list[tuple[Sequence, int]] = []
+        per_peer: dict[bytes, int] = {}
         while len(picks) < self.service.max_batch:
-            ready = [s for s in self.pending.sequences.values() if self._ready(s)]
+            ready = [s for s in self.pending.sequences.values()
+                     if self._ready(s) and per_peer.get(s.peer, 0) < PER_PEER_FRAMES]
             if not ready:
                 break
             for seq in ready[:self.service.max_batch - len(picks)]:
                 picks.append((seq, seq.next))
                 seq.next += 1
                 seq.credit -= 1
+                per_peer[seq.peer] = per_peer.get(seq.peer, 0) + 1
+        for seq, _ in picks:  # the next batch starts with the sequences this one did not reach
+            key = (seq.peer, seq.request_id)
+            if key in self.pending.sequences:
+                self.pending.sequences.move_to_end(key)
         if not picks:
             return
         results = self._safe_render([s.jobs[i] for s, i in picks], [(s.peer, s.request_id) for s, _ in picks])
+        now = time.monotonic()
         for (seq, i), result in zip(picks, results or []):
             key = (seq.peer, seq.request_id)
             if key not in self.pending.sequences:
@@ -307,15 +345,27 @@ class Server:
                 self._end_sequence(key)
                 self._send(seq.peer, {"v": protocol.VERSION, "type": "done", "id": seq.request_id,
                                       "count": len(seq.jobs)})
+            elif seq.credit == 0 and seq.waiting_since is None:
+                seq.waiting_since = now
             self.served += 1
 
-    def _safe_render(self, jobs, owners):
+    def _expire_idle_sequences(self) -> None:
+        """ZeroMQ says nothing when a peer disconnects: a sequence waiting for credit too long is dropped."""
+        now = time.monotonic()
+        for key, seq in list(self.pending.sequences.items()):
+            if seq.waiting_since is not None and now - seq.waiting_since > SEQUENCE_IDLE_S:
+                log.warning("sequence %d of client %s got no credit for %.0f s: dropped", seq.request_id,
+                            seq.peer.hex(), SEQUENCE_IDLE_S)
+                self._end_sequence(key)
+
+    def _safe_render(self, jobs, owners, sequences: bool = True):
         try:
             return self.service.render(jobs)
         except Exception as e:  # a render failure must not take the server down
             log.exception("render failed")
             for peer, request_id in dict.fromkeys(owners):
-                self._end_sequence((peer, request_id))
+                if sequences:
+                    self._end_sequence((peer, request_id))
                 self._send(peer, protocol.error_reply(protocol.INTERNAL, f"render failed: {type(e).__name__}: {e}",
                                                       request_id))
             return None
@@ -328,16 +378,22 @@ class Server:
                 signal.signal(sig, lambda *_: self.stop())
         log.info("serving %s on %s", self.service.avatar.meta.name, self.endpoint)
         try:
+            live_turn, last_expiry = True, time.monotonic()
             while self.running:
-                renderable = self.pending.live or any(self._ready(s) for s in self.pending.sequences.values())
+                live = any(self._may_render_for(p) for p, _, _ in self.pending.live)
+                sequences = any(self._ready(s) for s in self.pending.sequences.values())
                 waiting = any(state.outbox for state in self.peers.values())
-                self._drain(0 if renderable else 2 if waiting else 50)
+                self._drain(0 if live or sequences else 10 if waiting else 50)
                 self._flush()
-                if self.pending.live:
+                if live and (live_turn or not sequences):  # live renders and sequences take turns
                     self._render_live()
-                else:
+                elif sequences:
                     self._render_sequences()
+                live_turn = not live_turn
                 self._flush()
+                if time.monotonic() - last_expiry > 1.0:
+                    self._expire_idle_sequences()
+                    last_expiry = time.monotonic()
         finally:
             self.close()
 
