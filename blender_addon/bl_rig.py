@@ -11,7 +11,6 @@ from .rig import RigSpec
 
 INTEROCULAR_M = 0.063  # the face model's unit (interocular distance 1) in metres
 EYE_LEVEL_M = 0.25
-LINEAR = 1  # index of 'LINEAR' in Keyframe.interpolation (CONSTANT, LINEAR, BEZIER, ...)
 
 
 # --- building --------------------------------------------------------------------------------------------
@@ -137,23 +136,61 @@ def add_edit_properties(rig: bpy.types.Object, spec: RigSpec, edits: list[dict])
 
 # --- reading ---------------------------------------------------------------------------------------------
 
+def _action_curves(action, slot) -> list:
+    if slot is not None:  # slotted actions (Blender 4.4+)
+        from bpy_extras import anim_utils
+
+        bag = anim_utils.action_get_channelbag_for_slot(action, slot)
+        return list(bag.fcurves) if bag is not None else []
+    return list(action.fcurves)
+
+
 def fcurves_of(idblock) -> list:
-    """The F-curves animating a datablock (slotted actions in Blender 4.4+, legacy actions before)."""
+    """The F-curves of a datablock's active action (slotted actions in Blender 4.4+, legacy before)."""
     ad = getattr(idblock, "animation_data", None)
     if ad is None or ad.action is None:
         return []
-    slot = getattr(ad, "action_slot", None)
-    if slot is not None:
-        from bpy_extras import anim_utils
+    return _action_curves(ad.action, getattr(ad, "action_slot", None))
 
-        bag = anim_utils.action_get_channelbag_for_slot(ad.action, slot)
-        return list(bag.fcurves) if bag is not None else []
-    return list(ad.action.fcurves)
+
+class CurveStack:
+    """A datablock's animation as F-curves at any frame: its NLA strips, bottom track first, then the active
+    action on top (each later source replaces a channel it animates, as NLA 'Replace' strips at full
+    influence do). Strip time maps 1:1 onto the action (scale and repeat 1, as imports are)."""
+
+    def __init__(self, idblock):
+        self.sources = []  # (curves by (path, index), strip or None)
+        ad = getattr(idblock, "animation_data", None) if idblock is not None else None
+        if ad is None:
+            return
+        for track in ad.nla_tracks:
+            if track.mute:
+                continue
+            for strip in track.strips:
+                if strip.action is not None and not strip.mute:
+                    curves = _action_curves(strip.action, getattr(strip, "action_slot", None))
+                    self.sources.append(({(c.data_path, c.array_index): c for c in curves}, strip))
+        if ad.action is not None:
+            self.sources.append(({(c.data_path, c.array_index): c for c in fcurves_of(idblock)}, None))
+
+    def evaluate(self, path: str, index: int, frame: float) -> float | None:
+        for curves, strip in reversed(self.sources):
+            curve = curves.get((path, index))
+            if curve is None:
+                continue
+            if strip is None:
+                return curve.evaluate(frame)
+            inside = strip.frame_start <= frame <= strip.frame_end
+            if inside or strip.extrapolation == "HOLD" or (strip.extrapolation == "HOLD_FORWARD"
+                                                           and frame > strip.frame_end):
+                local = min(max(frame, strip.frame_start), strip.frame_end)
+                return curve.evaluate(local - strip.frame_start + strip.action_frame_start)
+        return None
 
 
 class RigReader:
     """Reads a rig's values as the server's controls: now (what the depsgraph evaluated for this frame)
-    or at another frame from the F-curves (for prefetching; NLA strips are not evaluated there)."""
+    or at another frame from its F-curves and NLA strips (for prefetching)."""
 
     def __init__(self, spec: RigSpec, rig, mesh, schema: dict, edits: list[dict]):
         self.spec, self.rig, self.mesh, self.schema, self.edits = spec, rig, mesh, schema, edits
@@ -192,9 +229,8 @@ class RigReader:
         """Values at each of ``frames`` from the F-curves (the current value where a channel has none;
         ``current``: the edit strengths now, when the caller has read them already)."""
         edits_now = current if current is not None else self.now()[1]
-        rig_curves = {(fc.data_path, fc.array_index): fc for fc in fcurves_of(self.rig)}
-        key = self.mesh.data.shape_keys if self.mesh is not None else None
-        key_curves = {fc.data_path: fc for fc in fcurves_of(key)} if key is not None else {}
+        rig_curves = CurveStack(self.rig)
+        key_curves = CurveStack(self.mesh.data.shape_keys if self.mesh is not None else None)
         bones, blocks = self.rig.pose.bones, self._key_blocks()
         out = []
         for f in frames:
@@ -203,38 +239,82 @@ class RigReader:
                 if pb is None:
                     return (0.0, 0.0, 0.0)
                 path = f'pose.bones["{name}"].rotation_euler'
-                return self._clamped(name, [rig_curves[(path, i)].evaluate(f) if (path, i) in rig_curves
-                                            else pb.rotation_euler[i] for i in range(3)])
+                keyed = [rig_curves.evaluate(path, i, f) for i in range(3)]
+                return self._clamped(name, [pb.rotation_euler[i] if v is None else v for i, v in enumerate(keyed)])
 
             def shape_key(name, f=f):
-                fc = key_curves.get(f'key_blocks["{name}"].value')
-                if fc is not None:
-                    kb = blocks[name]
-                    return min(max(fc.evaluate(f), kb.slider_min), kb.slider_max)
                 kb = blocks.get(name)
-                return kb.value if kb is not None else None
+                if kb is None:
+                    return None
+                v = key_curves.evaluate(f'key_blocks["{name}"].value', 0, f)
+                return kb.value if v is None else min(max(v, kb.slider_min), kb.slider_max)
 
             edits = {}
             for e in self.edits:
-                fc = rig_curves.get((f'["{self.spec.edit_property(e["name"])}"]', 0))
-                edits[e["name"]] = fc.evaluate(f) if fc is not None else edits_now[e["name"]]
+                v = rig_curves.evaluate(f'["{self.spec.edit_property(e["name"])}"]', 0, f)
+                edits[e["name"]] = edits_now[e["name"]] if v is None else v
             out.append((self.spec.controls(self.schema, rotation, shape_key), edits))
         return out
 
 
 # --- writing keyframes -----------------------------------------------------------------------------------
 
-def write_keys(idblock, data_path: str, index: int, frames: np.ndarray, values: np.ndarray, group: str = "") -> None:
-    """One F-curve's keyframes at once (replacing that curve's old keys); index -1 for a scalar property."""
-    def curve():
-        return next((fc for fc in fcurves_of(idblock) if fc.data_path == data_path and fc.array_index == max(index, 0)),
-                    None)
+TAKE_MODES = ("STRIP", "MERGE")
 
-    if curve() is None:
-        idblock.keyframe_insert(data_path, index=index, frame=float(frames[0]), group=group)
-    fc = curve()
-    fc.keyframe_points.clear()
-    fc.keyframe_points.add(len(frames))
-    fc.keyframe_points.foreach_set("co", np.stack([frames, values], 1).astype(np.float32).ravel())
-    fc.keyframe_points.foreach_set("interpolation", [LINEAR] * len(frames))
-    fc.update()
+
+def _set_interpolation(points, hold_after, gaps: str) -> None:
+    for point, hold in zip(points, hold_after):
+        point.interpolation = "CONSTANT" if hold and gaps == "HOLD" else "LINEAR"
+
+
+def _push_down(ad) -> None:
+    """Blender's NLA Push Down: the active action becomes a strip on a track of its own (its keys untouched)."""
+    action = ad.action
+    track = ad.nla_tracks.new()
+    track.name = action.name
+    start = int(math.floor(action.frame_range[0]))
+    track.strips.new(action.name, start, action)  # the first strip holds its ends, as the action did
+    ad.action = None
+
+
+def write_take(idblock, name: str, channels: list[tuple[str, int, str, np.ndarray]], frames: np.ndarray,
+               hold_after: np.ndarray, gaps: str = "HOLD", mode: str = "STRIP") -> None:
+    """Key an imported take on ``idblock`` (the rig, or the control mesh's shape keys); ``channels``:
+    (data path, array index or -1, group, values [N]) keyed at ``frames``.
+
+    STRIP: the take becomes its own action on an NLA track named ``name`` at its frames (a take imported
+    again under the same name replaces it); an active action that animates the same channels is pushed
+    down into the NLA first, so it keeps every key and the take plays over it only inside its range.
+    MERGE: the take is written into the active action, replacing that action's keys of these channels
+    inside the take's frame range only."""
+    ad = idblock.animation_data or idblock.animation_data_create()
+    if mode == "STRIP":
+        for track in [t for t in ad.nla_tracks if t.name == name]:
+            ad.nla_tracks.remove(track)
+        paths = {(path, max(index, 0)) for path, index, _, _ in channels}
+        if ad.action is not None and any((fc.data_path, fc.array_index) in paths for fc in fcurves_of(idblock)):
+            _push_down(ad)
+        action = bpy.data.actions.new(name)
+        for path, index, group, values in channels:
+            fc = action.fcurves.new(path, index=max(index, 0), action_group=group)
+            fc.keyframe_points.add(len(frames))
+            fc.keyframe_points.foreach_set("co", np.stack([frames, values], 1).astype(np.float32).ravel())
+            _set_interpolation(fc.keyframe_points, hold_after, gaps)
+            fc.update()
+        track = ad.nla_tracks.new()
+        track.name = name
+        strip = track.strips.new(name, int(frames[0]), action)
+        strip.extrapolation = "NOTHING"  # outside the take, what lies below plays
+        return
+    lo, hi = float(frames[0]), float(frames[-1])
+    for path, index, group, values in channels:
+        fc = next((c for c in fcurves_of(idblock) if c.data_path == path and c.array_index == max(index, 0)), None)
+        if fc is None:
+            idblock.keyframe_insert(path, index=index, frame=lo, group=group)
+            fc = next(c for c in fcurves_of(idblock) if c.data_path == path and c.array_index == max(index, 0))
+        for point in reversed(list(fc.keyframe_points)):  # the take's range only: other keys stay as they are
+            if lo - 1e-3 <= point.co[0] <= hi + 1e-3:
+                fc.keyframe_points.remove(point, fast=True)
+        inserted = [fc.keyframe_points.insert(float(f), float(v), options={"FAST"}) for f, v in zip(frames, values)]
+        _set_interpolation(inserted, hold_after, gaps)
+        fc.update()

@@ -131,6 +131,16 @@ def cmd_avatar_random(args) -> None:
     print(f"wrote a random {args.resolution}px avatar to {args.output} ({avatar.num_channels} controls)")
 
 
+def cmd_expression_map(args) -> None:
+    import numpy as np
+
+    from pvp.expression_map import fit_flame_map
+
+    fitted = fit_flame_map(args.avatar, args.flame, args.track)
+    print(f"expression map from {args.flame.name} stored in {args.avatar / 'avatar.json'}: {fitted['frames']} shared "
+          f"frames, median R² {np.median(fitted['r2']):.2f} over {len(fitted['r2'])} expression channels")
+
+
 def cmd_edits(args) -> None:
     from pvp.avatar import Avatar
     from pvp.edits import add_edit, discover, load_direction
@@ -347,6 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a preset field (repeatable)")
     dm.set_defaults(func=cmd_demo)
 
+    xm = sub.add_parser("expression-map", help="let FLAME expression codes (DECA, EMOCA, NHA, metrical-tracker) "
+                                               "drive the avatar: fit a map on its own video tracked by that tool")
+    xm.add_argument("avatar", type=Path)
+    xm.add_argument("flame", type=Path, help="the FLAME tracker's output for the avatar's own video")
+    xm.add_argument("--track", type=Path, help="the avatar's pvp track (default AVATAR/work/track.safetensors)")
+    xm.set_defaults(func=cmd_expression_map)
+
     e = sub.add_parser("edits", help="appearance edit directions of an avatar")
     es = e.add_subparsers(dest="edits_command", required=True)
     el = es.add_parser("list", help="list an avatar's edit directions")
@@ -378,11 +395,12 @@ def main(argv=None) -> int:
     from pvp.models.losses import MissingWeights
     from pvp.tracking.track import TrackError
     from pvp.video import VideoError
+    from pvp_contract.driving import DrivingError
 
     try:
         args.func(args)
     except (UserError, CheckpointError, VideoError, TrackError, FitError, MissingWeights,
-            AvatarError, EditError, EvalError, DemoError, FileNotFoundError) as e:
+            AvatarError, EditError, EvalError, DemoError, DrivingError, FileNotFoundError) as e:
         print(f"pvp {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

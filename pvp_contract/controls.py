@@ -102,12 +102,47 @@ def control_matrix(schema_: dict, head, jaw, expression) -> np.ndarray:
     return np.stack([columns[n] for n in channel_names(schema_)], 1).astype(np.float32)
 
 
-def renormalize(values: np.ndarray, target_mean: Sequence[float], target_std: Sequence[float]) -> np.ndarray:
+# Spread below which a driving channel is tracker noise, not motion (jaw: degrees; expression: sd units).
+JAW_NOISE_DEG = 0.5
+EXPRESSION_NOISE_SD = 0.05
+
+
+def noise_floor(name: str) -> float:
+    return JAW_NOISE_DEG if name in JAW else EXPRESSION_NOISE_SD
+
+
+def renormalize(values: np.ndarray, target_mean: Sequence[float], target_std: Sequence[float],
+                noise_floor: Sequence[float] | None = None) -> np.ndarray:
     """The paper's reenactment normalisation (appendix B): columns [N, D] mapped from their own mean and
-    standard deviation to the target's (the avatar's ``expression_stats`` for the same channels)."""
+    standard deviation to the target's (the avatar's ``expression_stats`` for the same channels). A column
+    whose own spread is below its ``noise_floor`` is only re-centred: scaling noise up to the avatar's
+    range would animate a channel the performance holds still."""
     values = np.asarray(values, np.float64)
-    own_std = np.maximum(values.std(0), 1e-6)
-    return (values - values.mean(0)) / own_std * np.asarray(target_std) + np.asarray(target_mean)
+    own_std = values.std(0)
+    floor = np.zeros(values.shape[1]) if noise_floor is None else np.asarray(noise_floor, np.float64)
+    gain = np.where(own_std >= np.maximum(floor, 1e-9), np.asarray(target_std) / np.maximum(own_std, 1e-9), 1.0)
+    return (values - values.mean(0)) * gain + np.asarray(target_mean)
+
+
+def apply_expression_map(expression_map: dict, expression: np.ndarray) -> np.ndarray:
+    """Expression coefficients of another basis (e.g. FLAME) [N, F] -> the avatar's [N, K], through a
+    linear map fitted on the avatar's own video tracked in both (``weights`` [K, F'], ``bias`` [K]; the
+    first F' source coefficients are used)."""
+    weights, bias = np.asarray(expression_map["weights"], np.float64), np.asarray(expression_map["bias"], np.float64)
+    used = weights.shape[1]
+    if expression.shape[1] < used:
+        raise ValueError(f"the expression map reads {used} coefficients, the performance has {expression.shape[1]}")
+    return np.asarray(expression, np.float64)[:, :used] @ weights.T + bias
+
+
+def fit_expression_map(source: np.ndarray, target: np.ndarray, ridge: float = 1e-2) -> dict:
+    """Least-squares (ridge) linear map from source coefficients [N, F] to the avatar's [N, K] over the same
+    frames: the map apply_expression_map uses."""
+    x = np.asarray(source, np.float64)
+    mean_x, mean_y = x.mean(0), np.asarray(target, np.float64).mean(0)
+    xc, yc = x - mean_x, np.asarray(target, np.float64) - mean_y
+    weights = np.linalg.solve(xc.T @ xc + ridge * len(x) * np.eye(x.shape[1]), xc.T @ yc).T
+    return {"weights": weights.tolist(), "bias": (mean_y - weights @ mean_x).tolist()}
 
 
 def face_stats_index(schema_: dict) -> dict[str, int]:

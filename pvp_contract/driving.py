@@ -7,20 +7,29 @@ extension imports it from this package as the server does. Readers:
 - DECA / EMOCA codes: an ``.npz`` (or a torch ``.pt``/``.pkl`` dump) holding ``pose`` [N, 6] (global
   axis-angle, jaw axis-angle) and ``exp`` [N, 50], or a folder of per-frame folders with ``pose.npy``
   and ``exp.npy`` (EMOCA's ``save_codes``);
-- NHA / video-head-tracker ``.npz``: ``rotation``, ``neck_pose``, ``jaw_pose`` (axis-angle), ``expr``;
-- metrical-tracker (MICA): a ``checkpoint`` folder of per-frame ``*.frame`` torch pickles,
+- NHA / video-head-tracker ``.npz``: ``rotation``, ``neck_pose``, ``jaw_pose`` (axis-angle), ``expr``,
+  ``frame``; neck and jaw as the tracker optimises them, before its tanh rotation limits, which are
+  applied here;
+- metrical-tracker (MICA): a ``checkpoint`` folder of per-frame ``NNNNN.frame`` torch pickles,
   ``flame{exp, jaw (6D)}`` and ``opencv{R}``;
 - CSV: a header row of control names (``head_yaw`` … ``exp_00`` …), optionally a ``frame`` column.
 
-Head rotation becomes yaw/pitch/roll in degrees (signs of pvp tracks), jaw axis-angle becomes opening and
-lateral angles in degrees; expression coefficients keep their index.
+Every performance keeps its source frame numbers (``frames``; from the file where it has them: pvp
+tracks, NHA's ``frame``, a CSV ``frame`` column, EMOCA folder names ``NNNNNN_DDD`` (frame, detection),
+metrical-tracker file names), and frames without a face stay in it as invalid rows, so an importer can
+keep the timing. Head rotation becomes yaw/pitch/roll in degrees (signs of pvp tracks), jaw axis-angle
+becomes opening and lateral angles in degrees. Expressions are in the avatar's own basis (pvp tracks
+tracked in the avatar's expression space, CSV ``exp_NN`` columns) or in FLAME's (``expression_basis``):
+FLAME coefficient k has nothing to do with the avatar's channel k.
 """
 from __future__ import annotations
 
+import _compat_pickle
 import csv
 import io
 import json
 import pickle
+import re
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -45,7 +54,12 @@ class Performance:
     jaw: np.ndarray | None  # [N, 2] opening, lateral (degrees)
     expression: np.ndarray | None  # [N, K]
     valid: np.ndarray  # [N] bool
+    frames: np.ndarray | None = None  # [N] source frame numbers (ints, increasing); None: 0, 1, 2, ...
+    expression_basis: str = "flame"  # "avatar": coefficient i is the avatar's exp_i; "flame": FLAME's basis
     columns: frozenset[str] | None = None  # the control names the file gives (None: all of its groups)
+
+    def __post_init__(self):
+        self.frames = np.arange(len(self.valid)) if self.frames is None else np.asarray(self.frames, np.int64)
 
     def __len__(self) -> int:
         return len(self.valid)
@@ -98,6 +112,11 @@ class _ArrayUnpickler(pickle.Unpickler):
         self.archive, self.prefix, self.source = archive, prefix, source
 
     def find_class(self, module, name):
+        # protocol-2 pickles (torch.save's default) name Python 2 modules: __builtin__.set, copy_reg, ...
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if (module, name) == ("_codecs", "encode"):  # how protocol 2 stores bytes (numpy arrays' data)
+            return _latin1_bytes
         if (module, name) in self._NUMPY:
             return super().find_class(module, name)
         if module == "collections" and name == "OrderedDict":
@@ -115,6 +134,12 @@ class _ArrayUnpickler(pickle.Unpickler):
         if not isinstance(dtype, str):
             raise DrivingError(f"{self.source}: unsupported storage type {dtype!r}")
         return np.frombuffer(self.archive.read(f"{self.prefix}data/{key}"), dtype)
+
+
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    if encoding not in ("latin1", "latin-1"):
+        raise DrivingError(f"refusing codec {encoding!r} in a pickle (only latin1 stores bytes)")
+    return text.encode("latin1")
 
 
 def _rebuild_tensor(storage, offset, size, stride, *_):
@@ -159,6 +184,18 @@ def rotation_from_6d(x: np.ndarray) -> np.ndarray:
     return np.stack([b1, b2, np.cross(b1, b2)], axis=-2)
 
 
+# video-head-tracker (NHA) optimises unconstrained neck and jaw values and maps them through
+# r_min + (tanh(x) + 1) / 2 * (r_max - r_min) per axis (vht/model/flame.py), limits in degrees:
+NHA_NECK_LIMITS_DEG = ((-90.0, 90.0), (-60.0, 60.0), (-80.0, 80.0))
+NHA_JAW_LIMITS_DEG = ((-5.0, 60.0), (-0.1, 0.1), (-0.1, 0.1))
+
+
+def nha_limited(raw: np.ndarray, limits_deg) -> np.ndarray:
+    """NHA's stored [N, 3] neck or jaw values -> the axis-angle (radians) its FLAME model uses."""
+    lo, hi = np.radians(np.asarray(limits_deg, np.float64)).T
+    return lo + (np.tanh(raw) + 1) / 2 * (hi - lo)
+
+
 # --- readers ---------------------------------------------------------------------------------------------
 
 def _as_2d(value, path: Path, name: str, width: int | None = None) -> np.ndarray:
@@ -169,16 +206,24 @@ def _as_2d(value, path: Path, name: str, width: int | None = None) -> np.ndarray
     return a
 
 
-def _performance(path: Path, kind: str, fps, head, jaw, expression) -> Performance:
+def _performance(path: Path, kind: str, fps, head, jaw, expression, frames=None, basis: str = "flame") -> Performance:
     n = len(next(a for a in (head, jaw, expression) if a is not None))
     for name, a in (("head", head), ("jaw", jaw), ("expression", expression)):
         if a is not None and len(a) != n:
             raise DrivingError(f"{path}: {name} has {len(a)} frames, other channels {n}")
     if n == 0:
         raise DrivingError(f"{path}: no frames")
+    if frames is not None:
+        frames = np.asarray(frames).reshape(-1)
+        if len(frames) != n or not np.all(np.isfinite(frames)):
+            raise DrivingError(f"{path}: the frame numbers ({len(frames)}) do not match the {n} frames")
+        frames = frames.astype(np.int64)
+        if np.any(np.diff(frames) <= 0):
+            raise DrivingError(f"{path}: frame numbers must increase (frame {int(frames[1:][np.diff(frames) <= 0][0])} "
+                               "comes after a later or equal one)")
     parts = [a for a in (head, jaw, expression) if a is not None]
     valid = np.all(np.isfinite(np.concatenate(parts, 1)), 1)
-    return Performance(str(path), kind, fps, head, jaw, expression, valid)
+    return Performance(str(path), kind, fps, head, jaw, expression, valid, frames, basis)
 
 
 def _read_pvp_track(path: Path) -> Performance:
@@ -189,23 +234,36 @@ def _read_pvp_track(path: Path) -> Performance:
     if header.get("version", 0) > 1:
         raise DrivingError(f"{path}: pvp track version {header['version']} is newer than this reader (1)")
     perf = _performance(path, "pvp-track", header.get("fps"), arrays["yaw_pitch_roll"].astype(np.float64),
-                        controls.jaw_degrees(arrays["jaw_pose"]), arrays["expression"].astype(np.float64))
+                        controls.jaw_degrees(arrays["jaw_pose"]), arrays["expression"].astype(np.float64),
+                        arrays["frame_index"], basis="avatar")
     perf.valid &= arrays["valid"].astype(bool)
     return perf
 
 
-def _from_codes(path: Path, kind: str, codes: dict) -> Performance:
+def _frame_numbers(codes: dict):
+    """The source frame numbers a file stores beside its codes (NHA: ``frame``), else None."""
+    for key in ("frame", "frame_index", "frame_id"):
+        if key in codes and np.ndim(codes[key]) == 1:
+            return np.asarray(codes[key])
+    return None
+
+
+def _from_codes(path: Path, kind: str, codes: dict, frames=None) -> Performance:
+    frames = frames if frames is not None else _frame_numbers(codes)
     if "pose" in codes and "exp" in codes:  # DECA / EMOCA
         pose = _as_2d(codes["pose"], path, "pose", 6)
         return _performance(path, kind, None, head_from_axis_angle(pose[:, :3]), controls.jaw_degrees(pose[:, 3:6]),
-                            _as_2d(codes["exp"], path, "exp"))
+                            _as_2d(codes["exp"], path, "exp"), frames)
     expr_key = "expr" if "expr" in codes else "expression" if "expression" in codes else None
     if "rotation" in codes and "jaw_pose" in codes and expr_key:  # NHA / video-head-tracker
         rot = _as_2d(codes["rotation"], path, "rotation", 3)
         neck = _as_2d(codes["neck_pose"], path, "neck_pose", 3) if "neck_pose" in codes else None
-        return _performance(path, "nha", None, head_from_axis_angle(rot, neck),
-                            controls.jaw_degrees(_as_2d(codes["jaw_pose"], path, "jaw_pose", 3)),
-                            _as_2d(codes[expr_key], path, expr_key))
+        jaw = _as_2d(codes["jaw_pose"], path, "jaw_pose", 3)
+        if "n_processed" in codes:  # video-head-tracker's export: neck and jaw before its rotation limits
+            neck = nha_limited(neck, NHA_NECK_LIMITS_DEG) if neck is not None else None
+            jaw = nha_limited(jaw, NHA_JAW_LIMITS_DEG)
+        return _performance(path, "nha", None, head_from_axis_angle(rot, neck), controls.jaw_degrees(jaw),
+                            _as_2d(codes[expr_key], path, expr_key), frames)
     raise DrivingError(f"{path}: no FLAME codes found (expected 'pose' + 'exp' as DECA/EMOCA, or 'rotation', "
                        f"'jaw_pose', 'expr' as NHA); it holds {sorted(codes)[:12]}")
 
@@ -228,15 +286,35 @@ def _read_codes_pickle(path: Path) -> Performance:
     return _from_codes(path, "deca", codes)
 
 
-def _read_emoca_folder(path: Path, frames: list[Path]) -> Performance:
+EMOCA_NAME = re.compile(r"(\d+)(?:_(\d+))?$")  # NNNNNN (frame) or NNNNNN_DDD (frame, detection)
+
+
+def _read_emoca_folder(path: Path, folders: list[Path]) -> Performance:
+    """One code folder per detection; the first detection of each frame is the performance (a second
+    face in the shot is not a frame)."""
+    numbered = [(EMOCA_NAME.search(f.name), f) for f in folders]
+    if all(m is not None for m, _ in numbered):
+        first = {}
+        for m, f in sorted(numbered, key=lambda x: (int(x[0].group(1)), int(x[0].group(2) or 0))):
+            first.setdefault(int(m.group(1)), f)
+        frames, folders = list(first), list(first.values())
+    else:
+        frames = None  # unnumbered folders: one frame each, in name order
     codes = {"pose": [], "exp": []}
-    for folder in frames:
+    for folder in folders:
         for key in codes:
-            codes[key].append(np.load(folder / f"{key}.npy", allow_pickle=False).reshape(-1))
-    return _from_codes(path, "emoca", {k: np.stack(v) for k, v in codes.items()})
+            try:
+                codes[key].append(np.load(folder / f"{key}.npy", allow_pickle=False).reshape(-1))
+            except ValueError as e:
+                raise DrivingError(f"{folder / f'{key}.npy'}: not a plain array ({e})") from None
+    return _from_codes(path, "emoca", {k: np.stack(v) for k, v in codes.items()}, frames)
 
 
 def _read_metrical_folder(path: Path, frames: list[Path]) -> Performance:
+    numbers = [int(m.group(1)) if (m := re.search(r"(\d+)$", f.stem)) else None for f in frames]
+    if None not in numbers:
+        order = np.argsort(numbers)
+        frames, numbers = [frames[i] for i in order], [numbers[i] for i in order]
     jaw, head, expression = [], [], []
     flip = np.diag([1.0, -1.0, -1.0])  # OpenCV camera (Y down, Z forward) -> FLAME camera (Y up, Z to camera)
     for f in frames:
@@ -251,7 +329,7 @@ def _read_metrical_folder(path: Path, frames: list[Path]) -> Performance:
         jaw.append(geometry.axis_angle_from_rotation(jaw_R))
         head.append(geometry.ypr_from_rotation(head_R))
     return _performance(path, "metrical-tracker", None, np.array(head), controls.jaw_degrees(np.array(jaw)),
-                        np.array(expression))
+                        np.array(expression), None if None in numbers else numbers)
 
 
 def _read_csv(path: Path) -> Performance:
@@ -268,18 +346,19 @@ def _read_csv(path: Path) -> Performance:
         raise DrivingError(f"{path}: rows have {values.shape[1]} values, the header names {len(names)}")
     col = {n: values[:, i] for i, n in enumerate(names)}
 
+    exp_index = {n: i for n in names if (i := controls.expression_index(n)) is not None}
+    exp_names = controls.expression_names(max(exp_index.values()) + 1) if exp_index else []
+    col.update({exp_names[i]: col[n] for n, i in exp_index.items()})  # exp_3, exp_003 are exp_03
+
     def group(wanted):
         present = [n for n in wanted if n in col]
         if not present:
             return None
         return np.stack([col.get(n, np.zeros(len(values))) for n in wanted], 1)
-
-    exp_index = {n: i for n in names if (i := controls.expression_index(n)) is not None}
-    exp_names = controls.expression_names(max(exp_index.values()) + 1) if exp_index else []
     head, jaw, expression = group(HEAD), group(JAW), group(exp_names) if exp_names else None
     if head is None and jaw is None and expression is None:
         raise DrivingError(f"{path}: no control columns (expected names like head_yaw, jaw_open, exp_00)")
-    perf = _performance(path, "csv", None, head, jaw, expression)
+    perf = _performance(path, "csv", None, head, jaw, expression, col.get("frame"), basis="avatar")
     perf.columns = frozenset(n for n in names if n in HEAD or n in JAW) | frozenset(exp_names[i] for i in
                                                                                  exp_index.values())
     return perf
@@ -319,23 +398,46 @@ def resample(values: np.ndarray, src_fps: float, dst_fps: float) -> np.ndarray:
     return np.stack([np.interp(t, np.arange(n), values[:, c]) for c in range(values.shape[1])], 1)
 
 
+@dataclass
+class DrivingControls:
+    """A performance in an avatar's controls: columns [M] by channel name over the valid frames (in
+    order), their source frame numbers, and what the conversion left out or changed (one line each)."""
+
+    columns: dict[str, np.ndarray]
+    frames: np.ndarray  # [M] source frame numbers of the valid frames
+    notes: list[str]
+
+
 def to_controls(perf: Performance, schema: dict, groups=GROUPS, renormalize: bool = False,
-                avatar_stats: dict | None = None) -> dict[str, np.ndarray]:
-    """Per-channel values [M] (valid frames only, in order) of the schema's channels in ``groups``.
+                avatar_stats: dict | None = None, expression_map: dict | None = None) -> DrivingControls:
+    """The schema's channels in ``groups`` over the performance's valid frames.
 
     ``renormalize`` maps jaw and expression from the performance's own mean/std to the avatar's
     (``avatar_stats``: {mean, std} over jaw then expression, as info.avatar.expression_stats) — the paper's
-    reenactment normalisation (appendix B)."""
+    reenactment normalisation (appendix B); channels whose own spread is below their noise floor only
+    have their mean moved. FLAME-basis expressions drive the avatar only through ``expression_map``
+    (info.avatar.expression_maps.flame, see controls.apply_expression_map); without one they are left
+    out, with a note."""
     unknown = set(groups) - set(GROUPS)
     if unknown:
         raise ValueError(f"unknown channel groups {sorted(unknown)} (use {', '.join(GROUPS)})")
-    keep = perf.valid
+    keep, notes = perf.valid, []
+    if not keep.any():
+        raise DrivingError(f"{perf.source}: no frame with a face (all {len(perf)} frames are invalid)")
 
     def wanted(group, values):
         return values[keep] if group in groups and values is not None else None
 
-    out = controls.channel_columns(schema, wanted("head", perf.head), wanted("jaw", perf.jaw),
-                                   wanted("expression", perf.expression))
+    expression = wanted("expression", perf.expression)
+    if expression is not None and perf.expression_basis == "flame":
+        if expression_map is not None:
+            expression = controls.apply_expression_map(expression_map, expression)
+        else:
+            notes.append(f"{Path(perf.source).name}: its expressions are FLAME coefficients, which do not drive "
+                         "this avatar's expression channels one to one; imported head and jaw only (an expression "
+                         "map from `pvp expression-map` lets them drive the avatar)")
+            expression = None
+    out = controls.channel_columns(schema, wanted("head", perf.head), wanted("jaw", perf.jaw), expression)
     if perf.columns is not None:
         out = {n: v for n, v in out.items() if n in perf.columns}
     face = [n for n in out if n not in HEAD]
@@ -343,7 +445,12 @@ def to_controls(perf: Performance, schema: dict, groups=GROUPS, renormalize: boo
         if avatar_stats is None:
             raise ValueError("renormalisation needs the avatar's expression_stats")
         index = [controls.face_stats_index(schema)[n] for n in face]
-        mapped = controls.renormalize(np.stack([out[n] for n in face], 1),
-                                      np.asarray(avatar_stats["mean"])[index], np.asarray(avatar_stats["std"])[index])
+        floors = [controls.noise_floor(n) for n in face]
+        values = np.stack([out[n] for n in face], 1)
+        mapped = controls.renormalize(values, np.asarray(avatar_stats["mean"])[index],
+                                      np.asarray(avatar_stats["std"])[index], floors)
         out.update({n: mapped[:, j] for j, n in enumerate(face)})
-    return out
+        still = [n for n, f in zip(face, floors) if values[:, face.index(n)].std() < f]
+        if still:
+            notes.append(f"near-constant in the track, so only re-centred: {', '.join(still)}")
+    return DrivingControls(out, perf.frames[keep], notes)

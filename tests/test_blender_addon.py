@@ -135,9 +135,23 @@ def test_add_rig_builds_the_rig_file_and_frames_match_the_server(bpy, addon, fac
     assert edit_values[edits[0]] == pytest.approx(1.0)
 
 
-def test_import_track_writes_one_key_per_frame(bpy, addon, face_server, tmp_path):
+def _take_curves(idblock, take):
+    """The F-curves of an imported take: its own action, on the NLA track named after it."""
+    tracks = [tr for tr in idblock.animation_data.nla_tracks if tr.name == take]
+    assert len(tracks) == 1, [tr.name for tr in idblock.animation_data.nla_tracks]
+    (strip,) = tracks[0].strips
+    return {(fc.data_path, fc.array_index): fc for fc in strip.action.fcurves}, strip
+
+
+def _keys(fc):
+    return np.array([k.co[:] for k in fc.keyframe_points])
+
+
+def test_import_track_keys_a_take_of_its_own(bpy, addon, face_server, tmp_path):
     connect(bpy, addon, face_server.endpoint)
     assert bpy.ops.pvp.add_rig() == {"FINISHED"}
+    scene = bpy.context.scene
+    rig, shape_keys = scene.pvp.rig, scene.pvp.mesh.data.shape_keys
     n = 9
     rows = ["frame,head_yaw,head_pitch,jaw_open,exp_00,exp_02"]
     rows += [f"{i},{2.0 * i - 5},{-i * 0.5},{i % 4 * 3.0},{0.2 * i - 0.7},{(-1) ** i * 0.3}" for i in range(n)]
@@ -145,18 +159,13 @@ def test_import_track_writes_one_key_per_frame(bpy, addon, face_server, tmp_path
     table = np.loadtxt(tmp_path / "drive.csv", delimiter=",", skiprows=1)
     assert bpy.ops.pvp.import_track(filepath=str(tmp_path / "drive.csv"), start_frame=11, renormalize="NONE",
                                     resample=False) == {"FINISHED"}
-    scene = bpy.context.scene
-    ops_rig = sys.modules[f"{PKG}.bl_rig"]
-    curves = {(fc.data_path, fc.array_index): fc for fc in ops_rig.fcurves_of(scene.pvp.rig)}
-    key_curves = {fc.data_path: fc for fc in ops_rig.fcurves_of(scene.pvp.mesh.data.shape_keys)}
-
-    def keys(fc):
-        return np.array([k.co[:] for k in fc.keyframe_points])
-
-    yaw = keys(curves[('pose.bones["head"].rotation_euler', 1)])
-    pitch = keys(curves[('pose.bones["head"].rotation_euler', 0)])
-    jaw = keys(curves[('pose.bones["jaw"].rotation_euler', 0)])
-    e0, e2 = keys(key_curves['key_blocks["exp_00"].value']), keys(key_curves['key_blocks["exp_02"].value'])
+    curves, strip = _take_curves(rig, "PVP drive")
+    key_curves, _ = _take_curves(shape_keys, "PVP drive")
+    assert strip.frame_start == 11 and strip.extrapolation == "NOTHING"
+    yaw = _keys(curves[('pose.bones["head"].rotation_euler', 1)])
+    pitch = _keys(curves[('pose.bones["head"].rotation_euler', 0)])
+    jaw = _keys(curves[('pose.bones["jaw"].rotation_euler', 0)])
+    e0, e2 = _keys(key_curves[('key_blocks["exp_00"].value', 0)]), _keys(key_curves[('key_blocks["exp_02"].value', 0)])
     for got in (yaw, pitch, jaw, e0, e2):
         assert len(got) == n
         np.testing.assert_array_equal(got[:, 0], 11 + np.arange(n))
@@ -165,20 +174,68 @@ def test_import_track_writes_one_key_per_frame(bpy, addon, face_server, tmp_path
     np.testing.assert_allclose(np.degrees(jaw[:, 1]), table[:, 3], atol=1e-4)
     np.testing.assert_allclose(e0[:, 1], table[:, 4], atol=1e-6)
     np.testing.assert_allclose(e2[:, 1], table[:, 5], atol=1e-6)
-    # renormalised: the track's own z-scores times the avatar's statistics (jaw, then expression)
+    # the live frame inside the take is the server's render of the take's values (the NLA is evaluated), and
+    # prefetching reads the same values from the strip
+    scene.frame_set(15)
+    assert bpy.ops.pvp.sync() == {"FINISHED"}
+    want = [table[4, 1], table[4, 2], 0, table[4, 3], 0, table[4, 4], 0, table[4, 5], 0]
+    np.testing.assert_array_equal(plane_pixels(scene), server_frame(face_server.endpoint, want))
+    (controls, _), = addon.rig_reader(scene).at([15])
+    np.testing.assert_allclose(controls, want, atol=1e-4)
+    # renormalised, imported again: the take is replaced, not stacked
     stats = addon.runtime.session.info["avatar"]["expression_stats"]
     assert bpy.ops.pvp.import_track(filepath=str(tmp_path / "drive.csv"), start_frame=1, renormalize="RENORMALIZE",
                                     resample=False, use_head=False) == {"FINISHED"}
-    e0 = keys({fc.data_path: fc for fc in ops_rig.fcurves_of(scene.pvp.mesh.data.shape_keys)}[
-        'key_blocks["exp_00"].value'])
+    key_curves, strip = _take_curves(shape_keys, "PVP drive")
+    e0 = _keys(key_curves[('key_blocks["exp_00"].value', 0)])
     raw = table[:, 4]
     expected = (raw - raw.mean()) / raw.std() * stats["std"][2] + stats["mean"][2]
-    assert len(e0) == n
+    assert len(e0) == n and strip.frame_start == 1
     np.testing.assert_allclose(e0[:, 1], expected, atol=1e-5)
-    # a broken file is one clear error and changes nothing
+    # a broken file is one clear error naming it, and changes nothing
     (tmp_path / "broken.npz").write_bytes(b"not a zip")
     with pytest.raises(RuntimeError, match="broken.npz"):
         bpy.ops.pvp.import_track(filepath=str(tmp_path / "broken.npz"))
+    (tmp_path / "faceless.csv").write_text("frame,head_yaw\n1,\n2,\n")
+    with pytest.raises(RuntimeError, match="faceless.csv: no frame with a face"):
+        bpy.ops.pvp.import_track(filepath=str(tmp_path / "faceless.csv"))
+
+
+def test_import_keeps_timing_and_every_other_key(bpy, addon, face_server, tmp_path):
+    connect(bpy, addon, face_server.endpoint)
+    assert bpy.ops.pvp.add_rig() == {"FINISHED"}
+    scene = bpy.context.scene
+    rig = scene.pvp.rig
+    head = rig.pose.bones["head"]
+    head.rotation_euler = (0.0, np.radians(12.0), 0.0)  # an animator's own key, far from the take
+    head.keyframe_insert("rotation_euler", frame=500)
+    rows = ["frame,head_yaw,jaw_open"] + [f"{f},{f * 0.5},{f % 7}" for f in range(1, 60, 2)]
+    (tmp_path / "stride2.csv").write_text("\n".join(rows) + "\n")
+    assert bpy.ops.pvp.import_track(filepath=str(tmp_path / "stride2.csv"), start_frame=1, renormalize="NONE",
+                                    set_frame_range=True) == {"FINISHED"}
+    curves, _ = _take_curves(rig, "PVP stride2")
+    yaw = _keys(curves[('pose.bones["head"].rotation_euler', 1)])
+    np.testing.assert_array_equal(yaw[:, 0], np.arange(1, 60, 2))  # keyed on exactly the source frames
+    np.testing.assert_allclose(np.degrees(yaw[:, 1]), np.arange(1, 60, 2) * 0.5, atol=1e-4)
+    assert (scene.frame_start, scene.frame_end) == (1, 59)
+    mine = {(fc.data_path, fc.array_index): fc for tr in rig.animation_data.nla_tracks for s in tr.strips
+            for fc in s.action.fcurves if s.action.name != "PVP stride2"}
+    own_yaw = _keys(mine[('pose.bones["head"].rotation_euler', 1)])
+    np.testing.assert_allclose(own_yaw, [[500, np.radians(12.0)]], atol=1e-6)  # untouched, pushed into the NLA
+    scene.frame_set(500)  # outside the take, the animator's key plays
+    assert np.degrees(rig.pose.bones["head"].rotation_euler[1]) == pytest.approx(12.0, abs=1e-4)
+    scene.frame_set(21)
+    assert np.degrees(rig.pose.bones["head"].rotation_euler[1]) == pytest.approx(10.5, abs=1e-4)
+    # merged into an active action: keys outside the take's range stay
+    jaw = rig.pose.bones["jaw"]
+    jaw.rotation_euler = (np.radians(3.0), 0.0, 0.0)
+    jaw.keyframe_insert("rotation_euler", frame=300)
+    assert bpy.ops.pvp.import_track(filepath=str(tmp_path / "stride2.csv"), start_frame=1, renormalize="NONE",
+                                    mode="MERGE", use_head=False) == {"FINISHED"}
+    jaw_keys = _keys(next(fc for fc in rig.animation_data.action.fcurves
+                          if fc.data_path == 'pose.bones["jaw"].rotation_euler' and fc.array_index == 0))
+    np.testing.assert_array_equal(jaw_keys[:, 0], [*range(1, 60, 2), 300])
+    assert np.degrees(jaw_keys[-1, 1]) == pytest.approx(3.0, abs=1e-4)
 
 
 def test_timeline_fast_and_scene_paths(bpy, addon, face_server, tmp_path):

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blender_addon.timeline import frame_range, frames_ahead, runs_of_equal_edits
-from blender_addon.track_import import key_table
+from blender_addon.track_import import key_table, smooth
 from pvp_contract import controls
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +100,37 @@ def test_key_table_places_track_frames_from_the_start_frame(tmp_path):
     renorm = key_table(path, SCHEMA, ("jaw", "expression"), True, stats, start_frame=1, scene_fps=25.0)
     np.testing.assert_allclose(renorm.values.mean(0), [10.0, 1.0])  # jaw_open and exp_01 of the avatar's stats
     np.testing.assert_allclose(renorm.values.std(0), [2.0, 0.5])
+
+
+def test_key_table_keeps_source_frame_numbers_and_gaps(tmp_path):
+    rows = ["frame,head_yaw"] + [f"{f},{'' if 21 <= f <= 29 else f * 1.0}" for f in range(1, 60, 2)]
+    (tmp_path / "take.csv").write_text("\n".join(rows) + "\n")
+    keys = key_table(tmp_path / "take.csv", SCHEMA, ("head",), False, None, start_frame=1, scene_fps=25.0)
+    kept = [f for f in range(1, 60, 2) if not 21 <= f <= 29]
+    np.testing.assert_array_equal(keys.frames, kept)  # stride 2 stays stride 2; the gap is not closed
+    np.testing.assert_array_equal(keys.values[:, 0], kept)
+    assert keys.hold_after.tolist() == [f == 19 for f in kept]  # the key before the gap holds
+    assert keys.frame_range == (1, 59) and any("1 gap" in n for n in keys.notes)
+    late = key_table(tmp_path / "take.csv", SCHEMA, ("head",), False, None, start_frame=200, scene_fps=25.0)
+    np.testing.assert_array_equal(late.frames, np.array(kept) + 199)
+
+
+def test_key_table_resamples_each_run_by_the_frame_rates(tmp_path):
+    rows = ["frame,head_yaw"] + [f"{f},{'' if f == 6 else f * 3.0}" for f in range(12)]
+    (tmp_path / "take.csv").write_text("\n".join(rows) + "\n")
+    keys = key_table(tmp_path / "take.csv", SCHEMA, ("head",), False, None, start_frame=1, scene_fps=25.0,
+                     source_fps=50.0)
+    # 50 fps onto 25: frames 0-5 span scene frames 1..3.5, frames 7-11 span 4.5..6.5
+    np.testing.assert_array_equal(keys.frames, [1, 2, 3, 5, 6])
+    np.testing.assert_allclose(keys.values[:, 0], [0, 6, 12, 24, 30])  # source frame 2 * (scene - 1), times 3
+    assert keys.hold_after.tolist() == [False, False, True, False, False]
+
+
+def test_smoothing_keeps_runs_apart_and_leaves_raw_when_off():
+    values = np.array([[0.0], [0.0], [10.0], [0.0], [0.0]])
+    assert np.array_equal(smooth(values, 0.0), values)
+    smoothed = smooth(values, 1.0)
+    assert smoothed[2, 0] < 10 and smoothed[1, 0] > 0 and smoothed.sum() == pytest.approx(values.sum(), rel=0.05)
 
 
 def test_extension_zip_carries_the_contract_as_a_wheel(addon_zip, tmp_path):

@@ -94,21 +94,24 @@ def test_pvp_track_matches_the_server_reader(d12_track, tmp_path):
     d12_track.save(tmp_path / "t.safetensors")
     perf = driving.read_performance(tmp_path / "t.safetensors")
     assert perf.fps == d12_track.fps and len(perf) == len(d12_track)
-    values = driving.to_controls(perf, SCHEMA)
+    converted = driving.to_controls(perf, SCHEMA)
     expected = d12_track.controls(SCHEMA, np.flatnonzero(d12_track.valid))
-    got = np.stack([values[n] for n in controls.channel_names(SCHEMA)], 1)
+    got = np.stack([converted.columns[n] for n in controls.channel_names(SCHEMA)], 1)
     np.testing.assert_allclose(got, expected, atol=1e-4)
+    np.testing.assert_array_equal(converted.frames, d12_track.frame_index[d12_track.valid])
+    assert perf.expression_basis == "avatar" and not converted.notes
 
 
 def test_csv_and_renormalisation(tmp_path):
     rows = ["frame,head_yaw,jaw_open,exp_00,exp_01"] + [f"{i},{i * 2.0},{i % 3},{i / 10},{-i}" for i in range(8)]
     (tmp_path / "drive.csv").write_text("\n".join(rows) + "\n")
     perf = driving.read_performance(tmp_path / "drive.csv")
-    values = driving.to_controls(perf, SCHEMA, groups=("head", "jaw", "expression"))
+    values = driving.to_controls(perf, SCHEMA, groups=("head", "jaw", "expression")).columns
     np.testing.assert_allclose(values["head_yaw"], np.arange(8) * 2.0)
     assert sorted(values) == ["exp_00", "exp_01", "head_yaw", "jaw_open"]  # only the columns the file has
     stats = {"mean": [5.0, 0.0] + [1.0] * 4, "std": [2.0, 1.0] + [0.5] * 4}
-    norm = driving.to_controls(perf, SCHEMA, groups=("jaw", "expression"), renormalize=True, avatar_stats=stats)
+    norm = driving.to_controls(perf, SCHEMA, groups=("jaw", "expression"), renormalize=True,
+                               avatar_stats=stats).columns
     assert "head_yaw" not in norm
     for name, i in (("jaw_open", 0), ("exp_01", 3)):
         raw = values[name]
@@ -160,3 +163,123 @@ def test_zip_without_data_pkl_is_refused(tmp_path):
         z.writestr("something.txt", "hi")
     with pytest.raises(driving.DrivingError, match="x.pt: a zip file without data.pkl"):
         driving.read_performance(tmp_path / "x.pt")
+
+
+# --- timing, formats and conventions of reenactment imports ------------------------------------------------
+
+def test_frame_numbers_come_from_each_format(tmp_path):
+    rows = ["frame,head_yaw,jaw_open"] + [f"{f},{f * 1.0},{f % 5}" for f in range(1, 60, 2)]
+    (tmp_path / "take.csv").write_text("\n".join(rows) + "\n")
+    np.testing.assert_array_equal(driving.read_performance(tmp_path / "take.csv").frames, np.arange(1, 60, 2))
+    pose = np.concatenate([_axis_angles(YPR), _jaw_pose(JAW)], 1)
+    np.savez(tmp_path / "nha.npz", rotation=_axis_angles(YPR), neck_pose=np.zeros((3, 3)), jaw_pose=np.zeros((3, 3)),
+             expr=EXP, frame=np.array([4, 6, 9]))
+    np.testing.assert_array_equal(driving.read_performance(tmp_path / "nha.npz").frames, [4, 6, 9])
+    for name, row in (("000010_000", 0), ("000010_001", 1), ("000012_000", 2)):  # frame 10 has a second face
+        d = tmp_path / "emoca" / name
+        d.mkdir(parents=True)
+        np.save(d / "pose.npy", pose[row:row + 1])
+        np.save(d / "exp.npy", EXP[row:row + 1])
+    emoca = driving.read_performance(tmp_path / "emoca")
+    np.testing.assert_array_equal(emoca.frames, [10, 12])  # one frame per frame number, the first face's
+    np.testing.assert_allclose(emoca.head, YPR[[0, 2]], atol=1e-6)
+
+
+def test_metrical_tracker_checkpoints_of_numpy_arrays_read_safely(tmp_path):
+    import torch
+
+    d = tmp_path / "checkpoint"
+    d.mkdir()
+    for i in (3, 5):  # torch.save of numpy arrays: protocol 2, bytes as _codecs.encode(..., 'latin1')
+        frame = {"flame": {"exp": EXP[:1].astype(np.float32), "jaw": np.eye(3)[:2].reshape(1, 6).astype(np.float32)},
+                 "opencv": {"R": np.diag([1.0, -1.0, -1.0])[None].astype(np.float32)}, "frame_id": i}
+        torch.save(frame, d / f"{i:05d}.frame")
+    perf = driving.read_performance(tmp_path)
+    np.testing.assert_array_equal(perf.frames, [3, 5])
+    np.testing.assert_allclose(perf.head, 0, atol=1e-5)
+    np.testing.assert_allclose(perf.expression[0], EXP[0], atol=1e-6)
+
+
+def test_nha_rotation_limits_are_applied(tmp_path):
+    closed = np.arctanh(2 * 5 / 65 - 1)  # what video-head-tracker stores for a 0 degree jaw (limits -5..60)
+    np.savez(tmp_path / "tracked_flame_params.npz", rotation=np.zeros((2, 3)), neck_pose=np.zeros((2, 3)),
+             jaw_pose=np.array([[closed, 0.0, 0.0], [0.0, 0.0, 0.0]]), expr=EXP[:2], frame=np.array([0, 1]),
+             n_processed=np.array(2))
+    perf = driving.read_performance(tmp_path / "tracked_flame_params.npz")
+    np.testing.assert_allclose(perf.jaw[:, 0], [0.0, 27.5], atol=1e-6)  # not -71 degrees
+    np.testing.assert_allclose(perf.head, 0.0, atol=1e-6)  # neck 0 after its limits: (-90 + 90) / 2 ...
+
+
+def test_renormalisation_leaves_near_constant_channels_alone():
+    rng = np.random.default_rng(0)
+    jaw = np.stack([rng.uniform(0, 20, 200), rng.normal(0, 0.1, 200)], 1)  # lateral: 0.1 degree of noise
+    perf = driving.Performance("take.csv", "csv", None, None, jaw, None, np.ones(200, bool),
+                               expression_basis="avatar")
+    stats = {"mean": [5.0, 0.3, 0, 0, 0, 0], "std": [4.0, 1.2, 1, 1, 1, 1]}
+    out = driving.to_controls(perf, SCHEMA, ("jaw",), renormalize=True, avatar_stats=stats)
+    assert out.columns["jaw_open"].std() == pytest.approx(4.0)
+    assert out.columns["jaw_lateral"].std() == pytest.approx(jaw[:, 1].std())  # not blown up to 1.2
+    assert out.columns["jaw_lateral"].mean() == pytest.approx(0.3)
+    assert any("jaw_lateral" in n for n in out.notes)
+
+
+def test_flame_expressions_drive_the_avatar_only_through_a_map(tmp_path):
+    pose = np.concatenate([_axis_angles(YPR), _jaw_pose(JAW)], 1)
+    np.savez(tmp_path / "deca.npz", pose=pose, exp=EXP)
+    perf = driving.read_performance(tmp_path / "deca.npz")
+    plain = driving.to_controls(perf, SCHEMA)
+    assert not any(n.startswith("exp_") for n in plain.columns) and "head_yaw" in plain.columns
+    assert "deca.npz" in plain.notes[0] and "FLAME" in plain.notes[0]
+    weights = np.zeros((4, 6))
+    weights[0, 5] = 2.0  # the avatar's exp_00 follows FLAME coefficient 5
+    mapped = driving.to_controls(perf, SCHEMA, expression_map={"weights": weights.tolist(), "bias": [0.5] * 4})
+    np.testing.assert_allclose(mapped.columns["exp_00"], 2.0 * EXP[:, 5] + 0.5)
+    fitted = controls.fit_expression_map(EXP, EXP[:, ::-1][:, :4] * 3 + 1, ridge=1e-9)
+    np.testing.assert_allclose(controls.apply_expression_map(fitted, EXP), EXP[:, ::-1][:, :4] * 3 + 1, atol=1e-5)
+
+
+def test_a_track_without_any_face_is_a_clear_error(tmp_path):
+    (tmp_path / "empty.csv").write_text("frame,head_yaw\n1,\n2,\n")
+    perf = driving.read_performance(tmp_path / "empty.csv")
+    with pytest.raises(driving.DrivingError, match=r"empty.csv: no frame with a face"):
+        driving.to_controls(perf, SCHEMA)
+
+
+def test_csv_expression_names_without_padding(tmp_path):
+    (tmp_path / "take.csv").write_text("exp_3,exp_000\n0.5,1.5\n-0.5,2.5\n")
+    out = driving.to_controls(driving.read_performance(tmp_path / "take.csv"), SCHEMA)
+    np.testing.assert_allclose(out.columns["exp_03"], [0.5, -0.5])
+    np.testing.assert_allclose(out.columns["exp_00"], [1.5, 2.5])
+
+
+def test_expression_map_is_fitted_on_the_avatars_own_video(d12_track, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from pvp.avatar import Avatar, random_avatar
+    from pvp.serve.render_service import RenderService
+
+    avatar_dir = tmp_path / "avatar"
+    random_avatar(resolution=32, expression_dim=4).save(avatar_dir)
+    (avatar_dir / "work").mkdir()
+    d12_track.save(avatar_dir / "work" / "track.safetensors")
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(4, 10))  # FLAME codes: another basis of the same motion
+    flame = d12_track.expression[:, :4] @ mix
+    pose = np.zeros((len(d12_track), 6))
+    np.savez(tmp_path / "deca_own_video.npz", pose=pose, exp=flame, frame=d12_track.frame_index)
+    r = subprocess.run([sys.executable, "-m", "pvp.cli", "expression-map", str(avatar_dir),
+                        str(tmp_path / "deca_own_video.npz")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    stored = json.loads((avatar_dir / "avatar.json").read_text())["expression_maps"]["flame"]
+    assert stored["frames"] == int(d12_track.valid.sum()) and min(stored["r2"]) > 0.99
+    info = RenderService(Avatar.load(avatar_dir)).info()
+    assert info["avatar"]["expression_maps"]["flame"]["weights"] == stored["weights"]
+    perf = driving.read_performance(tmp_path / "deca_own_video.npz")
+    mapped = driving.to_controls(perf, controls.schema(4, (-40, 40), (-30, 30), (0, 30)), ("expression",),
+                                 expression_map=stored)
+    np.testing.assert_allclose(mapped.columns["exp_02"], d12_track.expression[d12_track.valid, 2], atol=0.05)
+    r = subprocess.run([sys.executable, "-m", "pvp.cli", "expression-map", str(avatar_dir), str(tmp_path / "no.npz")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no.npz: no such file" in r.stderr and "Traceback" not in r.stderr

@@ -47,11 +47,9 @@ def main(argv=None) -> int:
     scene.render.fps, scene.render.fps_base = max(1, round(args.fps)), max(1, round(args.fps)) / args.fps
     check(bpy.ops.pvp.connect(), "connecting")
     check(bpy.ops.pvp.add_rig(), "adding the rig")
-    check(bpy.ops.pvp.import_track(filepath=str(args.track), start_frame=1, renormalize="NONE", resample=False),
-          "importing the driving track")
+    check(bpy.ops.pvp.import_track(filepath=str(args.track), start_frame=1, renormalize="NONE", resample=False,
+                                   set_frame_range=True), "importing the driving track")
     reader = ops.rig_reader(scene)
-    curve = ops.bl_rig.fcurves_of(scene.pvp.rig)[0]
-    scene.frame_start, scene.frame_end = 1, int(max(k.co[0] for k in curve.keyframe_points))
     scene.pvp.output_dir = str(args.frames) + os.sep
     scene.pvp.movie_path = str(args.movie)
     check(bpy.ops.pvp.render_timeline(), "rendering the timeline")
