@@ -332,6 +332,9 @@ class PVP_OT_import_track(bpy.types.Operator, ImportHelper):
     set_frame_range: BoolProperty(name="Scene range follows the take", default=False)
     smoothing: FloatProperty(name="Smoothing (frames)", default=0.0, min=0.0, max=20.0,
                              description="Gaussian smoothing of the imported channels over time (0: the raw take)")
+    decimate: BoolProperty(name="Decimate keys", default=False,
+                           description="drop keys that the neighbouring keys reproduce within 0.05 degrees "
+                                       "(0.005 sd for expressions)")
     renormalize: EnumProperty(name="Normalization", default="RENORMALIZE", items=[
         ("RENORMALIZE", "Renormalize", "map jaw and expression from the track's mean/std to the avatar's "
                                        "(paper, appendix B): for another person's performance"),
@@ -357,7 +360,7 @@ class PVP_OT_import_track(bpy.types.Operator, ImportHelper):
             message = str(e)
             self.report({"ERROR"}, message if Path(self.filepath).name in message else f"{self.filepath}: {message}")
             return {"CANCELLED"}
-        write_controls(reader, props, f"PVP {Path(self.filepath).stem}", keys, self.gaps, self.mode)
+        write_controls(reader, props, f"PVP {Path(self.filepath).stem}", keys, self.gaps, self.mode, self.decimate)
         if self.set_frame_range:
             scene.frame_start, scene.frame_end = keys.frame_range
         timing = (f"{keys.source_fps:g} fps onto the scene's {scene_fps:g}" if keys.source_fps and self.resample
@@ -369,22 +372,25 @@ class PVP_OT_import_track(bpy.types.Operator, ImportHelper):
         return {"FINISHED"}
 
 
-def write_controls(reader: bl_rig.RigReader, props, take: str, keys, gaps: str, mode: str) -> None:
+def write_controls(reader: bl_rig.RigReader, props, take: str, keys, gaps: str, mode: str,
+                   decimated: bool = False) -> None:
     """Key the rig's bones and the control mesh's shape keys from a KeyTable."""
     spec = reader.spec
     bones, shapes = [], []
     for j, name in enumerate(keys.names):
+        frames, values, hold = keys.channel_keys(j, decimated)
         if name in spec.channels:
-            targets = [spec.bone_target(name, v) for v in keys.values[:, j]]
+            targets = [spec.bone_target(name, v) for v in values]
             bone, axis = targets[0][:2]
-            bones.append((f'pose.bones["{bone}"].rotation_euler', axis, bone, np.array([t[2] for t in targets])))
+            bones.append((f'pose.bones["{bone}"].rotation_euler', axis, bone, frames, np.array([t[2] for t in targets]),
+                          hold))
         elif props.mesh is not None and props.mesh.data.shape_keys is not None:
             if spec.shape_key(name) in props.mesh.data.shape_keys.key_blocks:
-                shapes.append((f'key_blocks["{spec.shape_key(name)}"].value', -1, "", keys.values[:, j]))
+                shapes.append((f'key_blocks["{spec.shape_key(name)}"].value', -1, "", frames, values, hold))
     if bones:
-        bl_rig.write_take(props.rig, take, bones, keys.frames, keys.hold_after, gaps, mode)
+        bl_rig.write_take(props.rig, take, bones, gaps, mode)
     if shapes:
-        bl_rig.write_take(props.mesh.data.shape_keys, take, shapes, keys.frames, keys.hold_after, gaps, mode)
+        bl_rig.write_take(props.mesh.data.shape_keys, take, shapes, gaps, mode)
 
 
 def timeline_controls(scene, reader) -> list[tuple[int, list[float], dict]]:

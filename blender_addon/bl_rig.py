@@ -277,10 +277,10 @@ def _push_down(ad) -> None:
     ad.action = None
 
 
-def write_take(idblock, name: str, channels: list[tuple[str, int, str, np.ndarray]], frames: np.ndarray,
-               hold_after: np.ndarray, gaps: str = "HOLD", mode: str = "STRIP") -> None:
+def write_take(idblock, name: str, channels: list[tuple[str, int, str, np.ndarray, np.ndarray, np.ndarray]],
+               gaps: str = "HOLD", mode: str = "STRIP") -> None:
     """Key an imported take on ``idblock`` (the rig, or the control mesh's shape keys); ``channels``:
-    (data path, array index or -1, group, values [N]) keyed at ``frames``.
+    (data path, array index or -1, group, frames [N], values [N], hold after [N]).
 
     STRIP: the take becomes its own action on an NLA track named ``name`` at its frames (a take imported
     again under the same name replaces it); an active action that animates the same channels is pushed
@@ -291,11 +291,11 @@ def write_take(idblock, name: str, channels: list[tuple[str, int, str, np.ndarra
     if mode == "STRIP":
         for track in [t for t in ad.nla_tracks if t.name == name]:
             ad.nla_tracks.remove(track)
-        paths = {(path, max(index, 0)) for path, index, _, _ in channels}
+        paths = {(path, max(index, 0)) for path, index, *_ in channels}
         if ad.action is not None and any((fc.data_path, fc.array_index) in paths for fc in fcurves_of(idblock)):
             _push_down(ad)
         action = bpy.data.actions.new(name)
-        for path, index, group, values in channels:
+        for path, index, group, frames, values, hold_after in channels:
             fc = action.fcurves.new(path, index=max(index, 0), action_group=group)
             fc.keyframe_points.add(len(frames))
             fc.keyframe_points.foreach_set("co", np.stack([frames, values], 1).astype(np.float32).ravel())
@@ -303,11 +303,11 @@ def write_take(idblock, name: str, channels: list[tuple[str, int, str, np.ndarra
             fc.update()
         track = ad.nla_tracks.new()
         track.name = name
-        strip = track.strips.new(name, int(frames[0]), action)
+        strip = track.strips.new(name, int(min(c[3][0] for c in channels)), action)
         strip.extrapolation = "NOTHING"  # outside the take, what lies below plays
         return
-    lo, hi = float(frames[0]), float(frames[-1])
-    for path, index, group, values in channels:
+    for path, index, group, frames, values, hold_after in channels:
+        lo, hi = float(frames[0]), float(frames[-1])
         fc = next((c for c in fcurves_of(idblock) if c.data_path == path and c.array_index == max(index, 0)), None)
         if fc is None:
             idblock.keyframe_insert(path, index=index, frame=lo, group=group)

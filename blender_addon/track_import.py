@@ -5,8 +5,9 @@ A take keeps its source frame numbers: source frame n lands on scene frame
 rate is unknown or resampling is off), so a stride-2 track keys every other frame and frames without a
 face stay gaps — never a shift of what follows. Across a gap the value is held (the key before it is
 constant) or interpolated, the user's choice. With resampling, each run of frames between gaps is keyed on
-every scene frame it spans. Optional smoothing (a Gaussian over time, within each run) happens here too;
-the file itself is the raw take.
+every scene frame it spans. Optional smoothing (a Gaussian over time, within each run) and decimation
+(dropping keys that linear interpolation between their neighbours reproduces within a tolerance) happen
+here too; the file itself is the raw take.
 """
 from __future__ import annotations
 
@@ -15,9 +16,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pvp_contract import driving
+from pvp_contract import controls, driving
 
 GAPS = ("HOLD", "INTERPOLATE")
+# decimation tolerances: below what a render can show (degrees for head and jaw, sd for expressions)
+DECIMATE_DEG = 0.05
+DECIMATE_SD = 0.005
+
+
+def decimation_tolerance(name: str) -> float:
+    return DECIMATE_SD if controls.expression_index(name) is not None else DECIMATE_DEG
 
 
 @dataclass
@@ -33,6 +41,16 @@ class KeyTable:
     def frame_range(self) -> tuple[int, int]:
         return int(self.frames[0]), int(self.frames[-1])
 
+    def channel_keys(self, j: int, decimated: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Frames, values and hold flags of column j: every key, or only those decimation keeps (the keys
+        on both sides of a gap always stay)."""
+        values = self.values[:, j]
+        if not decimated or len(values) < 3:
+            return self.frames, values, self.hold_after
+        edges = self.hold_after | np.concatenate([[False], self.hold_after[:-1]])
+        keep = decimate(self.frames, values, decimation_tolerance(self.names[j]), edges)
+        return self.frames[keep], values[keep], self.hold_after[keep]
+
 
 def smooth(values: np.ndarray, sigma: float) -> np.ndarray:
     """A Gaussian of ``sigma`` frames along axis 0 (edges held), for one run of consecutive frames."""
@@ -43,6 +61,27 @@ def smooth(values: np.ndarray, sigma: float) -> np.ndarray:
     kernel /= kernel.sum()
     padded = np.pad(values, ((radius, radius), (0, 0)), mode="edge")
     return np.stack([np.convolve(padded[:, c], kernel, mode="valid") for c in range(values.shape[1])], 1)
+
+
+def decimate(frames: np.ndarray, values: np.ndarray, tolerance: float, keep: np.ndarray | None = None) -> np.ndarray:
+    """Mask of the keys of one channel to write: the first and last, every ``keep`` key (gap edges), and
+    each key that the straight line between the kept neighbours misses by more than ``tolerance``
+    (Ramer-Douglas-Peucker on the value)."""
+    mask = np.zeros(len(frames), bool) if keep is None else keep.copy()
+    mask[[0, -1]] = True
+    anchors = np.flatnonzero(mask)
+    stack = list(zip(anchors[:-1], anchors[1:]))
+    while stack:
+        a, b = stack.pop()
+        if b - a < 2:
+            continue
+        inner = np.arange(a + 1, b)
+        line = values[a] + (values[b] - values[a]) * (frames[inner] - frames[a]) / (frames[b] - frames[a])
+        worst = int(np.argmax(np.abs(values[inner] - line)))
+        if abs(values[inner][worst] - line[worst]) > tolerance:
+            mask[inner[worst]] = True
+            stack += [(a, inner[worst]), (inner[worst], b)]
+    return mask
 
 
 def layout_keys(source_frames: np.ndarray, run_id: np.ndarray, values: np.ndarray, start_frame: int,

@@ -236,6 +236,11 @@ def test_import_keeps_timing_and_every_other_key(bpy, addon, face_server, tmp_pa
                           if fc.data_path == 'pose.bones["jaw"].rotation_euler' and fc.array_index == 0))
     np.testing.assert_array_equal(jaw_keys[:, 0], [*range(1, 60, 2), 300])
     assert np.degrees(jaw_keys[-1, 1]) == pytest.approx(3.0, abs=1e-4)
+    # decimated: the straight yaw ramp needs its two ends only; the take is replaced, not stacked
+    assert bpy.ops.pvp.import_track(filepath=str(tmp_path / "stride2.csv"), start_frame=1, renormalize="NONE",
+                                    decimate=True) == {"FINISHED"}
+    curves, _ = _take_curves(rig, "PVP stride2")
+    np.testing.assert_array_equal(_keys(curves[('pose.bones["head"].rotation_euler', 1)])[:, 0], [1, 59])
 
 
 def test_timeline_fast_and_scene_paths(bpy, addon, face_server, tmp_path):

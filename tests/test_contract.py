@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blender_addon.timeline import frame_range, frames_ahead, runs_of_equal_edits
-from blender_addon.track_import import key_table, smooth
+from blender_addon.track_import import decimate, key_table, smooth
 from pvp_contract import controls
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,6 +124,21 @@ def test_key_table_resamples_each_run_by_the_frame_rates(tmp_path):
     np.testing.assert_array_equal(keys.frames, [1, 2, 3, 5, 6])
     np.testing.assert_allclose(keys.values[:, 0], [0, 6, 12, 24, 30])  # source frame 2 * (scene - 1), times 3
     assert keys.hold_after.tolist() == [False, False, True, False, False]
+
+
+def test_decimation_keeps_what_a_line_cannot_reproduce(tmp_path):
+    frames = np.arange(10, dtype=float)
+    values = np.array([0, 1, 2, 3, 4, 4, 4, 4, 10, 10], float)  # two ramps, a plateau, a jump
+    keep = decimate(frames, values, 0.01)
+    assert np.flatnonzero(keep).tolist() == [0, 4, 7, 8, 9]
+    np.testing.assert_allclose(np.interp(frames, frames[keep], values[keep]), values)  # nothing visible lost
+    rows = ["frame,head_yaw,exp_00"] + [f"{f},{f * 0.5 if f != 5 else ''},{0.3}" for f in range(10)]
+    (tmp_path / "take.csv").write_text("\n".join(rows) + "\n")
+    keys = key_table(tmp_path / "take.csv", SCHEMA, controls.GROUPS, False, None, start_frame=1, scene_fps=25.0)
+    frames_yaw, values_yaw, hold = keys.channel_keys(0, decimated=True)
+    assert frames_yaw.tolist() == [1, 5, 7, 10] and hold.tolist() == [False, True, False, False]  # gap edges kept
+    assert keys.channel_keys(1, decimated=True)[0].tolist() == [1, 5, 7, 10]
+    assert len(keys.channel_keys(0)[0]) == 9  # without decimation, every key
 
 
 def test_smoothing_keeps_runs_apart_and_leaves_raw_when_off():
