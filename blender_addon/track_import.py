@@ -86,8 +86,8 @@ def decimate(frames: np.ndarray, values: np.ndarray, tolerance: float, keep: np.
 
 def layout_keys(source_frames: np.ndarray, run_id: np.ndarray, values: np.ndarray, start_frame: int,
                 first_source_frame: int, ratio: float, smoothing: float = 0.0):
-    """Scene frames [N], values [N, C] and hold flags [N] of the keys: ``source_frames`` [M] (valid frames), ``run_id`` [M]
-    (frames with equal ids have no gap between them), ``ratio`` scene frames per source frame."""
+    """Scene frames [N], values [N, C] and hold flags [N] of the keys: ``source_frames`` [M] (valid frames),
+    ``run_id`` [M] (frames with equal ids have no gap between them), ``ratio`` scene frames per source frame."""
     frames, out, hold = [], [], []
     runs = np.unique(run_id)
     for k, run in enumerate(runs):
