@@ -103,6 +103,12 @@ def request_current(scene, prefetch: bool = False) -> None:
 def on_frame_change(scene, depsgraph=None):
     if runtime.suspended or runtime.session is None:
         return
+    if bpy.app.background:  # no one watches a live preview: the frame is for a render, fetch it now
+        try:
+            fetch_frame_now(scene)
+        except Exception as e:  # a handler must never raise into Blender's render
+            runtime.session.preview.message = f"render: {type(e).__name__}: {e}"
+        return
     t0 = time.perf_counter()
     try:
         screen = bpy.context.screen
@@ -128,7 +134,38 @@ def on_depsgraph_update(scene, depsgraph):
 
 @bpy.app.handlers.persistent
 def on_load(*_):
+    """A reopened file with a PVP rig connects to the server (preferences) and shows the current frame at
+    once; in background mode (``blender -b FILE -a``) this is what lets a render farm render it."""
     runtime.reader = None
+    scene = bpy.context.scene
+    if scene is None or scene.pvp.rig is None:
+        return
+    try:
+        s = runtime.session if runtime.session is not None else new_session(bpy.context)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"PVP: cannot connect: {e}")
+        return
+    if wait_until(lambda: s.info is not None or s.preview.state == DOWN, s.client.timeout_s + 1) and s.info:
+        request_current(scene)
+
+
+def fetch_frame_now(scene) -> None:
+    """Show the server's frame for the scene's current frame before anything else happens (blocking, up
+    to the timeout): what a background render (``blender -b FILE -a`` or ``-f N``) needs."""
+    s = runtime.session
+    if s.info is None:
+        wait_until(lambda: s.info is not None or s.preview.state == DOWN, s.client.timeout_s + 1)
+    reader = rig_reader(scene)
+    if reader is None:
+        return
+    # a render evaluates its own depsgraph: the rig's pose in the file may not be this frame's yet, so the
+    # values come from the rig's animation at this frame
+    (controls, edits), = reader.at([scene.frame_current])
+    frame = s.preview.want(controls, edits)
+    if frame is not None:
+        show(scene, frame)
+    elif not wait_for_frame(s):
+        print(f"PVP: frame {scene.frame_current}: {s.status}")
 
 
 def tick():
@@ -230,6 +267,9 @@ class PVPSceneProps(bpy.types.PropertyGroup):
     plane: PointerProperty(type=bpy.types.Object, name="Image plane")
     image: PointerProperty(type=bpy.types.Image, name="Image")
     output_dir: StringProperty(name="Output", subtype="DIR_PATH", default="//pvp_frames/")
+    output_size: IntProperty(name="Output size", default=0, min=0, max=2048,
+                             description="width of the fast timeline render's frames (0: the avatar's resolution); "
+                                         "the preview size in the preferences is separate")
     movie_path: StringProperty(name="Movie", subtype="FILE_PATH", default="",
                                description="also encode the fast-path frames into this H.264 .mp4 (empty: frames only)")
 
@@ -281,6 +321,11 @@ class PVP_OT_add_rig(bpy.types.Operator):
         s = connected_session(self)
         if s is None:
             return {"CANCELLED"}
+        existing = context.scene.pvp.rig
+        if existing is not None and existing.name in context.scene.objects:
+            self.report({"ERROR"}, f"this scene has a PVP rig already ({existing.name}); delete it first, or use "
+                                   "another scene")
+            return {"CANCELLED"}
         avatar = s.info["avatar"]
         schema = avatar["control_schema"]
         try:
@@ -291,7 +336,7 @@ class PVP_OT_add_rig(bpy.types.Operator):
         except (RigError, ServerError, ServerUnavailable) as e:
             self.report({"ERROR"}, str(e))
             return {"CANCELLED"}
-        rig = bl_rig.build_armature(context, spec)
+        rig = bl_rig.build_armature(context, spec, schema)
         rig["pvp_rig_file"] = Path(spec.path).name
         rig["pvp_avatar_id"] = avatar["id"]
         mesh = bl_rig.build_mesh(context, spec, rig, schema, arrays)
@@ -302,6 +347,8 @@ class PVP_OT_add_rig(bpy.types.Operator):
             size = s.preview.size or avatar["resolution"]
             props.image = bl_plane.ensure_image(size, size)
             props.plane = bl_plane.add_plane(context, props.image)
+        view = context.scene.view_settings  # so the plane's pixels render as the server sent them
+        view.view_transform, view.look, view.exposure, view.gamma = "Standard", "None", 0.0, 1.0
         runtime.reader = None
         request_current(context.scene)
         return {"FINISHED"}
@@ -477,7 +524,9 @@ class PVP_OT_render_timeline(bpy.types.Operator, FrameStepper):
             return {"CANCELLED"}
         frames = timeline_controls(scene, reader)
         client, folder = s.job_client(), bpy.path.abspath(scene.pvp.output_dir)
-        self.jobs = [TimelineJob(client, part, e, folder, s.preview.size) for e, part in runs_of_equal_edits(frames)]
+        size, avatar_id = scene.pvp.output_size or None, s.info["avatar"]["id"]
+        self.jobs = [TimelineJob(client, part, e, folder, size, avatar_id=avatar_id)
+                     for e, part in runs_of_equal_edits(frames)]
         return self.start(context)
 
     def step(self, context):
@@ -583,6 +632,7 @@ class PVP_PT_panel(bpy.types.Panel):
                 if key.startswith("pvp_edit_"):
                     col.prop(props.rig, f'["{key}"]', text=key[len("pvp_edit_"):])
         col.prop(props, "output_dir")
+        col.prop(props, "output_size")
         col.prop(props, "movie_path")
         col.operator("pvp.render_timeline", icon="RENDER_ANIMATION")
         col.operator("pvp.render_scene", icon="SCENE")

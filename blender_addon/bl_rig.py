@@ -19,7 +19,8 @@ def _link(context, ob) -> None:
     context.scene.collection.objects.link(ob)
 
 
-def build_armature(context, spec: RigSpec) -> bpy.types.Object:
+def build_armature(context, spec: RigSpec, schema: dict) -> bpy.types.Object:
+    """The armature, its bones' rotation limits those the avatar learned (RigSpec.bone_limits)."""
     arm = bpy.data.armatures.new(spec.armature)
     ob = bpy.data.objects.new(spec.armature, arm)
     _link(context, ob)
@@ -33,13 +34,14 @@ def build_armature(context, spec: RigSpec) -> bpy.types.Object:
             eb.parent = arm.edit_bones[b["parent"]]
     bpy.ops.object.mode_set(mode="OBJECT")
     context.view_layer.objects.active = previous or ob
+    limits = spec.bone_limits(schema)
     for b in spec.bones:
         pb = ob.pose.bones[b["name"]]
         pb.rotation_mode = b["rotation_mode"]
-        if b["limits_deg"]:
+        if limits.get(b["name"]):
             con = pb.constraints.new("LIMIT_ROTATION")
             con.owner_space = "LOCAL"
-            for axis, (lo, hi) in b["limits_deg"].items():
+            for axis, (lo, hi) in limits[b["name"]].items():
                 setattr(con, f"use_limit_{axis}", True)
                 setattr(con, f"min_{axis}", math.radians(lo))
                 setattr(con, f"max_{axis}", math.radians(hi))
@@ -122,6 +124,7 @@ def build_mesh(context, spec: RigSpec, rig: bpy.types.Object, schema: dict, mesh
         off = offsets.get(c["name"])
         if off is not None:
             kb.data.foreach_set("co", (verts + off).astype(np.float32).ravel())
+    ob.hide_render = True  # a control for the animator: renders show the avatar on the plane only
     return ob
 
 
@@ -194,7 +197,7 @@ class RigReader:
 
     def __init__(self, spec: RigSpec, rig, mesh, schema: dict, edits: list[dict]):
         self.spec, self.rig, self.mesh, self.schema, self.edits = spec, rig, mesh, schema, edits
-        self.limits = {b["name"]: b["limits_deg"] for b in spec.bones}
+        self.limits = spec.bone_limits(schema)
 
     def _clamped(self, bone: str, euler) -> tuple[float, float, float]:
         limits = self.limits.get(bone, {})
@@ -290,7 +293,11 @@ def write_take(idblock, name: str, channels: list[tuple[str, int, str, np.ndarra
     ad = idblock.animation_data or idblock.animation_data_create()
     if mode == "STRIP":
         for track in [t for t in ad.nla_tracks if t.name == name]:
+            old = [s.action for s in track.strips if s.action is not None]
             ad.nla_tracks.remove(track)
+            for action in old:  # the replaced take's action, unless something else still uses it
+                if action.users == 0:
+                    bpy.data.actions.remove(action)
         paths = {(path, max(index, 0)) for path, index, *_ in channels}
         if ad.action is not None and any((fc.data_path, fc.array_index) in paths for fc in fcurves_of(idblock)):
             _push_down(ad)
@@ -315,6 +322,9 @@ def write_take(idblock, name: str, channels: list[tuple[str, int, str, np.ndarra
         for point in reversed(list(fc.keyframe_points)):  # the take's range only: other keys stay as they are
             if lo - 1e-3 <= point.co[0] <= hi + 1e-3:
                 fc.keyframe_points.remove(point, fast=True)
-        inserted = [fc.keyframe_points.insert(float(f), float(v), options={"FAST"}) for f, v in zip(frames, values)]
-        _set_interpolation(inserted, hold_after, gaps)
+        for f, v in zip(frames, values):
+            fc.keyframe_points.insert(float(f), float(v), options={"FAST"})
         fc.update()
+        # keys by frame only now: each insert may move the curve's key array, so earlier handles are stale
+        by_frame = {round(point.co[0], 3): point for point in fc.keyframe_points}
+        _set_interpolation([by_frame[round(float(f), 3)] for f in frames], hold_after, gaps)

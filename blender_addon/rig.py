@@ -68,6 +68,17 @@ class RigSpec:
                 out.append(c["default"])
         return out
 
+    def bone_limits(self, schema: dict) -> dict[str, dict[str, tuple[float, float]]]:
+        """Rotation limits (degrees) per bone and axis: the rig file's, narrowed on every axis that drives a
+        control channel to the range the avatar learned (the schema's min..max through the term's scale), so
+        the rig's range is the avatar's visible range."""
+        limits = {b["name"]: {a: tuple(v) for a, v in b["limits_deg"].items()} for b in self.bones}
+        for c in schema["channels"]:
+            for term in self.channels.get(c["name"], []):
+                lo, hi = sorted((c["min"] / term.scale, c["max"] / term.scale))
+                limits.setdefault(term.bone, {})[AXES[term.axis].lower()] = (lo, hi)
+        return limits
+
     def bone_target(self, channel: str, value: float) -> tuple[str, int, float]:
         """Where an imported control value goes: (bone, axis, radians) on the channel's first term."""
         term = self.channels[channel][0]

@@ -93,7 +93,8 @@ def layout_keys(source_frames: np.ndarray, run_id: np.ndarray, values: np.ndarra
     for k, run in enumerate(runs):
         sel = run_id == run
         t = start_frame + (source_frames[sel] - first_source_frame) * ratio
-        v = smooth(values[sel], smoothing / ratio)  # sigma in source frames
+        step = float(np.median(np.diff(source_frames[sel]))) if sel.sum() > 1 else 1.0
+        v = smooth(values[sel], smoothing / ratio / step)  # sigma in samples of this run
         if ratio != 1:
             grid = np.arange(math.ceil(t[0] - 1e-9), math.floor(t[-1] + 1e-9) + 1, dtype=np.float64)
             if len(grid) == 0:
@@ -106,7 +107,9 @@ def layout_keys(source_frames: np.ndarray, run_id: np.ndarray, values: np.ndarra
         flags = np.zeros(len(t), bool)
         flags[-1] = k < len(runs) - 1
         hold.append(flags)
-    return np.concatenate(frames), np.concatenate(out), np.concatenate(hold)
+    frames, out, hold = np.concatenate(frames), np.concatenate(out), np.concatenate(hold)
+    last = np.append(frames[1:] != frames[:-1], True)  # runs rounded onto one scene frame: the later key wins
+    return frames[last], out[last], hold[last]
 
 
 def key_table(path, schema: dict, groups, renormalize: bool, avatar_stats: dict | None, start_frame: int,
@@ -120,7 +123,11 @@ def key_table(path, schema: dict, groups, renormalize: bool, avatar_stats: dict 
     names = list(converted.columns)
     values = np.stack([converted.columns[n] for n in names], 1)
     positions = np.flatnonzero(perf.valid)
-    run_id = np.concatenate([[0], np.cumsum(np.diff(positions) > 1)])  # a new run after each gap
+    # a gap: invalid rows between two valid ones, or frame numbers jumping past the take's usual step (tools
+    # that leave faceless frames out of their files)
+    steps = np.diff(converted.frames)
+    usual = float(np.median(steps)) if len(steps) else 1.0
+    run_id = np.concatenate([[0], np.cumsum((np.diff(positions) > 1) | (steps > 1.5 * usual))])
     fps = perf.fps or source_fps or None
     ratio = scene_fps / fps if (resample and fps) else 1.0
     frames, values, hold = layout_keys(converted.frames, run_id, values, start_frame, int(perf.frames[0]), ratio,

@@ -136,9 +136,12 @@ def cmd_expression_map(args) -> None:
 
     from pvp.expression_map import fit_flame_map
 
-    fitted = fit_flame_map(args.avatar, args.flame, args.track)
+    fitted = fit_flame_map(args.avatar, args.flame, args.track, args.frame_offset)
     print(f"expression map from {args.flame.name} stored in {args.avatar / 'avatar.json'}: {fitted['frames']} shared "
           f"frames, median R² {np.median(fitted['r2']):.2f} over {len(fitted['r2'])} expression channels")
+    if np.median(fitted["r2"]) < 0.5:
+        print("warning: the FLAME codes explain the avatar's expressions poorly; check that both tracks number the "
+              "same video frames (--frame-offset; EMOCA counts from 1)", file=sys.stderr)
 
 
 def cmd_edits(args) -> None:
@@ -362,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     xm.add_argument("avatar", type=Path)
     xm.add_argument("flame", type=Path, help="the FLAME tracker's output for the avatar's own video")
     xm.add_argument("--track", type=Path, help="the avatar's pvp track (default AVATAR/work/track.safetensors)")
+    xm.add_argument("--frame-offset", type=int, default=0,
+                    help="added to the FLAME file's frame numbers to give the video's 0-based ones (EMOCA: -1)")
     xm.set_defaults(func=cmd_expression_map)
 
     e = sub.add_parser("edits", help="appearance edit directions of an avatar")

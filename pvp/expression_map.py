@@ -21,8 +21,11 @@ from pvp_contract.atomic import write_text
 MIN_SHARED_FRAMES = 20
 
 
-def fit_flame_map(avatar_dir: Path, flame_file: Path, own_track: Path | None = None) -> dict:
-    """Fit and store the map; returns it (with ``frames`` used and per-channel ``r2``)."""
+def fit_flame_map(avatar_dir: Path, flame_file: Path, own_track: Path | None = None, frame_offset: int = 0) -> dict:
+    """Fit and store the map; returns it (with ``frames`` used and per-channel ``r2``). ``frame_offset`` is
+    added to the FLAME file's frame numbers to give the video's (0-based) ones: EMOCA numbers the frames
+    ffmpeg extracted from 1 (offset -1); a tracker that resampled the video needs its frames re-extracted at
+    the video's rate first."""
     meta_path = avatar_dir / "avatar.json"
     if not meta_path.is_file():
         raise AvatarError(f"{avatar_dir}: not an avatar directory (no avatar.json)")
@@ -37,7 +40,8 @@ def fit_flame_map(avatar_dir: Path, flame_file: Path, own_track: Path | None = N
     if flame.expression is None or flame.expression_basis != "flame":
         raise driving.DrivingError(f"{flame_file}: holds no FLAME expression codes")
     own_rows = {int(f): i for i, f in enumerate(own.frame_index) if own.valid[i]}
-    pairs = [(own_rows[int(f)], j) for j, f in enumerate(flame.frames) if flame.valid[j] and int(f) in own_rows]
+    pairs = [(own_rows[int(f) + frame_offset], j) for j, f in enumerate(flame.frames)
+             if flame.valid[j] and int(f) + frame_offset in own_rows]
     if len(pairs) < MIN_SHARED_FRAMES:
         raise driving.DrivingError(f"{flame_file}: only {len(pairs)} of its frames match the avatar's video frames "
                                    f"(need {MIN_SHARED_FRAMES}); track the avatar's own video with the FLAME tracker")
@@ -46,7 +50,8 @@ def fit_flame_map(avatar_dir: Path, flame_file: Path, own_track: Path | None = N
     fitted = controls.fit_expression_map(source, target)
     residual = target - controls.apply_expression_map(fitted, source)
     r2 = 1 - residual.var(0) / np.maximum(target.var(0), 1e-12)
-    fitted.update(frames=len(pairs), r2=[round(float(v), 4) for v in r2], source=str(flame_file))
+    fitted.update(frames=len(pairs), r2=[round(float(v), 4) for v in r2], source=str(flame_file),
+                  frame_offset=frame_offset)
     meta.setdefault("expression_maps", {})["flame"] = fitted
     write_text(meta_path, json.dumps(meta, indent=1))
     return fitted

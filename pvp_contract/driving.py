@@ -143,8 +143,16 @@ def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
 
 
 def _rebuild_tensor(storage, offset, size, stride, *_):
+    """A tensor as a numpy array: a view of its storage that numpy bounds-checks (a file's sizes and strides
+    must not reach past the storage)."""
+    if not isinstance(storage, np.ndarray) or storage.ndim != 1 or storage.dtype.kind not in "biuf":
+        raise DrivingError("a tensor whose storage is not a plain numeric array")
+    size, stride, offset = tuple(int(n) for n in size), tuple(int(s) for s in stride), int(offset)
+    if offset < 0 or min(size, default=0) < 0 or min(stride, default=0) < 0 or len(size) != len(stride):
+        raise DrivingError(f"a tensor with offset {offset}, size {size}, stride {stride}")
     item = storage.itemsize
-    return np.lib.stride_tricks.as_strided(storage[offset:], tuple(size), tuple(s * item for s in stride)).copy()
+    return np.ndarray(size, storage.dtype, buffer=storage, offset=offset * item,
+                      strides=tuple(s * item for s in stride)).copy()
 
 
 def read_pickle(path: Path):
@@ -259,11 +267,16 @@ def _from_codes(path: Path, kind: str, codes: dict, frames=None) -> Performance:
         rot = _as_2d(codes["rotation"], path, "rotation", 3)
         neck = _as_2d(codes["neck_pose"], path, "neck_pose", 3) if "neck_pose" in codes else None
         jaw = _as_2d(codes["jaw_pose"], path, "jaw_pose", 3)
+        processed = None
         if "n_processed" in codes:  # video-head-tracker's export: neck and jaw before its rotation limits
             neck = nha_limited(neck, NHA_NECK_LIMITS_DEG) if neck is not None else None
             jaw = nha_limited(jaw, NHA_JAW_LIMITS_DEG)
-        return _performance(path, "nha", None, head_from_axis_angle(rot, neck), controls.jaw_degrees(jaw),
+            processed = int(np.asarray(codes["n_processed"]).reshape(-1)[0])
+        perf = _performance(path, "nha", None, head_from_axis_angle(rot, neck), controls.jaw_degrees(jaw),
                             _as_2d(codes[expr_key], path, expr_key), frames)
+        if processed is not None:  # frames past it were never optimised: their values are initial guesses
+            perf.valid[processed:] = False
+        return perf
     raise DrivingError(f"{path}: no FLAME codes found (expected 'pose' + 'exp' as DECA/EMOCA, or 'rotation', "
                        f"'jaw_pose', 'expr' as NHA); it holds {sorted(codes)[:12]}")
 

@@ -236,6 +236,9 @@ def test_import_keeps_timing_and_every_other_key(bpy, addon, face_server, tmp_pa
                           if fc.data_path == 'pose.bones["jaw"].rotation_euler' and fc.array_index == 0))
     np.testing.assert_array_equal(jaw_keys[:, 0], [*range(1, 60, 2), 300])
     assert np.degrees(jaw_keys[-1, 1]) == pytest.approx(3.0, abs=1e-4)
+    jaw_curve = next(fc for fc in rig.animation_data.action.fcurves
+                     if fc.data_path == 'pose.bones["jaw"].rotation_euler' and fc.array_index == 0)
+    assert {k.interpolation for k in jaw_curve.keyframe_points if k.co[0] < 100} == {"LINEAR"}
     # decimated: the straight yaw ramp needs its two ends only; the take is replaced, not stacked
     assert bpy.ops.pvp.import_track(filepath=str(tmp_path / "stride2.csv"), start_frame=1, renormalize="NONE",
                                     decimate=True) == {"FINISHED"}
@@ -269,7 +272,7 @@ def test_timeline_fast_and_scene_paths(bpy, addon, face_server, tmp_path):
     assert int(movie.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little") == b"h264"
     movie.release()
     scene.pvp.movie_path = ""
-    files = sorted((tmp_path / "fast").iterdir())
+    files = sorted((tmp_path / "fast").glob("frame_*.png"))
     assert [f.name for f in files] == [f"frame_{i:06d}.png" for i in range(1, 5)]
     reader = addon.rig_reader(scene)
     expected = []
@@ -293,6 +296,83 @@ def test_timeline_fast_and_scene_paths(bpy, addon, face_server, tmp_path):
         errors = [np.abs(plane - cv2.resize(e.astype(np.float32)[1:-1, 1:-1], (32, 32))).mean() for e in expected[:2]]
         print("scene path: mean abs error vs the avatar frames", errors)
         assert errors[f - 1] < 12.0 and errors[f - 1] < errors[2 - f], errors
+
+
+def _camera_scene(bpy, size=64):
+    scene = bpy.context.scene
+    cam = bpy.data.objects.new("cam", bpy.data.cameras.new("cam"))
+    scene.collection.objects.link(cam)
+    cam.location, cam.rotation_euler = (0.0, -3.0, 0.25), (np.pi / 2, 0.0, 0.0)
+    scene.camera = cam
+    scene.render.resolution_x = scene.render.resolution_y = size
+    scene.render.resolution_percentage = 100
+    return scene
+
+
+def test_rig_range_and_render_settings_follow_the_avatar(bpy, addon, face_server):
+    connect(bpy, addon, face_server.endpoint)
+    scene = _camera_scene(bpy)
+    assert bpy.ops.pvp.add_rig() == {"FINISHED"}
+    schema = {c["name"]: c for c in addon.runtime.session.info["avatar"]["control_schema"]["channels"]}
+    jaw = scene.pvp.rig.pose.bones["jaw"].constraints[0]
+    assert np.degrees([jaw.min_x, jaw.max_x]) == pytest.approx([schema["jaw_open"]["min"], schema["jaw_open"]["max"]])
+    head = scene.pvp.rig.pose.bones["head"].constraints[0]
+    assert np.degrees([head.min_y, head.max_y]) == pytest.approx([schema["head_yaw"]["min"], schema["head_yaw"]["max"]])
+    assert scene.pvp.mesh.hide_render and not scene.pvp.plane.hide_render  # the control mesh never renders
+    assert scene.view_settings.view_transform == "Standard" and scene.view_settings.look == "None"
+    with pytest.raises(RuntimeError, match="has a PVP rig already"):
+        bpy.ops.pvp.add_rig()
+    assert sum(1 for ob in scene.objects if ob.type == "ARMATURE") == 1
+
+
+def test_background_render_animation_shows_each_frame(bpy, addon, face_server, tmp_path):
+    """`blender -b scene.blend -a`: the file is opened (the extension connects), Blender's own Render
+    Animation renders three keyed frames, and each shows the server's frame for that frame."""
+    import cv2
+
+    connect(bpy, addon, face_server.endpoint)
+    scene = _camera_scene(bpy)
+    assert bpy.ops.pvp.add_rig() == {"FINISHED"}
+    head = scene.pvp.rig.pose.bones["head"]
+    for frame, yaw in ((1, -25.0), (2, 0.0), (3, 25.0)):
+        head.rotation_euler = (0.0, np.radians(yaw), 0.0)
+        head.keyframe_insert("rotation_euler", frame=frame)
+    scene.frame_start, scene.frame_end = 1, 3
+    scene.frame_set(1)
+    scene.render.engine = "CYCLES"
+    scene.cycles.samples, scene.cycles.device = 4, "CPU"
+    scene.render.filepath = str(tmp_path / "anim_")
+    scene.render.image_settings.file_format = "PNG"
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "shot.blend"))
+    addon.runtime.close()
+    bpy.ops.wm.open_mainfile(filepath=str(tmp_path / "shot.blend"))  # on_load connects (preferences' endpoint)
+    assert addon.runtime.session is not None and addon.runtime.session.info is not None
+    scene = bpy.context.scene
+    reader = addon.rig_reader(scene)
+    expected = []
+    for f in (1, 2, 3):
+        scene.frame_set(f)
+        controls, edits = reader.now()
+        expected.append(server_frame(face_server.endpoint, controls, edits).astype(np.float32))
+    scene.frame_set(1)
+    bpy.ops.render.render(animation=True)
+    renders = [load_rgb(tmp_path / f"anim_{f:04d}.png").astype(np.float32) for f in (1, 2, 3)]
+    for f, render in enumerate(renders):
+        plane = cv2.resize(render[8:56, 8:56], (32, 32), interpolation=cv2.INTER_AREA)  # the plane: central 80%
+        errors = [np.abs(plane - cv2.resize(e[1:-1, 1:-1], (32, 32))).mean() for e in expected]
+        assert int(np.argmin(errors)) == f and errors[f] < 12.0, errors  # its own frame, not frame 1's
+    assert np.abs(renders[0] - renders[2]).mean() > 2.0
+
+
+def test_fast_timeline_output_size_is_not_the_preview_size(bpy, addon, face_server, tmp_path):
+    connect(bpy, addon, face_server.endpoint)
+    scene = bpy.context.scene
+    assert bpy.ops.pvp.add_rig() == {"FINISHED"}
+    scene.frame_start, scene.frame_end = 1, 2
+    scene.pvp.output_dir, scene.pvp.output_size = str(tmp_path / "out") + "/", 48
+    assert bpy.ops.pvp.render_timeline() == {"FINISHED"}
+    assert load_rgb(tmp_path / "out" / "frame_000001.png").shape == (48, 48, 3)
+    assert tuple(scene.pvp.image.size) == (32, 32)  # the live preview keeps its own size
 
 
 def test_server_killed_during_playback(bpy, addon, avatars):

@@ -102,7 +102,7 @@ def test_timeline_job_writes_exact_frames_and_resumes(server, tmp_path):
     frames = [(f, _controls(f)) for f in range(3, 9)]
     job = TimelineJob(Client(server.endpoint, 20.0), frames, {}, tmp_path, chunk=4)
     assert job.run() == 6 and job.written == 6
-    assert sorted(p.name for p in tmp_path.iterdir()) == [frame_path(tmp_path, f).name for f in range(3, 9)]
+    assert sorted(p.name for p in tmp_path.glob("frame_*")) == [frame_path(tmp_path, f).name for f in range(3, 9)]
     reference = Client(server.endpoint, 20.0)
     for f, c in frames:
         rgb = np.frombuffer(reference.render(c, use_cache=False).data, np.uint8).reshape(32, 32, 3)
@@ -112,6 +112,15 @@ def test_timeline_job_writes_exact_frames_and_resumes(server, tmp_path):
     again = TimelineJob(Client(server.endpoint, 20.0), frames, {}, tmp_path)
     assert again.skipped == 5 and again.run() == 6 and again.written == 1
     assert frame_path(tmp_path, 3).stat().st_mtime_ns == stamp
+    # keys changed on two frames: a resumed render re-renders exactly those, and the new pixels are there
+    changed = [(f, _controls(f + 100) if f in (4, 7) else c) for f, c in frames]
+    third = TimelineJob(Client(server.endpoint, 20.0), changed, {}, tmp_path)
+    assert third.skipped == 4 and third.run() == 6 and third.written == 2
+    rgb = np.frombuffer(reference.render(_controls(107), use_cache=False).data, np.uint8).reshape(32, 32, 3)
+    assert_same_render(load_rgb(frame_path(tmp_path, 7)), rgb)
+    assert frame_path(tmp_path, 3).stat().st_mtime_ns == stamp
+    other_size = TimelineJob(Client(server.endpoint, 20.0), changed, {}, tmp_path, size=48)
+    assert other_size.skipped == 0  # a different output size shows different pixels
 
 
 def test_rig_files_parse_and_bad_ones_name_the_problem(tmp_path):

@@ -141,6 +141,22 @@ def test_decimation_keeps_what_a_line_cannot_reproduce(tmp_path):
     assert len(keys.channel_keys(0)[0]) == 9  # without decimation, every key
 
 
+def test_frames_missing_from_the_file_are_gaps_too(tmp_path):
+    rows = ["frame,head_yaw"] + [f"{f},{f * 1.0}" for f in [*range(1, 11), *range(20, 31)]]  # 11..19 left out
+    (tmp_path / "take.csv").write_text("\n".join(rows) + "\n")
+    keys = key_table(tmp_path / "take.csv", SCHEMA, ("head",), False, None, start_frame=1, scene_fps=25.0)
+    assert keys.hold_after.tolist() == [f == 10 for f in [*range(1, 11), *range(20, 31)]]
+    assert any("1 gap" in n for n in keys.notes)
+
+
+def test_downsampled_runs_never_key_one_frame_twice(tmp_path):
+    rows = ["frame,head_yaw"] + [f"{f},{'' if f % 2 else f * 1.0}" for f in range(12)]  # face, no face, ...
+    (tmp_path / "take.csv").write_text("\n".join(rows) + "\n")
+    keys = key_table(tmp_path / "take.csv", SCHEMA, ("head",), False, None, start_frame=1, scene_fps=24.0,
+                     source_fps=60.0)
+    assert len(set(keys.frames.tolist())) == len(keys.frames) and np.all(np.diff(keys.frames) > 0)
+
+
 def test_smoothing_keeps_runs_apart_and_leaves_raw_when_off():
     values = np.array([[0.0], [0.0], [10.0], [0.0], [0.0]])
     assert np.array_equal(smooth(values, 0.0), values)

@@ -283,3 +283,26 @@ def test_expression_map_is_fitted_on_the_avatars_own_video(d12_track, tmp_path):
     r = subprocess.run([sys.executable, "-m", "pvp.cli", "expression-map", str(avatar_dir), str(tmp_path / "no.npz")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "no.npz: no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_nha_frames_the_tracker_never_processed_are_not_a_take(tmp_path):
+    np.savez(tmp_path / "tracked_flame_params.npz", rotation=np.zeros((3, 3)), neck_pose=np.zeros((3, 3)),
+             jaw_pose=np.zeros((3, 3)), expr=EXP, frame=np.array([0, 1, 2]), n_processed=np.array(2))
+    assert driving.read_performance(tmp_path / "tracked_flame_params.npz").valid.tolist() == [True, True, False]
+
+
+def test_tensors_reaching_past_their_storage_are_refused(tmp_path):
+    import torch
+
+    torch.save({"pose": torch.zeros(3, 6), "exp": torch.zeros(3, 10)}, tmp_path / "codes.pt")
+    data = zipfile.ZipFile(tmp_path / "codes.pt")
+    names = {n: data.read(n) for n in data.namelist()}
+    pkl = next(n for n in names if n.endswith("data.pkl"))
+    # the same file, one tensor claiming 1000 rows of the 3 its storage holds
+    assert names[pkl].count(b"K\x03K\x06\x86") == 1  # the size (3, 6) as protocol 2 writes it
+    names[pkl] = names[pkl].replace(b"K\x03K\x06\x86", b"M\xe8\x03K\x06\x86")  # (1000, 6)
+    with zipfile.ZipFile(tmp_path / "evil.pt", "w") as z:
+        for n, d in names.items():
+            z.writestr(n, d)
+    with pytest.raises(driving.DrivingError, match="evil.pt"):
+        driving.read_performance(tmp_path / "evil.pt")

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
                                                    enable_on_install=True), "installing the extension")
     ops = sys.modules[f"{PKG}.bl_ops"]
     prefs = ops.prefs()
-    prefs.endpoint, prefs.timeout_s, prefs.preview_size = args.endpoint, 60.0, args.size
+    prefs.endpoint, prefs.timeout_s = args.endpoint, 60.0
     scene = bpy.context.scene
     scene.render.fps, scene.render.fps_base = max(1, round(args.fps)), max(1, round(args.fps)) / args.fps
     check(bpy.ops.pvp.connect(), "connecting")
@@ -51,6 +51,7 @@ def main(argv=None) -> int:
                                    set_frame_range=True), "importing the driving track")
     reader = ops.rig_reader(scene)
     scene.pvp.output_dir = str(args.frames) + os.sep
+    scene.pvp.output_size = args.size
     scene.pvp.movie_path = str(args.movie)
     check(bpy.ops.pvp.render_timeline(), "rendering the timeline")
     keyed = [reader.at([f])[0][0] for f in range(scene.frame_start, scene.frame_end + 1)]
