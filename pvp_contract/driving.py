@@ -196,6 +196,9 @@ def rotation_from_6d(x: np.ndarray) -> np.ndarray:
 # r_min + (tanh(x) + 1) / 2 * (r_max - r_min) per axis (vht/model/flame.py), limits in degrees:
 NHA_NECK_LIMITS_DEG = ((-90.0, 90.0), (-60.0, 60.0), (-80.0, 80.0))
 NHA_JAW_LIMITS_DEG = ((-5.0, 60.0), (-0.1, 0.1), (-0.1, 0.1))
+# its head rotation is in PyTorch3D's camera frame (X left, Y up, Z into the scene; vht/model/tracking.py
+# flips OpenCV's X and Y): turning X and Z gives the FLAME camera frame pvp uses (a frontal face: identity)
+NHA_TO_FLAME_CAMERA = np.diag([-1.0, 1.0, -1.0])
 
 
 def nha_limited(raw: np.ndarray, limits_deg) -> np.ndarray:
@@ -271,6 +274,7 @@ def _from_codes(path: Path, kind: str, codes: dict, frames=None) -> Performance:
         if "n_processed" in codes:  # video-head-tracker's export: neck and jaw before its rotation limits
             neck = nha_limited(neck, NHA_NECK_LIMITS_DEG) if neck is not None else None
             jaw = nha_limited(jaw, NHA_JAW_LIMITS_DEG)
+            rot = geometry.axis_angle_from_rotation(NHA_TO_FLAME_CAMERA @ geometry.rotation_from_axis_angle(rot))
             processed = int(np.asarray(codes["n_processed"]).reshape(-1)[0])
         perf = _performance(path, "nha", None, head_from_axis_angle(rot, neck), controls.jaw_degrees(jaw),
                             _as_2d(codes[expr_key], path, expr_key), frames)

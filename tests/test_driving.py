@@ -202,12 +202,15 @@ def test_metrical_tracker_checkpoints_of_numpy_arrays_read_safely(tmp_path):
 
 def test_nha_rotation_limits_are_applied(tmp_path):
     closed = np.arctanh(2 * 5 / 65 - 1)  # what video-head-tracker stores for a 0 degree jaw (limits -5..60)
-    np.savez(tmp_path / "tracked_flame_params.npz", rotation=np.zeros((2, 3)), neck_pose=np.zeros((2, 3)),
+    # its camera frame is PyTorch3D's (X left, Z into the scene), pvp's turned by pi about Y: a face looking at
+    # the camera is Ry(pi) there, and one turned 20 degrees to image right Ry(pi) Ry(20 degrees)
+    facing = np.stack([axis_angle_from_rotation(rot_y(np.pi) @ rot_y(np.radians(a))) for a in (0.0, 20.0)])
+    np.savez(tmp_path / "tracked_flame_params.npz", rotation=facing, neck_pose=np.zeros((2, 3)),
              jaw_pose=np.array([[closed, 0.0, 0.0], [0.0, 0.0, 0.0]]), expr=EXP[:2], frame=np.array([0, 1]),
              n_processed=np.array(2))
     perf = driving.read_performance(tmp_path / "tracked_flame_params.npz")
     np.testing.assert_allclose(perf.jaw[:, 0], [0.0, 27.5], atol=1e-6)  # not -71 degrees
-    np.testing.assert_allclose(perf.head, 0.0, atol=1e-6)  # neck 0 after its limits: (-90 + 90) / 2 ...
+    np.testing.assert_allclose(perf.head, [[0.0, 0.0, 0.0], [20.0, 0.0, 0.0]], atol=1e-6)  # neck 0 after its limits
 
 
 def test_renormalisation_leaves_near_constant_channels_alone():

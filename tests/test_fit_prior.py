@@ -151,3 +151,20 @@ def test_the_track_stage_continues_with_the_saved_values(real_data, tmp_path):
     resumed = Track.load(tmp_path / "avatar" / "work" / "track.safetensors")  # what a restarted fit reads
     for name in ("yaw_pitch_roll", "jaw_pose", "expression", "landmarks_2d", "align_quad"):
         assert np.array_equal(getattr(fresh, name), getattr(resumed, name)), name
+
+
+def test_a_resume_without_a_checkpoint_says_it_starts_over(tmp_path, caplog):
+    import logging
+
+    from pvp.fit.training import run_steps
+
+    net = torch.nn.Linear(2, 2)
+    with caplog.at_level(logging.INFO, logger="pvp.fit.training"):
+        run_steps("prior", 3, lambda i: {"loss": float(i)}, {"net": net}, tmp_path / "ckpt.pt", 50, resume=True,
+                  progress=False)
+    assert "prior: no checkpoint at" in caplog.text and "starting from step 0" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pvp.fit.training"):
+        run_steps("prior", 5, lambda i: {"loss": float(i)}, {"net": net}, tmp_path / "ckpt.pt", 50, resume=True,
+                  progress=False)
+    assert "resuming from step 3 of 5" in caplog.text and "run again" in caplog.text
