@@ -354,6 +354,32 @@ class PVP_OT_add_rig(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class PVP_OT_reset(bpy.types.Operator):
+    bl_idname = "pvp.reset"
+    bl_label = "Reset"
+    bl_description = "Put the rig's bones (pose) or shape keys (expression) back to the avatar's defaults"
+    bl_options = {"REGISTER", "UNDO"}
+
+    what: EnumProperty(items=[("POSE", "Pose", "head, neck and jaw bones"),
+                              ("EXPRESSION", "Expression", "every expression shape key")], default="POSE")
+
+    def execute(self, context):
+        reader = scene_rig(self, context.scene)
+        if reader is None:
+            return {"CANCELLED"}
+        if self.what == "POSE":
+            for pb in context.scene.pvp.rig.pose.bones:
+                pb.rotation_euler = (0.0, 0.0, 0.0)
+        else:
+            blocks = reader.key_blocks()
+            for c in reader.spec.expression_channels(reader.schema):
+                kb = blocks.get(reader.spec.shape_key(c["name"]))
+                if kb is not None:
+                    kb.value = c["default"]
+        request_current(context.scene)
+        return {"FINISHED"}
+
+
 class PVP_OT_import_track(bpy.types.Operator, ImportHelper):
     bl_idname = "pvp.import_track"
     bl_label = "Import FLAME Track"
@@ -627,6 +653,11 @@ class PVP_PT_panel(bpy.types.Panel):
         col.operator("pvp.add_rig", icon="ARMATURE_DATA")
         col.operator("pvp.import_track", icon="IMPORT")
         col.operator("pvp.sync", icon="FILE_REFRESH")
+        row = col.row(align=True)
+        row.operator("pvp.reset", text="Reset Pose", icon="LOOP_BACK").what = "POSE"
+        row.operator("pvp.reset", text="Reset Expression", icon="LOOP_BACK").what = "EXPRESSION"
+        if s is not None and s.preview.clamped:  # the avatar shows its range's edge, not what was asked
+            col.label(text=f"avatar range reached: {', '.join(s.preview.clamped)}", icon="ERROR")
         if props.rig is not None:
             for key in props.rig.keys():
                 if key.startswith("pvp_edit_"):
@@ -638,8 +669,8 @@ class PVP_PT_panel(bpy.types.Panel):
         col.operator("pvp.render_scene", icon="SCENE")
 
 
-CLASSES = (PVPPreferences, PVPSceneProps, PVP_OT_connect, PVP_OT_sync, PVP_OT_add_rig, PVP_OT_import_track,
-           PVP_OT_render_timeline, PVP_OT_render_scene, PVP_PT_panel)
+CLASSES = (PVPPreferences, PVPSceneProps, PVP_OT_connect, PVP_OT_sync, PVP_OT_add_rig, PVP_OT_reset,
+           PVP_OT_import_track, PVP_OT_render_timeline, PVP_OT_render_scene, PVP_PT_panel)
 HANDLERS = ((bpy.app.handlers.frame_change_post, on_frame_change),
             (bpy.app.handlers.depsgraph_update_post, on_depsgraph_update), (bpy.app.handlers.load_post, on_load))
 

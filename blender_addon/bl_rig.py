@@ -209,12 +209,12 @@ class RigReader:
             out.append(v)
         return tuple(out)
 
-    def _key_blocks(self):
+    def key_blocks(self):
         keys = self.mesh.data.shape_keys if self.mesh is not None else None
         return keys.key_blocks if keys is not None else {}
 
     def now(self) -> tuple[list[float], dict[str, float]]:
-        bones, blocks = self.rig.pose.bones, self._key_blocks()
+        bones, blocks = self.rig.pose.bones, self.key_blocks()
 
         def rotation(name):
             pb = bones.get(name)
@@ -234,7 +234,7 @@ class RigReader:
         edits_now = current if current is not None else self.now()[1]
         rig_curves = CurveStack(self.rig)
         key_curves = CurveStack(self.mesh.data.shape_keys if self.mesh is not None else None)
-        bones, blocks = self.rig.pose.bones, self._key_blocks()
+        bones, blocks = self.rig.pose.bones, self.key_blocks()
         out = []
         for f in frames:
             def rotation(name, f=f):

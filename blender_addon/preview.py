@@ -41,6 +41,7 @@ class Preview:
         self.message = f"connected to {client.endpoint}"
         self.probe: tuple[int, float] | None = None  # ping id, sent at
         self.dropped_stale = 0
+        self.clamped: tuple[str, ...] = ()  # channels the shown frame asked beyond the avatar's range
 
     # -- requests -----------------------------------------------------------------------------------------
     def key(self, controls, edits) -> tuple:
@@ -53,7 +54,7 @@ class Preview:
         self.wanted = Wanted(key, [float(v) for v in controls], edits)
         frame = self.client.cache.get(key)
         if frame is not None:
-            self.shown = key
+            self.shown, self.clamped = key, frame.clamped
             return frame
         if self.state != DOWN and not any(k == key for k, _, _ in self.in_flight.values()):
             self._send(key, self.wanted.controls, edits)
@@ -130,10 +131,11 @@ class Preview:
             return None
         if self.state != DOWN:
             self.state, self.message = CONNECTED, f"connected to {self.client.endpoint}"
-        frame = Frame(request_id, header["width"], header["height"], header["format"], payload or b"")
+        frame = Frame(request_id, header["width"], header["height"], header["format"], payload or b"",
+                      clamped=tuple(header.get("clamped", ())))
         self.client.cache.put(key, frame)
         if self.wanted is not None and key == self.wanted.key:
-            self.shown = key
+            self.shown, self.clamped = key, frame.clamped
             return frame
         self.dropped_stale += 1
         return None

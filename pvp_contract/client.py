@@ -44,6 +44,7 @@ class Frame:
     format: str
     data: bytes
     seq: int | None = None
+    clamped: tuple[str, ...] = ()  # channels the server clamped to the avatar's range for this frame
 
 
 @dataclass
@@ -198,7 +199,8 @@ class Client:
         if size is not None:
             fields["size"] = int(size)
         header, payload = self.call("render", **fields)
-        frame = Frame(header["id"], header["width"], header["height"], header["format"], payload or b"")
+        frame = Frame(header["id"], header["width"], header["height"], header["format"], payload or b"",
+                      clamped=tuple(header.get("clamped", ())))
         self.cache.put(key, frame)
         return frame
 
@@ -226,7 +228,7 @@ class Client:
                     remaining -= 1
                     window.received()
                     yield Frame(request_id, header["width"], header["height"], header["format"], payload or b"",
-                                header.get("seq"))
+                                header.get("seq"), tuple(header.get("clamped", ())))
             self._wait(request_id)  # the closing "done"
         finally:
             if remaining:

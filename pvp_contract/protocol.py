@@ -172,9 +172,13 @@ def error_reply(code: str, message: str, request_id=None, field: str | None = No
     return {"v": VERSION, "type": "error", "id": request_id, "code": code, "message": message, "field": field}
 
 
-def frame_header(request_id: int, width: int, height: int, fmt: str, seq: int | None = None) -> dict:
+def frame_header(request_id: int, width: int, height: int, fmt: str, seq: int | None = None,
+                 clamped: list[str] | None = None) -> dict:
+    """``clamped``: the control channels this frame's request set beyond the avatar's learned range."""
     header = {"v": VERSION, "type": "frame", "id": request_id, "width": width, "height": height, "format": fmt}
     if seq is not None:
         header["seq"] = seq
+    if clamped:
+        header["clamped"] = clamped
     return header
 

@@ -323,6 +323,19 @@ def test_rig_range_and_render_settings_follow_the_avatar(bpy, addon, face_server
     with pytest.raises(RuntimeError, match="has a PVP rig already"):
         bpy.ops.pvp.add_rig()
     assert sum(1 for ob in scene.objects if ob.type == "ARMATURE") == 1
+    # the avatar's range reached: the neck adds to a head turned to its limit, the server clamps and says so
+    scene.pvp.rig.pose.bones["head"].rotation_euler = (0.0, np.radians(schema["head_yaw"]["max"]), 0.0)
+    scene.pvp.rig.pose.bones["neck"].rotation_euler = (0.0, np.radians(10.0), 0.0)
+    assert bpy.ops.pvp.sync() == {"FINISHED"}
+    assert addon.runtime.session.preview.clamped == ("head_yaw",)
+    keys = scene.pvp.mesh.data.shape_keys.key_blocks
+    keys["exp_01"].value = 1.0
+    assert bpy.ops.pvp.reset(what="POSE") == {"FINISHED"}
+    assert all(tuple(pb.rotation_euler) == (0.0, 0.0, 0.0) for pb in scene.pvp.rig.pose.bones)
+    assert keys["exp_01"].value == 1.0  # the expression stays until reset on its own
+    assert bpy.ops.pvp.reset(what="EXPRESSION") == {"FINISHED"}
+    assert keys["exp_01"].value == 0.0
+    assert bpy.ops.pvp.sync() == {"FINISHED"} and addon.runtime.session.preview.clamped == ()
 
 
 def test_background_render_animation_shows_each_frame(bpy, addon, face_server, tmp_path):

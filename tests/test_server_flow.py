@@ -268,3 +268,13 @@ def test_a_sequence_id_in_use_is_refused(server):
         errors = [h for h, _ in client.poll(0.2) if h["type"] == "error"]
     assert errors and errors[0]["id"] == first and errors[0]["field"] == "id"
     client.cancel(first)
+
+
+def test_frames_say_which_controls_were_clamped(server):
+    client = Client(server.endpoint, timeout_s=30)
+    inside = [0.0] * CHANNELS
+    beyond = [500.0, 0.0, 0.0, 0.0, 0.0, 0.0, -9.0, 0.0, 0.0]  # yaw and exp_01 past the avatar's range
+    assert client.render(inside, use_cache=False).clamped == ()
+    assert client.render(beyond, use_cache=False).clamped == ("head_yaw", "exp_01")
+    frames = list(client.render_sequence([inside, beyond], size=32))
+    assert [f.clamped for f in frames] == [(), ("head_yaw", "exp_01")]

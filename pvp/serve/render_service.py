@@ -56,6 +56,8 @@ class RenderService:
         self.dtype = dtype
         self.max_batch = max_batch
         self.num_channels = len(avatar.meta.schema["channels"])
+        self.names = controls.channel_names(avatar.meta.schema)
+        self.lo, self.hi = controls.ranges(avatar.meta.schema)
         self.edit_index = {n: i for i, n in enumerate(avatar.edit_names)}
 
     def info(self) -> dict:
@@ -83,6 +85,12 @@ class RenderService:
                 "vertices": fm.mean.astype("<f4").tobytes(),
                 "triangles": self.avatar.triangles().astype("<i4").tobytes(),
                 "shape_keys": {n: o.astype("<f4").tobytes() for n, o in zip(controls.expression_names(k), offsets)}}
+
+    def clamped(self, values: list[float]) -> list[str]:
+        """The channels a request sets beyond the learned range (the renderer clamps them): the client's cue
+        that the avatar has saturated."""
+        v = np.asarray(values, np.float32)
+        return [self.names[i] for i in np.flatnonzero((v < self.lo - 1e-4) | (v > self.hi + 1e-4))]
 
     def check_edits(self, edits: dict[str, float]) -> None:
         """Avatar-specific check of a request's edits (the protocol module checked types, bounds and the

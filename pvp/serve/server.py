@@ -305,7 +305,8 @@ class Server:
             state.live -= 1
             if result is not None:
                 w, h, payload = result
-                self._send(peer, protocol.frame_header(request_id, w, h, job.format), payload)
+                self._send(peer, protocol.frame_header(request_id, w, h, job.format,
+                                                       clamped=self.service.clamped(job.controls)), payload)
                 self.served += 1
 
     def _ready(self, seq: Sequence) -> bool:
@@ -340,7 +341,8 @@ class Server:
             if key not in self.pending.sequences:
                 continue  # cancelled, or its peer went away during this batch
             w, h, payload = result
-            header = protocol.frame_header(seq.request_id, w, h, seq.jobs[i].format, seq.first_seq + i)
+            header = protocol.frame_header(seq.request_id, w, h, seq.jobs[i].format, seq.first_seq + i,
+                                           self.service.clamped(seq.jobs[i].controls))
             if self._send(seq.peer, header, payload) and i == len(seq.jobs) - 1:
                 self._end_sequence(key)
                 self._send(seq.peer, {"v": protocol.VERSION, "type": "done", "id": seq.request_id,
