@@ -122,7 +122,7 @@ def key_table(path, schema: dict, groups, renormalize: bool, avatar_stats: dict 
         raise driving.DrivingError(f"{path}: none of the chosen channel groups ({', '.join(groups)}) is in the file")
     names = list(converted.columns)
     values = np.stack([converted.columns[n] for n in names], 1)
-    positions = np.flatnonzero(perf.valid)
+    positions = converted.rows
     # a gap: invalid rows between two valid ones, or frame numbers jumping past the take's usual step (tools
     # that leave faceless frames out of their files)
     steps = np.diff(converted.frames)

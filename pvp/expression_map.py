@@ -40,8 +40,9 @@ def fit_flame_map(avatar_dir: Path, flame_file: Path, own_track: Path | None = N
     if flame.expression is None or flame.expression_basis != "flame":
         raise driving.DrivingError(f"{flame_file}: holds no FLAME expression codes")
     own_rows = {int(f): i for i, f in enumerate(own.frame_index) if own.valid[i]}
+    usable = flame.valid_for(("expression",))
     pairs = [(own_rows[int(f) + frame_offset], j) for j, f in enumerate(flame.frames)
-             if flame.valid[j] and int(f) + frame_offset in own_rows]
+             if usable[j] and int(f) + frame_offset in own_rows]
     if len(pairs) < MIN_SHARED_FRAMES:
         raise driving.DrivingError(f"{flame_file}: only {len(pairs)} of its frames match the avatar's video frames "
                                    f"(need {MIN_SHARED_FRAMES}); track the avatar's own video with the FLAME tracker")

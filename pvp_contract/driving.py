@@ -53,7 +53,7 @@ class Performance:
     head: np.ndarray | None  # [N, 3] yaw, pitch, roll (degrees)
     jaw: np.ndarray | None  # [N, 2] opening, lateral (degrees)
     expression: np.ndarray | None  # [N, K]
-    valid: np.ndarray  # [N] bool
+    valid: np.ndarray  # [N] bool: the file has this frame (a face was found, the tracker processed it)
     frames: np.ndarray | None = None  # [N] source frame numbers (ints, increasing); None: 0, 1, 2, ...
     expression_basis: str = "flame"  # "avatar": coefficient i is the avatar's exp_i; "flame": FLAME's basis
     columns: frozenset[str] | None = None  # the control names the file gives (None: all of its groups)
@@ -63,6 +63,15 @@ class Performance:
 
     def __len__(self) -> int:
         return len(self.valid)
+
+    def valid_for(self, groups=GROUPS) -> np.ndarray:
+        """[N] bool: frames usable for these channel groups (valid, and their values finite): a blank
+        expression cell does not drop a head-only import's key."""
+        ok = self.valid.copy()
+        for group, values in (("head", self.head), ("jaw", self.jaw), ("expression", self.expression)):
+            if group in groups and values is not None:
+                ok &= np.all(np.isfinite(values), 1)
+        return ok
 
 
 # --- containers ----------------------------------------------------------------------------------------
@@ -232,9 +241,7 @@ def _performance(path: Path, kind: str, fps, head, jaw, expression, frames=None,
         if np.any(np.diff(frames) <= 0):
             raise DrivingError(f"{path}: frame numbers must increase (frame {int(frames[1:][np.diff(frames) <= 0][0])} "
                                "comes after a later or equal one)")
-    parts = [a for a in (head, jaw, expression) if a is not None]
-    valid = np.all(np.isfinite(np.concatenate(parts, 1)), 1)
-    return Performance(str(path), kind, fps, head, jaw, expression, valid, frames, basis)
+    return Performance(str(path), kind, fps, head, jaw, expression, np.ones(n, bool), frames, basis)
 
 
 def _read_pvp_track(path: Path) -> Performance:
@@ -421,7 +428,8 @@ class DrivingControls:
     order), their source frame numbers, and what the conversion left out or changed (one line each)."""
 
     columns: dict[str, np.ndarray]
-    frames: np.ndarray  # [M] source frame numbers of the valid frames
+    rows: np.ndarray  # [M] the performance's rows these are (its frames usable for the imported groups)
+    frames: np.ndarray  # [M] their source frame numbers
     notes: list[str]
 
 
@@ -438,7 +446,15 @@ def to_controls(perf: Performance, schema: dict, groups=GROUPS, renormalize: boo
     unknown = set(groups) - set(GROUPS)
     if unknown:
         raise ValueError(f"unknown channel groups {sorted(unknown)} (use {', '.join(GROUPS)})")
-    keep, notes = perf.valid, []
+    notes: list[str] = []
+    groups = tuple(groups)
+    if "expression" in groups and perf.expression is not None and perf.expression_basis == "flame" \
+            and expression_map is None:
+        notes.append(f"{Path(perf.source).name}: its expressions are FLAME coefficients, which do not drive "
+                     "this avatar's expression channels one to one; imported head and jaw only (an expression "
+                     "map from `pvp expression-map` lets them drive the avatar)")
+        groups = tuple(g for g in groups if g != "expression")
+    keep = perf.valid_for(groups)
     if not keep.any():
         raise DrivingError(f"{perf.source}: no frame with a face (all {len(perf)} frames are invalid)")
 
@@ -447,13 +463,7 @@ def to_controls(perf: Performance, schema: dict, groups=GROUPS, renormalize: boo
 
     expression = wanted("expression", perf.expression)
     if expression is not None and perf.expression_basis == "flame":
-        if expression_map is not None:
-            expression = controls.apply_expression_map(expression_map, expression)
-        else:
-            notes.append(f"{Path(perf.source).name}: its expressions are FLAME coefficients, which do not drive "
-                         "this avatar's expression channels one to one; imported head and jaw only (an expression "
-                         "map from `pvp expression-map` lets them drive the avatar)")
-            expression = None
+        expression = controls.apply_expression_map(expression_map, expression)
     out = controls.channel_columns(schema, wanted("head", perf.head), wanted("jaw", perf.jaw), expression)
     if perf.columns is not None:
         out = {n: v for n, v in out.items() if n in perf.columns}
@@ -470,4 +480,4 @@ def to_controls(perf: Performance, schema: dict, groups=GROUPS, renormalize: boo
         still = [n for n, f in zip(face, floors) if values[:, face.index(n)].std() < f]
         if still:
             notes.append(f"near-constant in the track, so only re-centred: {', '.join(still)}")
-    return DrivingControls(out, perf.frames[keep], notes)
+    return DrivingControls(out, np.flatnonzero(keep), perf.frames[keep], notes)

@@ -309,3 +309,13 @@ def test_tensors_reaching_past_their_storage_are_refused(tmp_path):
             z.writestr(n, d)
     with pytest.raises(driving.DrivingError, match="evil.pt"):
         driving.read_performance(tmp_path / "evil.pt")
+
+
+def test_a_blank_cell_drops_its_frame_only_for_its_own_group(tmp_path):
+    (tmp_path / "take.csv").write_text("frame,head_yaw,exp_00\n0,1.0,0.5\n1,2.0,\n2,3.0,0.7\n")
+    perf = driving.read_performance(tmp_path / "take.csv")
+    head = driving.to_controls(perf, SCHEMA, ("head",))
+    np.testing.assert_array_equal(head.frames, [0, 1, 2])
+    both = driving.to_controls(perf, SCHEMA)
+    np.testing.assert_array_equal(both.frames, [0, 2])
+    np.testing.assert_allclose(both.columns["exp_00"], [0.5, 0.7])
