@@ -34,6 +34,8 @@ class Runtime:
         self.dirty_since: float | None = None
         self.last_sent = 0.0
         self.shown_status = ""  # the status the panel last drew
+        self.cache_values: list | None = None  # the frame range being cached: (controls, edits) per frame
+        self.cache_state = ""  # what the panel says about it
 
     def close(self) -> None:
         if self.session is not None:
@@ -181,12 +183,26 @@ def tick():
         if runtime.dirty_since is not None and scene is not None and time.monotonic() - runtime.last_sent > 1 / 30:
             runtime.dirty_since = None
             request_current(scene)
-        if s.status != runtime.shown_status:  # the panel shows the status: redraw only when it changes
-            runtime.shown_status = s.status
+        if runtime.cache_values is not None:
+            fill_cache(s)
+        if s.status + runtime.cache_state != runtime.shown_status:  # redraw the panel only when it changes
+            runtime.shown_status = s.status + runtime.cache_state
             redraw_panels()
     except Exception as e:  # keep the timer alive whatever happens
         s.preview.message = f"preview error: {type(e).__name__}: {e}"
     return 0.01 if (s.preview.in_flight or runtime.dirty_since) else 0.05
+
+
+def fill_cache(s: Session) -> None:
+    """Ask for the uncached frames of the range being cached, as the preview's in-flight limit allows."""
+    values = runtime.cache_values
+    s.preview.prefetch(values)
+    done = s.preview.count_cached(values)
+    runtime.cache_state = f"cached {done}/{len(values)} frames of the range"
+    if done == len(values) or s.preview.state == DOWN:
+        runtime.cache_values = None
+        if done < len(values):
+            runtime.cache_state += " (stopped: server down)"
 
 
 def redraw_panels() -> None:
@@ -351,6 +367,27 @@ class PVP_OT_add_rig(bpy.types.Operator):
         view.view_transform, view.look, view.exposure, view.gamma = "Standard", "None", 0.0, 1.0
         runtime.reader = None
         request_current(context.scene)
+        return {"FINISHED"}
+
+
+class PVP_OT_cache_range(bpy.types.Operator):
+    bl_idname = "pvp.cache_range"
+    bl_label = "Cache Range"
+    bl_description = ("Render every frame of the scene range into the preview cache, so playback and scrubbing "
+                      "show them at once (Preferences: frame cache size)")
+
+    def execute(self, context):
+        s, scene = connected_session(self), context.scene
+        reader = scene_rig(self, scene) if s is not None else None
+        if reader is None:
+            return {"CANCELLED"}
+        runtime.cache_values = reader.at(frame_range(scene.frame_start, scene.frame_end, scene.frame_step))
+        ensure_timer()
+        if bpy.app.background:  # no timer runs: fill it now
+            while runtime.cache_values is not None:
+                fill_cache(s)
+                s.pump(0.05)
+        self.report({"INFO"}, runtime.cache_state or "caching the range")
         return {"FINISHED"}
 
 
@@ -656,6 +693,9 @@ class PVP_PT_panel(bpy.types.Panel):
         row = col.row(align=True)
         row.operator("pvp.reset", text="Reset Pose", icon="LOOP_BACK").what = "POSE"
         row.operator("pvp.reset", text="Reset Expression", icon="LOOP_BACK").what = "EXPRESSION"
+        col.operator("pvp.cache_range", icon="FILE_CACHE")
+        if runtime.cache_state:
+            col.label(text=runtime.cache_state, icon="TIME" if runtime.cache_values is not None else "CHECKMARK")
         if s is not None and s.preview.clamped:  # the avatar shows its range's edge, not what was asked
             col.label(text=f"avatar range reached: {', '.join(s.preview.clamped)}", icon="ERROR")
         if props.rig is not None:
@@ -670,7 +710,7 @@ class PVP_PT_panel(bpy.types.Panel):
 
 
 CLASSES = (PVPPreferences, PVPSceneProps, PVP_OT_connect, PVP_OT_sync, PVP_OT_add_rig, PVP_OT_reset,
-           PVP_OT_import_track, PVP_OT_render_timeline, PVP_OT_render_scene, PVP_PT_panel)
+           PVP_OT_cache_range, PVP_OT_import_track, PVP_OT_render_timeline, PVP_OT_render_scene, PVP_PT_panel)
 HANDLERS = ((bpy.app.handlers.frame_change_post, on_frame_change),
             (bpy.app.handlers.depsgraph_update_post, on_depsgraph_update), (bpy.app.handlers.load_post, on_load))
 

@@ -163,6 +163,10 @@ class Preview:
         if self.wanted is not None and self.client.cache.get(self.wanted.key) is None:
             self._send(self.wanted.key, self.wanted.controls, self.wanted.edits)
 
+    def count_cached(self, values) -> int:
+        """How many of these (controls, edits) pairs the cache holds (what scrubbing shows at once)."""
+        return sum(self.client.cache.get(self.key(c, dict(e or {}))) is not None for c, e in values)
+
     @property
     def idle(self) -> bool:
         return not self.in_flight and (self.wanted is None or self.shown == self.wanted.key)

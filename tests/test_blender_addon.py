@@ -377,6 +377,23 @@ def test_background_render_animation_shows_each_frame(bpy, addon, face_server, t
     assert np.abs(renders[0] - renders[2]).mean() > 2.0
 
 
+def test_cache_range_fills_the_preview_cache(bpy, addon, face_server):
+    connect(bpy, addon, face_server.endpoint)
+    scene = bpy.context.scene
+    assert bpy.ops.pvp.add_rig() == {"FINISHED"}
+    head = scene.pvp.rig.pose.bones["head"]
+    for frame, yaw in ((1, -20.0), (12, 20.0)):
+        head.rotation_euler = (0.0, np.radians(yaw), 0.0)
+        head.keyframe_insert("rotation_euler", frame=frame)
+    scene.frame_start, scene.frame_end = 1, 12
+    assert bpy.ops.pvp.cache_range() == {"FINISHED"}
+    assert addon.runtime.cache_state == "cached 12/12 frames of the range"
+    preview, reader = addon.runtime.session.preview, addon.rig_reader(scene)
+    for f in (3, 9):  # scrubbing: the frame is there at once, nothing asked of the server
+        controls, edits = reader.at([f])[0]
+        assert preview.want(controls, edits) is not None and not preview.in_flight
+
+
 def test_fast_timeline_output_size_is_not_the_preview_size(bpy, addon, face_server, tmp_path):
     connect(bpy, addon, face_server.endpoint)
     scene = bpy.context.scene
