@@ -125,7 +125,6 @@ class Server:
         self.peers: dict[bytes, Peer] = {}
         self.running = False
         self.served = 0
-        self.dropped_peers = 0
 
     def _setup_curve(self, curve: CurveConfig) -> None:
         import zmq.auth
@@ -169,7 +168,6 @@ class Server:
         if state.outbox_bytes > OUTBOX_BYTES or len(state.outbox) > OUTBOX_MESSAGES:
             log.warning("client %s stopped reading its replies (%d bytes waiting): dropped with its work",
                         peer.hex(), state.outbox_bytes)
-            self.dropped_peers += 1
             self._forget(peer)
             return False
         return self._flush_peer(peer, state)
