@@ -34,7 +34,8 @@ class Runtime:
         self.dirty_since: float | None = None
         self.last_sent = 0.0
         self.shown_status = ""  # the status the panel last drew
-        self.cache_values: list | None = None  # the frame range being cached: (controls, edits) per frame
+        self.cache_values: list | None = None  # the range's (controls, edits) not cached yet
+        self.cache_total = 0  # frames in the range being cached
         self.cache_state = ""  # what the panel says about it
 
     def close(self) -> None:
@@ -147,7 +148,9 @@ def on_load(*_):
     except (FileNotFoundError, ValueError) as e:
         print(f"PVP: cannot connect: {e}")
         return
-    if wait_until(lambda: s.info is not None or s.preview.state == DOWN, s.client.timeout_s + 1) and s.info:
+    if not bpy.app.background:  # the timer shows the current frame once the server has answered
+        runtime.dirty_since = time.monotonic()
+    elif wait_until(lambda: s.info is not None or s.preview.state == DOWN, s.client.timeout_s + 1) and s.info:
         request_current(scene)
 
 
@@ -180,7 +183,8 @@ def tick():
         frame = s.pump()
         if frame is not None and scene is not None:
             show(scene, frame)
-        if runtime.dirty_since is not None and scene is not None and time.monotonic() - runtime.last_sent > 1 / 30:
+        if runtime.dirty_since is not None and scene is not None and s.info is not None \
+                and time.monotonic() - runtime.last_sent > 1 / 30:
             runtime.dirty_since = None
             request_current(scene)
         if runtime.cache_values is not None:
@@ -194,14 +198,15 @@ def tick():
 
 
 def fill_cache(s: Session) -> None:
-    """Ask for the uncached frames of the range being cached, as the preview's in-flight limit allows."""
-    values = runtime.cache_values
-    s.preview.prefetch(values)
-    done = s.preview.count_cached(values)
-    runtime.cache_state = f"cached {done}/{len(values)} frames of the range"
-    if done == len(values) or s.preview.state == DOWN:
+    """Ask for the uncached frames of the range being cached, as the preview's in-flight limit allows; the
+    list shrinks to what is still missing, so each timer tick looks at less."""
+    runtime.cache_values = s.preview.uncached(runtime.cache_values)
+    s.preview.prefetch(runtime.cache_values)
+    left = len(runtime.cache_values)
+    runtime.cache_state = f"cached {runtime.cache_total - left}/{runtime.cache_total} frames of the range"
+    if not left or s.preview.state == DOWN:
         runtime.cache_values = None
-        if done < len(values):
+        if left:
             runtime.cache_state += " (stopped: server down)"
 
 
@@ -377,11 +382,13 @@ class PVP_OT_cache_range(bpy.types.Operator):
                       "show them at once (Preferences: frame cache size)")
 
     def execute(self, context):
-        s, scene = connected_session(self), context.scene
-        reader = scene_rig(self, scene) if s is not None else None
+        scene = context.scene
+        reader = scene_rig(self, scene)
         if reader is None:
             return {"CANCELLED"}
+        s = runtime.session
         runtime.cache_values = reader.at(frame_range(scene.frame_start, scene.frame_end, scene.frame_step))
+        runtime.cache_total = len(runtime.cache_values)
         ensure_timer()
         if bpy.app.background:  # no timer runs: fill it now
             while runtime.cache_values is not None:

@@ -163,9 +163,9 @@ class Preview:
         if self.wanted is not None and self.client.cache.get(self.wanted.key) is None:
             self._send(self.wanted.key, self.wanted.controls, self.wanted.edits)
 
-    def count_cached(self, values) -> int:
-        """How many of these (controls, edits) pairs the cache holds (what scrubbing shows at once)."""
-        return sum(self.client.cache.get(self.key(c, dict(e or {}))) is not None for c, e in values)
+    def uncached(self, values) -> list:
+        """The (controls, edits) pairs the cache does not hold (what scrubbing would have to wait for)."""
+        return [(c, e) for c, e in values if self.client.cache.get(self.key(c, dict(e or {}))) is None]
 
     @property
     def idle(self) -> bool:
