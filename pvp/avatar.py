@@ -85,6 +85,17 @@ class AvatarMeta:
                 "expression_maps": self.expression_maps}
 
     @classmethod
+    def read(cls, directory: Path) -> "AvatarMeta":
+        """An avatar directory's avatar.json."""
+        path = Path(directory) / "avatar.json"
+        if not path.is_file():
+            raise AvatarError(f"{directory}: not an avatar directory (no avatar.json)")
+        try:
+            return cls.from_json(json.loads(path.read_text()), str(path))
+        except json.JSONDecodeError as e:
+            raise AvatarError(f"{path}: not valid JSON ({e})") from None
+
+    @classmethod
     def from_json(cls, d: dict, source: str) -> "AvatarMeta":
         if d.get("format") != FORMAT:
             raise AvatarError(f"{source}: not a pvp avatar (format {d.get('format')!r})")
@@ -195,12 +206,7 @@ class Avatar(nn.Module):
     def load(cls, directory, device="cpu") -> "Avatar":
         d = Path(directory)
         meta_path = d / "avatar.json"
-        if not meta_path.is_file():
-            raise AvatarError(f"{d}: not an avatar directory (no avatar.json)")
-        try:
-            meta = AvatarMeta.from_json(json.loads(meta_path.read_text()), str(meta_path))
-        except json.JSONDecodeError as e:
-            raise AvatarError(f"{meta_path}: not valid JSON ({e})") from None
+        meta = AvatarMeta.read(d)
         for name in ("generator.safetensors", "mappers.safetensors"):
             if not (d / name).is_file():
                 raise AvatarError(f"{d}: {name} is missing")
@@ -227,8 +233,9 @@ class Avatar(nn.Module):
                 or controls.channel_names(meta.schema)[:controls.EXPRESSION_COLUMNS.start] != [*controls.HEAD,
                                                                                                *controls.JAW]):
             names = ", ".join(controls.channel_names(meta.schema)[:6])
-            raise AvatarError(f"{meta_path}: the control schema ({names}, ... {controls.expression_dim(meta.schema)} "
-                              "expression channels) does not match the "
+            k = controls.expression_dim(meta.schema)
+            raise AvatarError(f"{meta_path}: the control schema ({names}, ... {k} expression channels) does not "
+                              "match the "
                               f"mappers (head yaw/pitch/roll, jaw open/lateral, {cfg.expression_coefficients} expression "
                               "coefficients)")
         avatar = cls(meta, generator, mappers, face_model, edits).to(device)

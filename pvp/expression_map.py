@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pvp.avatar import AvatarError
+from pvp.avatar import AvatarError, AvatarMeta
 from pvp.tracking.track import Track
 from pvp_contract import controls, driving
 from pvp_contract.atomic import write_text
@@ -26,11 +26,8 @@ def fit_flame_map(avatar_dir: Path, flame_file: Path, own_track: Path | None = N
     added to the FLAME file's frame numbers to give the video's (0-based) ones: EMOCA numbers the frames
     ffmpeg extracted from 1 (offset -1); a tracker that resampled the video needs its frames re-extracted at
     the video's rate first."""
-    meta_path = avatar_dir / "avatar.json"
-    if not meta_path.is_file():
-        raise AvatarError(f"{avatar_dir}: not an avatar directory (no avatar.json)")
-    meta = json.loads(meta_path.read_text())
-    k = controls.expression_dim(meta["control_schema"])
+    meta = AvatarMeta.read(avatar_dir)
+    k = controls.expression_dim(meta.schema)
     track_path = own_track or avatar_dir / "work" / "track.safetensors"
     if not track_path.is_file():
         raise AvatarError(f"{track_path}: the avatar's own track is missing (pass --track, the pvp track of the "
@@ -53,6 +50,6 @@ def fit_flame_map(avatar_dir: Path, flame_file: Path, own_track: Path | None = N
     r2 = 1 - residual.var(0) / np.maximum(target.var(0), 1e-12)
     fitted.update(frames=len(pairs), r2=[round(float(v), 4) for v in r2], source=str(flame_file),
                   frame_offset=frame_offset)
-    meta.setdefault("expression_maps", {})["flame"] = fitted
-    write_text(meta_path, json.dumps(meta, indent=1))
+    meta.expression_maps["flame"] = fitted
+    write_text(avatar_dir / "avatar.json", json.dumps(meta.to_json(), indent=1))
     return fitted
