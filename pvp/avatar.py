@@ -229,15 +229,12 @@ class Avatar(nn.Module):
             if not path.is_file():
                 raise AvatarError(f"{d}: edit {e['name']!r} is listed in avatar.json but {path} is missing")
             edits[e["name"]] = load_file(str(path))["direction"]
-        if (controls.expression_dim(meta.schema) != cfg.expression_coefficients
-                or controls.channel_names(meta.schema)[:controls.EXPRESSION_COLUMNS.start] != [*controls.HEAD,
-                                                                                               *controls.JAW]):
-            names = ", ".join(controls.channel_names(meta.schema)[:6])
-            k = controls.expression_dim(meta.schema)
-            raise AvatarError(f"{meta_path}: the control schema ({names}, ... {k} expression channels) does not "
-                              "match the "
-                              f"mappers (head yaw/pitch/roll, jaw open/lateral, {cfg.expression_coefficients} expression "
-                              "coefficients)")
+        names, k = controls.channel_names(meta.schema), controls.expression_dim(meta.schema)
+        if k != cfg.expression_coefficients or names[:controls.EXPRESSION_COLUMNS.start] != [*controls.HEAD,
+                                                                                             *controls.JAW]:
+            raise AvatarError(f"{meta_path}: the control schema ({', '.join(names[:6])}, ... {k} expression "
+                              "channels) does not match the mappers (head yaw/pitch/roll, jaw open/lateral, "
+                              f"{cfg.expression_coefficients} expression coefficients)")
         avatar = cls(meta, generator, mappers, face_model, edits).to(device)
         if face_arrays is not None and "face_model.triangles" in face_arrays:
             avatar.face_triangles = face_arrays["face_model.triangles"].astype(np.int32)
