@@ -69,14 +69,14 @@ def test_a_client_that_never_reads_cannot_stall_the_others(server):
     assert [f.seq for f in frames] == list(range(40))  # the good client's stream is whole and in order
     reference = Client(server.endpoint, timeout_s=30).render(_controls(7), size=64, use_cache=False)
     assert frames[7].data == reference.data
-    # liveness, not speed: every ping answered while the hog sits on its replies (bench/server.py measures
-    # the latency itself)
-    assert len(pings) == 20 and max(pings) < 5.0
+    # liveness, not speed: every ping answered (Client.ping raises when no reply comes within its timeout)
+    # while the hog sits on its replies; bench/server.py measures the latency itself
+    assert len(pings) == 20
     grown = server.rss_bytes() - baseline
     assert grown < 256 * 1024 * 1024, f"server grew by {grown / 2**20:.0f} MiB for one client that never reads"
     hog.close(linger=0)
     fuzzer.close(linger=0)
-    assert good.ping() < 5.0
+    good.ping()
 
 
 def test_a_slow_reader_gets_every_frame_of_its_sequences(server):
@@ -179,20 +179,18 @@ def test_soak_good_clients_keep_working_beside_a_slow_reader_and_a_fuzzer(server
     slow_id = slow.start_sequence([_controls(i) for i in range(4096)], fmt="rgba8", size=512, credit=64)
     goods = [Client(server.endpoint, timeout_s=30) for _ in range(3)]
     rng = np.random.default_rng(0)
-    expected = {}
-    end = time.monotonic() + 8
-    rounds = 0
-    while time.monotonic() < end:
+    expected, renders = {}, 0
+    for _ in range(60):  # bounded by count (a few seconds on 2 cores)
         fuzzer.send(rng.bytes(int(rng.integers(1, 300))))
-        for k, c in enumerate(goods):
-            i = int(rng.integers(0, 50))
+        for c in goods:
+            i = int(rng.integers(0, 20))
             frame = c.render(_controls(i), size=32, use_cache=False)
             expected.setdefault(i, frame.data)
             assert frame.data == expected[i]  # the same request, the same pixels, whoever else is connected
-            assert c.ping() < 5.0
+            c.ping()  # answered, or ServerUnavailable
+            renders += 1
         slow.poll(0)  # reads now and then, grants nothing
-        rounds += 1
-    assert rounds > 3
+    assert renders == 180 and len(expected) <= 20  # every request answered; repeats were compared
     assert server.rss_bytes() - baseline < 256 * 1024 * 1024
     slow.cancel(slow_id)
 
@@ -235,7 +233,7 @@ def test_bad_server_inputs_are_one_clear_line(avatar_dir, tmp_path):
 def test_an_ipv6_loopback_bind_serves(avatar_dir):
     with ServerProcess(avatar_dir, bind="tcp://[::1]:*") as srv:
         assert srv.endpoint.startswith("tcp://[::1]:")
-        assert Client(srv.endpoint, timeout_s=30).ping() < 5.0
+        Client(srv.endpoint, timeout_s=30).ping()  # answered, or ServerUnavailable
 
 
 def test_a_reader_of_large_frames_is_never_mistaken_for_a_stalled_client(server):
