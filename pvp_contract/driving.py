@@ -24,7 +24,6 @@ FLAME coefficient k has nothing to do with the avatar's channel k.
 """
 from __future__ import annotations
 
-import _compat_pickle
 import csv
 import io
 import json
@@ -39,6 +38,7 @@ import numpy as np
 
 from pvp_contract import controls, geometry
 from pvp_contract.controls import GROUPS, HEAD, JAW
+from pvp_contract.pickle_compat import latin1_bytes, python3_global
 
 
 class DrivingError(ValueError):
@@ -122,10 +122,9 @@ class _ArrayUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         # protocol-2 pickles (torch.save's default) name Python 2 modules: __builtin__.set, copy_reg, ...
-        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        if (module, name) == ("_codecs", "encode"):  # how protocol 2 stores bytes (numpy arrays' data)
-            return _latin1_bytes
+        module, name = python3_global(module, name)
+        if (module, name) == ("_codecs", "encode"):
+            return latin1_bytes
         if (module, name) in self._NUMPY:
             return super().find_class(module, name)
         if module == "collections" and name == "OrderedDict":
@@ -143,12 +142,6 @@ class _ArrayUnpickler(pickle.Unpickler):
         if not isinstance(dtype, str):
             raise DrivingError(f"{self.source}: unsupported storage type {dtype!r}")
         return np.frombuffer(self.archive.read(f"{self.prefix}data/{key}"), dtype)
-
-
-def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
-    if encoding not in ("latin1", "latin-1"):
-        raise DrivingError(f"refusing codec {encoding!r} in a pickle (only latin1 stores bytes)")
-    return text.encode("latin1")
 
 
 def _rebuild_tensor(storage, offset, size, stride, *_):

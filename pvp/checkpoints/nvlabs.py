@@ -7,7 +7,6 @@ other global with an error that names it.
 """
 from __future__ import annotations
 
-import _compat_pickle
 import io
 import pickle
 from collections import OrderedDict
@@ -18,6 +17,7 @@ import torch
 
 from pvp.checkpoints.layout import CheckpointError, build_generator, check_shapes, expected_shapes, infer_config
 from pvp.models.generator import blur_filter
+from pvp_contract.pickle_compat import latin1_bytes, python3_global
 
 
 @dataclass
@@ -38,13 +38,6 @@ def _load_storage(data: bytes):
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
-def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
-    """How protocol-2 pickles store bytes (``_codecs.encode(text, 'latin1')``); no other codec."""
-    if encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"refused codec {encoding!r} in _codecs.encode")
-    return text.encode("latin1")
-
-
 def _numpy_global(name):
     import numpy as np
 
@@ -57,7 +50,7 @@ _ALLOWED = {
     ("collections", "OrderedDict"): lambda: OrderedDict,
     ("builtins", "set"): lambda: set,
     ("builtins", "frozenset"): lambda: frozenset,
-    ("_codecs", "encode"): lambda: _latin1_bytes,
+    ("_codecs", "encode"): lambda: latin1_bytes,
     ("torch._utils", "_rebuild_tensor_v2"): lambda: torch._utils._rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): lambda: torch._utils._rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): lambda: _load_storage,
@@ -76,8 +69,7 @@ _ALLOWED = {
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         # protocol-2 pickles may name Python 2 modules (__builtin__.set); pickle's own find_class maps them
-        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        module, name = python3_global(module, name)
         factory = _ALLOWED.get((module, name))
         if factory is None:
             raise pickle.UnpicklingError(
