@@ -7,3 +7,13 @@ def assert_same_render(got: np.ndarray, want: np.ndarray) -> None:
     rendered alone go through differently blocked float GEMMs on the CPU."""
     diff = np.abs(got.astype(int) - want.astype(int))
     assert diff.max() <= 1 and (diff == 0).mean() > 0.99, (diff.max(), (diff == 0).mean())
+
+
+def blender_bone_frame(head, tail) -> np.ndarray:
+    """A bone's rest axes (columns X, Y, Z in armature space) as Blender builds them for roll 0
+    (vec_roll_to_mat3_normalized): Y along the bone; valid away from the -Y direction."""
+    x, y, z = (np.asarray(tail, float) - np.asarray(head, float)) / np.linalg.norm(np.subtract(tail, head))
+    theta = 1.0 + y
+    return np.array([[1 - x * x / theta, x, -x * z / theta],
+                     [-x, y, -z],
+                     [-x * z / theta, z, 1 - z * z / theta]])

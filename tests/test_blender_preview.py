@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from pvp.serve.process import ServerProcess, free_endpoint
-from tests.helpers import assert_same_render
+from pvp_contract.geometry import rot_x, rot_y, rot_z
+from tests.helpers import assert_same_render, blender_bone_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,3 +153,25 @@ def test_face_mesh_request_without_a_face_model_is_a_clear_error(server):
 
     with pytest.raises(ServerError, match="invalid_field: this avatar has no face model"):
         Client(server.endpoint, 20.0).face_mesh()
+
+
+def test_control_mesh_jaw_moves_sideways_as_the_avatar_does():
+    """jaw_lateral is FLAME's jaw rotation about +Y (up): positive moves the chin to the subject's left (+X).
+    The control mesh follows the jaw bone; its chin must move the same way (it was mirrored)."""
+    from blender_addon.rig import load_rig
+
+    spec = load_rig(ROOT / "rigs" / "flame_pvp.json")
+    bone, axis, angle = spec.bone_target("jaw_lateral", 10.0)
+    jaw = next(b for b in spec.bones if b["name"] == bone)
+    frame = blender_bone_frame(jaw["head"], jaw["tail"])
+    pose = frame @ (rot_x, rot_y, rot_z)[axis](angle) @ frame.T  # the bone's pose rotation in armature space
+    to_flame = np.array([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]])  # Blender (X, Y, Z) -> FLAME (X, Z, -Y)
+    chin = np.subtract(jaw["tail"], jaw["head"])
+    mesh_shift = to_flame @ (pose @ chin - chin)
+    avatar_shift = rot_y(np.radians(10.0)) @ (to_flame @ chin) - to_flame @ chin
+    assert avatar_shift[0] > 0 and mesh_shift[0] * avatar_shift[0] > 0, (mesh_shift, avatar_shift)
+    assert mesh_shift[0] == pytest.approx(avatar_shift[0], rel=0.2)
+    # and the rig reads the pose back as the value it was given
+    controls = spec.controls({"channels": [{"name": "jaw_lateral", "group": "jaw", "default": 0.0}]},
+                             lambda b: [angle if i == axis and b == bone else 0.0 for i in range(3)], lambda _: None)
+    assert controls == pytest.approx([10.0])
