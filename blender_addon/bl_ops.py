@@ -150,7 +150,7 @@ def on_load(*_):
         return
     if not bpy.app.background:  # the timer shows the current frame once the server has answered
         runtime.dirty_since = time.monotonic()
-    elif wait_until(lambda: s.info is not None or s.preview.state == DOWN, s.client.timeout_s + 1) and s.info:
+    elif wait_for_greeting(s):
         request_current(scene)
 
 
@@ -158,8 +158,8 @@ def fetch_frame_now(scene) -> None:
     """Show the server's frame for the scene's current frame before anything else happens (blocking, up
     to the timeout): what a background render (``blender -b FILE -a`` or ``-f N``) needs."""
     s = runtime.session
-    if s.info is None:
-        wait_until(lambda: s.info is not None or s.preview.state == DOWN, s.client.timeout_s + 1)
+    if not s.greeted:
+        wait_for_greeting(s)
     reader = rig_reader(scene)
     if reader is None:
         return
@@ -226,10 +226,13 @@ def ensure_timer() -> None:
 def connected_session(op) -> Session | None:
     """The session with the avatar's info, or None after telling the user to connect."""
     s = runtime.session
-    if s is None or s.info is None:
+    if s is None:
         op.report({"ERROR"}, "not connected to a pvp server (PVP panel → Connect)")
-        return None
-    return s
+    elif s.info is None:
+        op.report({"ERROR"}, f"no avatar yet: {s.status}")
+    else:
+        return s
+    return None
 
 
 def scene_rig(op, scene) -> bl_rig.RigReader | None:
@@ -250,6 +253,11 @@ def wait_until(predicate, timeout_s: float) -> bool:
         if frame is not None:
             show(bpy.context.scene, frame)
     return True
+
+
+def wait_for_greeting(s: Session) -> bool:
+    """Block until the server has sent the avatar's info and face mesh, or is down; True with the info."""
+    return wait_until(lambda: s.greeted, 2 * s.client.timeout_s + 1) and s.info is not None
 
 
 def wait_for_frame(s: Session) -> bool:
@@ -308,11 +316,9 @@ class PVP_OT_connect(bpy.types.Operator):
         except (FileNotFoundError, ValueError) as e:
             self.report({"ERROR"}, str(e))
             return {"CANCELLED"}
-        if bpy.app.background:
-            wait_until(lambda: s.info is not None or s.preview.state == DOWN, s.client.timeout_s + 1)
-            if s.info is None:
-                self.report({"ERROR"}, s.status)
-                return {"CANCELLED"}
+        if bpy.app.background and not wait_for_greeting(s):
+            self.report({"ERROR"}, s.status)
+            return {"CANCELLED"}
         return {"FINISHED"}
 
 
@@ -349,12 +355,12 @@ class PVP_OT_add_rig(bpy.types.Operator):
             return {"CANCELLED"}
         avatar = s.info["avatar"]
         schema = avatar["control_schema"]
-        try:
+        try:  # nothing here waits for the server: the info and face mesh came with the connection
             spec = rig_for_schema(RIGS_DIR, schema)
             names = [c["name"] for c in spec.expression_channels(schema)]
-            arrays = (bl_rig.face_mesh_arrays(s.client.face_mesh()) if avatar.get("has_face_model")
+            arrays = (bl_rig.face_mesh_arrays(s.face_mesh) if s.face_mesh is not None
                       else bl_rig.proxy_mesh_arrays(names))
-        except (RigError, ServerError, ServerUnavailable) as e:
+        except RigError as e:
             self.report({"ERROR"}, str(e))
             return {"CANCELLED"}
         rig = bl_rig.build_armature(context, spec, schema)
@@ -372,6 +378,9 @@ class PVP_OT_add_rig(bpy.types.Operator):
         view.view_transform, view.look, view.exposure, view.gamma = "Standard", "None", 0.0, 1.0
         runtime.reader = None
         request_current(context.scene)
+        if s.preview.state == DOWN:
+            self.report({"WARNING"}, f"server not reachable ({s.status}); the rig has the avatar's ranges from "
+                                     "when it was connected, the plane fills in when the server answers")
         return {"FINISHED"}
 
 

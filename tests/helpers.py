@@ -11,8 +11,10 @@ def assert_same_render(got: np.ndarray, want: np.ndarray) -> None:
 
 def blender_bone_frame(head, tail) -> np.ndarray:
     """A bone's rest axes (columns X, Y, Z in armature space) as Blender builds them for roll 0
-    (vec_roll_to_mat3_normalized): Y along the bone; valid away from the -Y direction."""
+    (vec_roll_to_mat3_normalized): Y along the bone; a bone along -Y is a half turn about Z."""
     x, y, z = (np.asarray(tail, float) - np.asarray(head, float)) / np.linalg.norm(np.subtract(tail, head))
+    if x * x + z * z < 2.5e-4 ** 2 and y < 0:
+        return np.diag([-1.0, -1.0, 1.0])
     theta = 1.0 + y
     return np.array([[1 - x * x / theta, x, -x * z / theta],
                      [-x, y, -z],

@@ -19,7 +19,7 @@ from pvp.avatar import random_avatar
 from pvp.images import load_rgb
 from pvp.serve.process import ServerProcess, free_endpoint
 from pvp_contract.client import Client
-from tests.helpers import assert_same_render
+from tests.helpers import assert_same_render, blender_bone_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 RIG = json.loads((ROOT / "rigs" / "flame_pvp.json").read_text())
@@ -99,6 +99,8 @@ def test_add_rig_builds_the_rig_file_and_frames_match_the_server(bpy, addon, fac
         np.testing.assert_allclose(bone.tail_local, spec["tail"], atol=1e-6)
         assert (bone.parent.name if bone.parent else None) == spec["parent"]
         assert rig.pose.bones[spec["name"]].rotation_mode == spec["rotation_mode"]
+        rest = blender_bone_frame(spec["head"], spec["tail"])  # what the pure jaw-direction test assumes
+        np.testing.assert_allclose(bone.matrix_local.to_3x3(), rest, atol=1e-6)
     schema = session.info["avatar"]["control_schema"]
     exp = [c for c in schema["channels"] if c["group"] == "expression"]
     keys = mesh.data.shape_keys.key_blocks
@@ -441,6 +443,46 @@ def test_server_killed_during_playback(bpy, addon, avatars):
         np.testing.assert_array_equal(plane_pixels(scene), server_frame(endpoint, controls, edits))
     finally:
         srv.stop()
+
+
+def test_add_rig_with_the_server_down_does_not_wait(bpy, addon, avatars, monkeypatch, capfd):
+    """Add PVP Rig never waits for the server: the avatar's info and face mesh come with the connection, so
+    after the server went away the rig still gets the avatar's ranges and face, with a one-line warning; a
+    server never reached is one clear error (there is no avatar to build a rig for)."""
+    endpoint = free_endpoint()
+    srv = ServerProcess(avatars / "face", bind=endpoint)
+    try:
+        session = connect(bpy, addon, endpoint, timeout_s=0.5)
+    finally:
+        srv.stop()
+    assert session.face_mesh is not None and session.face_mesh["vertex_count"] == 468
+    session.preview.want([0.0] * 9)  # a frame nobody answers: the preview finds the server gone
+    assert not addon.wait_for_frame(session) and session.preview.state == "down"
+
+    def waits(*_args, **_kwargs):
+        raise AssertionError("Add PVP Rig waited for the server")
+
+    monkeypatch.setattr(type(session.client), "_wait", waits)  # every blocking request goes through it
+    capfd.readouterr()
+    assert bpy.ops.pvp.add_rig() == {"FINISHED"}
+    assert "server not reachable (no reply from" in "".join(capfd.readouterr())
+    scene = bpy.context.scene
+    assert len(scene.pvp.mesh.data.vertices) == 468  # the avatar's own face, not a proxy
+    schema = {c["name"]: c for c in session.info["avatar"]["control_schema"]["channels"]}
+    jaw = scene.pvp.rig.pose.bones["jaw"].constraints[0]
+    assert np.degrees([jaw.min_x, jaw.max_x]) == pytest.approx([schema["jaw_open"]["min"], schema["jaw_open"]["max"]])
+
+    bpy.ops.wm.read_homefile(use_empty=True)
+    addon.runtime.close()
+    prefs = addon.prefs()
+    prefs.endpoint, prefs.timeout_s = free_endpoint(), 0.3
+    session = addon.new_session(bpy.context)  # what Connect does in the UI: send the hello, wait for nothing
+    with pytest.raises(RuntimeError, match="no avatar yet: connecting to"):
+        bpy.ops.pvp.add_rig()
+    assert not addon.wait_for_greeting(session)
+    with pytest.raises(RuntimeError, match="no avatar yet: no reply from .* is pvp serve running"):
+        bpy.ops.pvp.add_rig()
+    assert bpy.context.scene.pvp.rig is None
 
 
 def test_rig_without_face_model_gets_a_proxy(bpy, addon, avatars):
