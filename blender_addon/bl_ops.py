@@ -2,6 +2,7 @@
 Thin over session.py, preview.py, rig.py, timeline.py and track_import.py (read, check, create)."""
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +32,10 @@ class Runtime:
         self.session: Session | None = None
         self.reader: bl_rig.RigReader | None = None
         self.suspended = False  # set while a job steps through frames itself
+        self.rendering = False  # set while Blender renders (render_init .. render_complete / render_cancel)
+        # held by whoever uses the session's socket: a render job runs its handlers on a thread of its own
+        # while the main thread's timer keeps pumping (a ZeroMQ socket is not thread-safe)
+        self.lock = threading.RLock()
         self.dirty_since: float | None = None
         self.last_sent = 0.0
         self.shown_status = ""  # the status the panel last drew
@@ -77,11 +82,7 @@ def show(scene, frame) -> None:
     if scene.pvp.image is None:
         scene.pvp.image = bl_plane.ensure_image(frame.width, frame.height)
     bl_plane.show_frame(scene.pvp.image, frame)
-    screen = bpy.context.screen
-    if screen is not None:
-        for area in screen.areas:
-            if area.type in ("VIEW_3D", "IMAGE_EDITOR"):
-                area.tag_redraw()
+    redraw(("VIEW_3D", "IMAGE_EDITOR"))
 
 
 def request_current(scene, prefetch: bool = False) -> None:
@@ -102,15 +103,17 @@ def request_current(scene, prefetch: bool = False) -> None:
 
 # --- handlers and timer ------------------------------------------------------------------------------------
 
+def on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 @bpy.app.handlers.persistent
 def on_frame_change(scene, depsgraph=None):
-    if runtime.suspended or runtime.session is None:
+    """The live preview. A render's frame changes are left to on_render_pre (on a render job's thread, too)."""
+    if runtime.suspended or runtime.rendering or runtime.session is None or not on_main_thread():
         return
-    if bpy.app.background:  # no one watches a live preview: the frame is for a render, fetch it now
-        try:
-            fetch_frame_now(scene)
-        except Exception as e:  # a handler must never raise into Blender's render
-            runtime.session.preview.message = f"render: {type(e).__name__}: {e}"
+    if not runtime.lock.acquire(blocking=False):  # a render is fetching its frame: ask once it is done
+        runtime.dirty_since = runtime.dirty_since or time.monotonic()
         return
     t0 = time.perf_counter()
     try:
@@ -118,6 +121,8 @@ def on_frame_change(scene, depsgraph=None):
         request_current(scene, prefetch=bool(screen and screen.is_animation_playing))
     except Exception as e:  # a handler must never raise into Blender
         runtime.session.preview.message = f"preview error: {type(e).__name__}: {e}"
+    finally:
+        runtime.lock.release()
     times = runtime.session.handler_ms
     times.append((time.perf_counter() - t0) * 1000)
     del times[:-500]
@@ -136,6 +141,34 @@ def on_depsgraph_update(scene, depsgraph):
 
 
 @bpy.app.handlers.persistent
+def on_render_pre(scene, *_):
+    """Before Blender renders a frame (F12, Render Animation from the UI as a job on its own thread,
+    ``blender -b FILE -a`` or ``-f N``, Render Scene with PVP): the server's frame for it goes on the plane,
+    waiting for the server up to the timeout."""
+    s = runtime.session
+    if s is None or scene.pvp.rig is None:
+        return
+    try:
+        with runtime.lock:
+            if not fetch_frame_now(scene):
+                print(f"PVP: frame {scene.frame_current}: {s.status}")
+    except Exception as e:  # a handler must never raise into Blender's render
+        s.preview.message = f"render: {type(e).__name__}: {e}"
+
+
+@bpy.app.handlers.persistent
+def on_render_init(*_):
+    runtime.rendering = True
+
+
+@bpy.app.handlers.persistent
+def on_render_end(*_):
+    """After a render (or its cancel) the viewport's plane shows the current frame again."""
+    runtime.rendering = False
+    runtime.dirty_since = runtime.dirty_since or time.monotonic()
+
+
+@bpy.app.handlers.persistent
 def on_load(*_):
     """A reopened file with a PVP rig connects to the server (preferences) and shows the current frame at
     once; in background mode (``blender -b FILE -a``) this is what lets a render farm render it."""
@@ -150,27 +183,27 @@ def on_load(*_):
         return
     if not bpy.app.background:  # the timer shows the current frame once the server has answered
         runtime.dirty_since = time.monotonic()
-    elif wait_for_greeting(s):
+    elif wait_for_greeting(s, scene):
         request_current(scene)
 
 
-def fetch_frame_now(scene) -> None:
+def fetch_frame_now(scene) -> bool:
     """Show the server's frame for the scene's current frame before anything else happens (blocking, up
-    to the timeout): what a background render (``blender -b FILE -a`` or ``-f N``) needs."""
+    to the timeout): what a render needs. False when the server did not deliver it."""
     s = runtime.session
     if not s.greeted:
-        wait_for_greeting(s)
+        wait_for_greeting(s, scene)
     reader = rig_reader(scene)
     if reader is None:
-        return
+        return False
     # a render evaluates its own depsgraph: the rig's pose in the file may not be this frame's yet, so the
     # values come from the rig's animation at this frame
     (controls, edits), = reader.at([scene.frame_current])
     frame = s.preview.want(controls, edits)
     if frame is not None:
         show(scene, frame)
-    elif not wait_for_frame(s):
-        print(f"PVP: frame {scene.frame_current}: {s.status}")
+        return True
+    return wait_for_frame(s, scene)
 
 
 def tick():
@@ -178,6 +211,8 @@ def tick():
     s = runtime.session
     if s is None:
         return None
+    if not runtime.lock.acquire(blocking=False):  # a render job's thread is fetching its frame
+        return 0.05
     try:
         scene = bpy.context.scene
         frame = s.pump()
@@ -191,9 +226,11 @@ def tick():
             fill_cache(s)
         if s.status + runtime.cache_state != runtime.shown_status:  # redraw the panel only when it changes
             runtime.shown_status = s.status + runtime.cache_state
-            redraw_panels()
+            redraw()
     except Exception as e:  # keep the timer alive whatever happens
         s.preview.message = f"preview error: {type(e).__name__}: {e}"
+    finally:
+        runtime.lock.release()
     return 0.01 if (s.preview.in_flight or runtime.dirty_since) else 0.05
 
 
@@ -210,11 +247,12 @@ def fill_cache(s: Session) -> None:
             runtime.cache_state += " (stopped: server down)"
 
 
-def redraw_panels() -> None:
-    screen = bpy.context.screen
+def redraw(area_types=("VIEW_3D",)) -> None:
+    """Redraw the areas of these types (the panel lives in the 3D view); only the main thread may."""
+    screen = bpy.context.screen if on_main_thread() else None
     if screen is not None:
         for area in screen.areas:
-            if area.type == "VIEW_3D":
+            if area.type in area_types:
                 area.tag_redraw()
 
 
@@ -243,26 +281,27 @@ def scene_rig(op, scene) -> bl_rig.RigReader | None:
     return reader
 
 
-def wait_until(predicate, timeout_s: float) -> bool:
-    """Pump replies until predicate() holds (blocking; for background mode and explicit sync)."""
+def wait_until(predicate, timeout_s: float, scene) -> bool:
+    """Pump replies until predicate() holds, showing frames on ``scene``'s plane (blocking; for renders,
+    background mode and explicit sync)."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
             return False
         frame = runtime.session.pump(0.02)
         if frame is not None:
-            show(bpy.context.scene, frame)
+            show(scene, frame)
     return True
 
 
-def wait_for_greeting(s: Session) -> bool:
+def wait_for_greeting(s: Session, scene) -> bool:
     """Block until the server has sent the avatar's info and face mesh, or is down; True with the info."""
-    return wait_until(lambda: s.greeted, 2 * s.client.timeout_s + 1) and s.info is not None
+    return wait_until(lambda: s.greeted, 2 * s.client.timeout_s + 1, scene) and s.info is not None
 
 
-def wait_for_frame(s: Session) -> bool:
+def wait_for_frame(s: Session, scene) -> bool:
     """Block until the wanted frame is shown; False when the server is down or did not answer in time."""
-    return wait_until(lambda: s.preview.settled, s.client.timeout_s + 1) and s.preview.state != DOWN
+    return wait_until(lambda: s.preview.settled, s.client.timeout_s + 1, scene) and s.preview.state != DOWN
 
 
 # --- preferences and properties ----------------------------------------------------------------------------
@@ -316,7 +355,7 @@ class PVP_OT_connect(bpy.types.Operator):
         except (FileNotFoundError, ValueError) as e:
             self.report({"ERROR"}, str(e))
             return {"CANCELLED"}
-        if bpy.app.background and not wait_for_greeting(s):
+        if bpy.app.background and not wait_for_greeting(s, context.scene):
             self.report({"ERROR"}, s.status)
             return {"CANCELLED"}
         return {"FINISHED"}
@@ -332,7 +371,7 @@ class PVP_OT_sync(bpy.types.Operator):
         if s is None:
             return {"CANCELLED"}
         request_current(context.scene)
-        if not wait_for_frame(s):
+        if not wait_for_frame(s, context.scene):
             self.report({"WARNING"}, s.status)
             return {"CANCELLED"}
         return {"FINISHED"}
@@ -376,6 +415,7 @@ class PVP_OT_add_rig(bpy.types.Operator):
             props.plane = bl_plane.add_plane(context, props.image)
         view = context.scene.view_settings  # so the plane's pixels render as the server sent them
         view.view_transform, view.look, view.exposure, view.gamma = "Standard", "None", 0.0, 1.0
+        context.scene.render.use_lock_interface = True  # a render job's handlers change the plane's image
         runtime.reader = None
         request_current(context.scene)
         if s.preview.state == DOWN:
@@ -658,7 +698,7 @@ class PVP_OT_render_scene(bpy.types.Operator, FrameStepper):
         scene, s = context.scene, runtime.session
         f = self.frames[self.position]
         scene.frame_set(f)  # the frame-change handler asks for the avatar frame
-        if not wait_for_frame(s):
+        if not wait_for_frame(s, scene):
             raise ServerUnavailable(f"{s.status}; frames before {f} are written")
         previous = scene.render.filepath
         scene.render.filepath = str(frame_path(self.folder, f))
@@ -727,7 +767,9 @@ class PVP_PT_panel(bpy.types.Panel):
 
 CLASSES = (PVPPreferences, PVPSceneProps, PVP_OT_connect, PVP_OT_sync, PVP_OT_add_rig, PVP_OT_reset,
            PVP_OT_cache_range, PVP_OT_import_track, PVP_OT_render_timeline, PVP_OT_render_scene, PVP_PT_panel)
-HANDLERS = ((bpy.app.handlers.frame_change_post, on_frame_change),
+HANDLERS = ((bpy.app.handlers.frame_change_post, on_frame_change), (bpy.app.handlers.render_pre, on_render_pre),
+            (bpy.app.handlers.render_init, on_render_init), (bpy.app.handlers.render_complete, on_render_end),
+            (bpy.app.handlers.render_cancel, on_render_end),
             (bpy.app.handlers.depsgraph_update_post, on_depsgraph_update), (bpy.app.handlers.load_post, on_load))
 
 

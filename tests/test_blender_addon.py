@@ -342,7 +342,9 @@ def test_rig_range_and_render_settings_follow_the_avatar(bpy, addon, face_server
 
 def test_background_render_animation_shows_each_frame(bpy, addon, face_server, tmp_path):
     """`blender -b scene.blend -a`: the file is opened (the extension connects), Blender's own Render
-    Animation renders three keyed frames, and each shows the server's frame for that frame."""
+    Animation renders three keyed frames, and each shows the server's frame for that frame. The frames come
+    from the render_pre handler alone (the frame-change handler leaves a render's frames to it), the same
+    code that runs for Render / Render Animation from the UI (see the render-job test below)."""
     import cv2
 
     connect(bpy, addon, face_server.endpoint)
@@ -370,13 +372,67 @@ def test_background_render_animation_shows_each_frame(bpy, addon, face_server, t
         controls, edits = reader.now()
         expected.append(server_frame(face_server.endpoint, controls, edits).astype(np.float32))
     scene.frame_set(1)
-    bpy.ops.render.render(animation=True)
+    calls = []
+    fetch = addon.fetch_frame_now
+
+    def counted(scene):
+        calls.append(scene.frame_current)
+        return fetch(scene)
+
+    addon.fetch_frame_now = counted
+    try:
+        bpy.ops.render.render(animation=True)
+    finally:
+        addon.fetch_frame_now = fetch
+    assert addon.on_render_pre in bpy.app.handlers.render_pre
+    assert calls == [1, 2, 3] and not addon.runtime.rendering
     renders = [load_rgb(tmp_path / f"anim_{f:04d}.png").astype(np.float32) for f in (1, 2, 3)]
     for f, render in enumerate(renders):
         plane = cv2.resize(render[8:56, 8:56], (32, 32), interpolation=cv2.INTER_AREA)  # the plane: central 80%
         errors = [np.abs(plane - cv2.resize(e[1:-1, 1:-1], (32, 32))).mean() for e in expected]
         assert int(np.argmin(errors)) == f and errors[f] < 12.0, errors  # its own frame, not frame 1's
     assert np.abs(renders[0] - renders[2]).mean() > 2.0
+
+
+def test_render_job_fetches_its_frame_on_its_own_thread(bpy, addon, face_server):
+    """Render / Render Animation from the UI run as a job: Blender calls render_pre on the job's thread, before
+    each frame, while the main thread's timer keeps pumping the same session. The job's frame is fetched
+    under the session's lock (one thread on the socket at a time), put on the plane, and nothing is redrawn
+    from the job's thread; the interface is locked while rendering (Blender's advice for handlers that change
+    data)."""
+    import threading
+
+    connect(bpy, addon, face_server.endpoint)
+    scene = _camera_scene(bpy)
+    assert bpy.ops.pvp.add_rig() == {"FINISHED"}
+    assert scene.render.use_lock_interface
+    head = scene.pvp.rig.pose.bones["head"]
+    for frame, yaw in ((1, -25.0), (3, 25.0)):
+        head.rotation_euler = (0.0, np.radians(yaw), 0.0)
+        head.keyframe_insert("rotation_euler", frame=frame)
+    scene.frame_set(1)
+    assert bpy.ops.pvp.sync() == {"FINISHED"}
+    (controls, edits), = addon.rig_reader(scene).at([3])
+    scene.frame_current = 3  # as the job sets it: no frame-change handler on the main thread
+    threads = []
+    fetch = addon.fetch_frame_now
+
+    def on_thread(scene):
+        threads.append(addon.on_main_thread())
+        return fetch(scene)
+
+    addon.fetch_frame_now = on_thread
+    job = threading.Thread(target=addon.on_render_pre, args=(scene,))
+    try:
+        job.start()
+        while job.is_alive():
+            addon.tick()  # the main thread's timer, as during a UI render
+            job.join(0.005)
+    finally:
+        addon.fetch_frame_now = fetch
+    assert threads == [False]
+    assert "render:" not in addon.runtime.session.status
+    np.testing.assert_array_equal(plane_pixels(scene), server_frame(face_server.endpoint, controls, edits))
 
 
 def test_cache_range_fills_the_preview_cache(bpy, addon, face_server):
@@ -457,7 +513,7 @@ def test_add_rig_with_the_server_down_does_not_wait(bpy, addon, avatars, monkeyp
         srv.stop()
     assert session.face_mesh is not None and session.face_mesh["vertex_count"] == 468
     session.preview.want([0.0] * 9)  # a frame nobody answers: the preview finds the server gone
-    assert not addon.wait_for_frame(session) and session.preview.state == "down"
+    assert not addon.wait_for_frame(session, bpy.context.scene) and session.preview.state == "down"
 
     def waits(*_args, **_kwargs):
         raise AssertionError("Add PVP Rig waited for the server")
@@ -479,7 +535,7 @@ def test_add_rig_with_the_server_down_does_not_wait(bpy, addon, avatars, monkeyp
     session = addon.new_session(bpy.context)  # what Connect does in the UI: send the hello, wait for nothing
     with pytest.raises(RuntimeError, match="no avatar yet: connecting to"):
         bpy.ops.pvp.add_rig()
-    assert not addon.wait_for_greeting(session)
+    assert not addon.wait_for_greeting(session, bpy.context.scene)
     with pytest.raises(RuntimeError, match="no avatar yet: no reply from .* is pvp serve running"):
         bpy.ops.pvp.add_rig()
     assert bpy.context.scene.pvp.rig is None
