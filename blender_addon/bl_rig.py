@@ -139,17 +139,36 @@ def add_edit_properties(rig: bpy.types.Object, spec: RigSpec, edits: list[dict])
 
 # --- reading ---------------------------------------------------------------------------------------------
 
-def _action_curves(action, slot) -> list:
-    if slot is not None:  # slotted actions (Blender 4.4+)
-        from bpy_extras import anim_utils
+def channels_of(action, slot=None, idblock=None):
+    """What holds an action's F-curves and groups (``.fcurves``, ``.groups``) for one slot: the action itself in
+    Blender 4.2 and 4.3; the slot's channelbag in 4.4+ (layered actions; ``Action.fcurves`` is gone in 5.0).
+    With ``idblock``, a slot for it (when ``slot`` is None) and the channelbag are made when missing; without,
+    None when the action holds nothing for the slot."""
+    if not hasattr(action, "slots"):  # Blender 4.2, 4.3
+        return action
+    if slot is None and idblock is not None:
+        slot = action.slots.new(idblock.id_type, idblock.name)
+    if slot is None:
+        return None
+    for layer in action.layers:
+        for strip in layer.strips:
+            bag = strip.channelbag(slot)
+            if bag is not None:
+                return bag
+    if idblock is None:
+        return None
+    layer = action.layers[0] if len(action.layers) else action.layers.new("Layer")
+    strip = layer.strips[0] if len(layer.strips) else layer.strips.new(type="KEYFRAME")
+    return strip.channelbag(slot, ensure=True)
 
-        bag = anim_utils.action_get_channelbag_for_slot(action, slot)
-        return list(bag.fcurves) if bag is not None else []
-    return list(action.fcurves)
+
+def _action_curves(action, slot) -> list:
+    channels = channels_of(action, slot)
+    return list(channels.fcurves) if channels is not None else []
 
 
 def fcurves_of(idblock) -> list:
-    """The F-curves of a datablock's active action (slotted actions in Blender 4.4+, legacy before)."""
+    """The F-curves of a datablock's active action (for its slot in Blender 4.4+)."""
     ad = getattr(idblock, "animation_data", None)
     if ad is None or ad.action is None:
         return []
@@ -302,8 +321,11 @@ def write_take(idblock, name: str, channels: list[tuple[str, int, str, np.ndarra
         if ad.action is not None and any((fc.data_path, fc.array_index) in paths for fc in fcurves_of(idblock)):
             _push_down(ad)
         action = bpy.data.actions.new(name)
+        take = channels_of(action, idblock=idblock)
         for path, index, group, frames, values, hold_after in channels:
-            fc = action.fcurves.new(path, index=max(index, 0), action_group=group)
+            fc = take.fcurves.new(path, index=max(index, 0))
+            if group:
+                fc.group = take.groups.get(group) or take.groups.new(group)
             fc.keyframe_points.add(len(frames))
             fc.keyframe_points.foreach_set("co", np.stack([frames, values], 1).astype(np.float32).ravel())
             _set_interpolation(fc.keyframe_points, hold_after, gaps)

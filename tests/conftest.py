@@ -36,6 +36,16 @@ def avatar_dir(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def server(avatar_dir):
+    """`pvp serve` of the tiny random avatar, for one test module."""
+    from pvp.serve.process import ServerProcess
+
+    srv = ServerProcess(avatar_dir)
+    yield srv
+    srv.stop()
+
+
 @pytest.fixture(scope="session")
 def addon_zip(tmp_path_factory) -> Path:
     """The Blender extension as build_addon.py writes it (wheels cached in dist/wheels between runs)."""

@@ -19,3 +19,27 @@ def blender_bone_frame(head, tail) -> np.ndarray:
     return np.array([[1 - x * x / theta, x, -x * z / theta],
                      [-x, y, -z],
                      [-x * z / theta, z, 1 - z * z / theta]])
+
+
+def plane_pixels(image) -> np.ndarray:
+    """A Blender image (the PVP plane's) as uint8 RGB rows top-down, as the server sent them."""
+    w, h = image.size
+    px = np.empty(w * h * 4, np.float32)
+    image.pixels.foreach_get(px)
+    return np.round(px.reshape(h, w, 4)[::-1, :, :3] * 255).astype(np.uint8)
+
+
+def server_frame(endpoint, controls, edits=None) -> np.ndarray:
+    """The server's own render of these values (uncached), uint8 RGB [H, W, 3]."""
+    from pvp_contract.client import Client
+
+    frame = Client(endpoint, 20.0).render(controls, edits, use_cache=False)
+    return np.frombuffer(frame.data, np.uint8).reshape(frame.height, frame.width, 3)
+
+
+def install_extension(blender, addon_zip) -> None:
+    """Install and enable the extension zip with Blender's own operators (BLENDER_USER_RESOURCES set first)."""
+    blender.ops.wm.read_factory_settings(use_empty=True)
+    result = blender.ops.extensions.package_install_files(filepath=str(addon_zip), repo="user_default",
+                                                          enable_on_install=True)
+    assert result == {"FINISHED"}, result

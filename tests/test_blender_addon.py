@@ -18,8 +18,7 @@ import pytest
 from pvp.avatar import random_avatar
 from pvp.images import load_rgb
 from pvp.serve.process import ServerProcess, free_endpoint
-from pvp_contract.client import Client
-from tests.helpers import assert_same_render, blender_bone_frame
+from tests.helpers import assert_same_render, blender_bone_frame, install_extension, plane_pixels, server_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 RIG = json.loads((ROOT / "rigs" / "flame_pvp.json").read_text())
@@ -31,10 +30,7 @@ def bpy(addon_zip):
     os.environ["BLENDER_USER_RESOURCES"] = tempfile.mkdtemp(prefix="pvp_blender_user_")
     import bpy as blender
 
-    blender.ops.wm.read_factory_settings(use_empty=True)
-    result = blender.ops.extensions.package_install_files(filepath=str(addon_zip), repo="user_default",
-                                                          enable_on_install=True)
-    assert result == {"FINISHED"}
+    install_extension(blender, addon_zip)
     return blender
 
 
@@ -64,19 +60,6 @@ def connect(bpy, ops, endpoint, timeout_s=20.0):
     prefs.endpoint, prefs.timeout_s = endpoint, timeout_s
     assert bpy.ops.pvp.connect() == {"FINISHED"}
     return ops.runtime.session
-
-
-def plane_pixels(scene) -> np.ndarray:
-    image = scene.pvp.image
-    w, h = image.size
-    px = np.empty(w * h * 4, np.float32)
-    image.pixels.foreach_get(px)
-    return np.round(px.reshape(h, w, 4)[::-1, :, :3] * 255).astype(np.uint8)
-
-
-def server_frame(endpoint, controls, edits=None) -> np.ndarray:
-    frame = Client(endpoint, 20.0).render(controls, edits, use_cache=False)
-    return np.frombuffer(frame.data, np.uint8).reshape(frame.height, frame.width, 3)
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +108,11 @@ def test_add_rig_builds_the_rig_file_and_frames_match_the_server(bpy, addon, fac
     scene.frame_set(5)
     assert bpy.ops.pvp.sync() == {"FINISHED"}
     want = server_frame(face_server.endpoint, [20, -8, 0, 15, 0, 0, 1.5, 0, 0], {edits[0]: 1.0})
-    np.testing.assert_array_equal(plane_pixels(scene), want)
+    np.testing.assert_array_equal(plane_pixels(scene.pvp.image), want)
     scene.frame_set(10)
     assert bpy.ops.pvp.sync() == {"FINISHED"}
     want = server_frame(face_server.endpoint, [-10, 5, 0, 5, 0, 0, -1, 0, 0], {edits[0]: -0.5})
-    np.testing.assert_array_equal(plane_pixels(scene), want)
+    np.testing.assert_array_equal(plane_pixels(scene.pvp.image), want)
     # prefetching reads the same values from the F-curves
     reader = addon.rig_reader(scene)
     (controls, edit_values), = reader.at([5])
@@ -181,7 +164,7 @@ def test_import_track_keys_a_take_of_its_own(bpy, addon, face_server, tmp_path):
     scene.frame_set(15)
     assert bpy.ops.pvp.sync() == {"FINISHED"}
     want = [table[4, 1], table[4, 2], 0, table[4, 3], 0, table[4, 4], 0, table[4, 5], 0]
-    np.testing.assert_array_equal(plane_pixels(scene), server_frame(face_server.endpoint, want))
+    np.testing.assert_array_equal(plane_pixels(scene.pvp.image), server_frame(face_server.endpoint, want))
     (controls, _), = addon.rig_reader(scene).at([15])
     np.testing.assert_allclose(controls, want, atol=1e-4)
     # renormalised, imported again: the take is replaced, not stacked
@@ -432,7 +415,7 @@ def test_render_job_fetches_its_frame_on_its_own_thread(bpy, addon, face_server)
         addon.fetch_frame_now = fetch
     assert threads == [False]
     assert "render:" not in addon.runtime.session.status
-    np.testing.assert_array_equal(plane_pixels(scene), server_frame(face_server.endpoint, controls, edits))
+    np.testing.assert_array_equal(plane_pixels(scene.pvp.image), server_frame(face_server.endpoint, controls, edits))
 
 
 def test_cache_range_fills_the_preview_cache(bpy, addon, face_server):
@@ -496,7 +479,7 @@ def test_server_killed_during_playback(bpy, addon, avatars):
             time.sleep(0.02)
         assert session.preview.state == "connected"
         controls, edits = addon.rig_reader(scene).now()
-        np.testing.assert_array_equal(plane_pixels(scene), server_frame(endpoint, controls, edits))
+        np.testing.assert_array_equal(plane_pixels(scene.pvp.image), server_frame(endpoint, controls, edits))
     finally:
         srv.stop()
 

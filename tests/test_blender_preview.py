@@ -13,13 +13,6 @@ from tests.helpers import assert_same_render, blender_bone_frame
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def server(avatar_dir):
-    srv = ServerProcess(avatar_dir)
-    yield srv
-    srv.stop()
-
-
 def _controls(i: float) -> list[float]:
     return [float(i), -float(i) / 2, 0.0, 5.0, 0.0, 0.1 * i, 0.0, 0.0, 0.0]
 
