@@ -84,33 +84,56 @@ def cmd_track(args) -> None:
 
 
 def _preset_overrides(preset, items):
-    from dataclasses import fields
+    from dataclasses import fields, is_dataclass
 
-    types = {f.name: f.type for f in fields(preset)}
+    current = {}  # KEY -> its value in the preset; a nested dataclass's fields as 'outer.inner'
+    for f in fields(preset):
+        value = getattr(preset, f.name)
+        if is_dataclass(value):
+            current.update({f"{f.name}.{g.name}": getattr(value, g.name) for g in fields(value)})
+        elif f.name != "name":
+            current[f.name] = value
     values = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
-        if not sep or key not in types or key == "name":
-            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(set(types) - {'name'})}")
-        current = getattr(preset, key)
+        if not sep or key not in current:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(current)}")
         try:
-            values[key] = type(current)(raw) if not isinstance(current, tuple) else tuple(int(v) for v in raw.split(","))
+            values[key] = _parse_value(raw, current[key])
         except ValueError:
-            raise UserError(f"--set {item!r}: {raw!r} is not a valid {type(current).__name__}") from None
-    return preset.with_overrides(**values)
+            raise UserError(f"--set {item!r}: {raw!r} is not a valid {type(current[key]).__name__}") from None
+    try:
+        return preset.with_overrides(**values)
+    except ValueError as e:
+        raise UserError(f"--set: {e}") from None
+
+
+def _parse_value(raw: str, like):
+    if isinstance(like, bool):
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(raw)
+        return raw.lower() in ("true", "1")
+    if isinstance(like, tuple):
+        return tuple(int(v) for v in raw.split(","))
+    return type(like)(raw)
 
 
 def cmd_fit(args) -> None:
     from pvp.fit.pipeline import FitInputs, FitJob
+    from pvp.fit.pivots import PIVOT_METHODS
     from pvp.fit.presets import PRESETS
 
     preset = _preset_overrides(PRESETS[args.preset], args.set)
+    pivots = args.pivots or preset.pivot_selection
+    if pivots not in PIVOT_METHODS:
+        raise UserError(f"--pivots {pivots!r}: expected one of {', '.join(PIVOT_METHODS)}")
     for flag in ("prior", "e4e", "arcface", "vgg"):
         path = getattr(args, flag)
         if path is not None and not path.is_file():
             raise UserError(f"--{flag} {path}: no such file")
     job = FitJob(FitInputs(source=args.source, avatar=args.output, preset=preset, prior=args.prior, e4e=args.e4e,
-                           arcface=args.arcface, vgg=args.vgg, train_frames=args.train_frames, pivot_method=args.pivots,
+                           arcface=args.arcface, vgg=args.vgg, train_frames=args.train_frames,
+                           pivot_method=pivots,
                            resume=args.resume, device=_device(args.device)))
     metrics = job.run()
     print(f"fit {args.output}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -292,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--arcface", type=Path, help="model_ir_se50.pth for the identity loss")
     f.add_argument("--vgg", type=Path, help="vgg16-397923af.pth, the backbone of the LPIPS loss")
     f.add_argument("--train-frames", help="A:B, the track frames to train on (default all)")
-    f.add_argument("--pivots", choices=("kmeans", "uniform"), default="kmeans", help="pivot selection")
+    f.add_argument("--pivots", help="pivot selection: kmeans (the authors'), kmeans-nearest or uniform "
+                   "(default: the preset's)")
     f.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a preset field (repeatable)")
     f.add_argument("--resume", action="store_true", help="continue an interrupted fit in the same directory")
     f.add_argument("--device", default="auto")

@@ -22,11 +22,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_pivots_span_the_pose_range(d3_track):
     yp, ex = d3_track.yaw_pitch_roll[:, :2], d3_track.expression
-    idx = select_pivots(yp, ex, 20)
+    idx = select_pivots(yp, ex, 20, method="kmeans-nearest")
     assert len(idx) == 20 and len(set(idx)) == 20
     for j in range(2):
         assert yp[idx, j].min() == yp[:, j].min() and yp[idx, j].max() == yp[:, j].max()
-    assert len(select_pivots(yp[:7], ex[:7], 200)) == 7  # capped by the frame count
+    assert len(select_pivots(yp[:7], ex[:7], 200, method="kmeans-nearest")) == 7  # capped by the frame count
     uniform = select_pivots(yp, ex, 10, method="uniform")
     assert uniform[0] == 0 and uniform[-1] == len(yp) - 1 and len(uniform) == 10
     with pytest.raises(ValueError, match="pivot selection"):
@@ -38,6 +38,21 @@ def _drift(G_orig, G, pivots, seed=123, n=16):
     w = locality_latents(G_orig, pivots[torch.randint(len(pivots), (n,), generator=gen)], 30.0, 0.5, gen)
     with torch.no_grad():
         return (G.synthesis(w, noise_mode="none") - G_orig.synthesis(w, noise_mode="none")).abs().mean().item()
+
+
+def test_authors_pivots_are_one_random_member_of_each_whitened_cluster(d3_track):
+    """make_keyframes_expr.py: scipy's whiten (divide by the standard deviation, no centring), K-means, one
+    random member per cluster."""
+    from sklearn.cluster import KMeans
+
+    yp, ex = d3_track.yaw_pitch_roll[:, :2], d3_track.expression
+    idx = select_pivots(yp, ex, 12, method="kmeans", seed=3)
+    feats = np.concatenate([yp, ex], 1).astype(np.float64)
+    whitened = feats / feats.std(0)
+    labels = KMeans(n_clusters=12, n_init=4, random_state=3).fit(whitened).labels_
+    assert len(idx) == 12 and sorted(labels[idx]) == list(range(12))  # one per cluster
+    assert select_pivots(yp, ex, 12, method="kmeans", seed=4).tolist() != idx.tolist()  # a random member
+    assert len(select_pivots(yp[:7], ex[:7], 200)) == 7
 
 
 def test_locality_regularizer_keeps_far_latents_in_place(tmp_path):

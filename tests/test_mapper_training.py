@@ -1,15 +1,26 @@
-"""The mappers' objective (Eq. 15 + the novel-pose term): each term is zero where it should be and its
-gradients reach the parameters it should."""
+"""The mappers' objective (Eq. 15 + the novel-pose term): each term is zero where it should be, its
+gradients reach the parameters it should, and the authors' formulas hold (values computed here)."""
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from pvp.fit.mapper_training import LossWeights, MapperData, MapperObjective, drive_range, losses_record
+from pvp.fit.mapper_training import (
+    MapperData,
+    MapperObjective,
+    ObjectiveConfig,
+    downsample,
+    drive_range,
+    eyes_mouth_masks,
+    losses_record,
+    train_mappers,
+)
 from pvp.models.arcface import ArcFace, IdentityLoss
 from pvp.models.losses import PerceptualLoss
-from pvp.models.mappers import MapperConfig, Mappers
+from pvp.models.mappers import MapperConfig, MapperDesign, Mappers
 from pvp.tracking.differentiable import DifferentiableTracker
 from tests.official_layouts import random_generator
 
@@ -30,8 +41,9 @@ def parts(d3_track):
 
 def _mappers(G, pivots, controls, trained_expression: bool) -> Mappers:
     torch.manual_seed(1)
-    m = Mappers(MapperConfig(num_pivots=len(pivots), num_ws=G.num_ws, w_dim=32, jaw_expression_dim=3 + EXPR, hidden=16),
-                pivots)
+    cfg = MapperConfig(num_pivots=len(pivots), num_ws=G.num_ws, w_dim=32, jaw_expression_dim=3 + EXPR, hidden=16,
+                       design=MapperDesign(zero_init_output=True))
+    m = Mappers(cfg, pivots)
     m.pose.inputs.fit(controls[0])
     m.expression.inputs.fit(controls[1])
     nets = [m.pose.net, *m.expression.nets] if trained_expression else [m.pose.net]
@@ -42,7 +54,8 @@ def _mappers(G, pivots, controls, trained_expression: bool) -> Mappers:
 
 def _objective(parts, mappers, frames, weights):
     G, _, tracker, identity, (pitch_yaw, jaw_expression) = parts
-    data = MapperData(pitch_yaw, jaw_expression, frames, torch.ones(N, 1, 64, 64), jaw_expression.min(0).values,
+    size = frames.shape[-1]
+    data = MapperData(pitch_yaw, jaw_expression, frames, torch.ones(N, 1, size, size), jaw_expression.min(0).values,
                       jaw_expression.max(0).values)
     G.requires_grad_(True)  # the objective freezes it
     return MapperObjective(G, data, PerceptualLoss("msssim"), weights, tracker, identity)
@@ -54,7 +67,7 @@ def test_every_term_is_zero_when_the_renders_are_the_frames(parts):
     m = _mappers(G, pivots, controls, trained_expression=False)
     with torch.no_grad():
         frames = G.synthesis(m(*controls)[0], noise_mode="const")
-    weights = LossWeights(novel_pose=1.0, sigma=0.0, novel_pose_sigma=0.0)
+    weights = ObjectiveConfig(novel_pose=1.0, sigma=0.0, novel_pose_sigma_deg=0.0)
     terms = _objective(parts, m, frames, weights).terms(m, torch.arange(N), torch.Generator().manual_seed(0))
     assert set(terms) == {"l2", "perceptual", "identity", "locality", "consistency", "pose", "expression",
                           "novel_pose"}
@@ -71,7 +84,7 @@ def test_each_term_has_gradients_where_it_should(parts):
     G, pivots, _, _, controls = parts
     m = _mappers(G, pivots, controls, trained_expression=True)
     frames = torch.rand(N, 3, 64, 64) * 2 - 1
-    objective = _objective(parts, m, frames, LossWeights(novel_pose=1.0))
+    objective = _objective(parts, m, frames, ObjectiveConfig(novel_pose=1.0, perturb_jaw=True))
     terms = objective.terms(m, torch.arange(N), torch.Generator().manual_seed(0))
     assert set(terms) == set(REACH)
     for name, (pose, expression) in REACH.items():
@@ -87,7 +100,7 @@ def test_each_term_has_gradients_where_it_should(parts):
 def test_switched_off_terms_are_absent_and_weighted_sum(parts):
     G, pivots, _, _, controls = parts
     m = _mappers(G, pivots, controls, trained_expression=True)
-    weights = LossWeights()
+    weights = ObjectiveConfig()
     assert weights.novel_pose == 0  # the paper's objective
     objective = _objective(parts, m, torch.zeros(N, 3, 64, 64), weights)
     objective.tracker = objective.identity = None
@@ -100,14 +113,15 @@ def test_switched_off_terms_are_absent_and_weighted_sum(parts):
 def test_the_record_says_which_terms_ran():
     from pvp.fit.presets import PRESETS
 
-    paper = losses_record(PRESETS["paper"].loss_weights(), "lpips-vgg", identity=True, tracker=True)
+    paper = losses_record(PRESETS["paper"].objective, "lpips-vgg", identity=True, tracker="deca")
     assert paper["novel_pose"] == {"weight": 0.0, "enabled": False}
-    assert paper["pose"] == {"weight": 0.1, "enabled": True}
-    assert paper["perceptual"]["kind"] == "lpips-vgg" and paper["perturbation_sigma"] == 0.5
-    tiny = losses_record(PRESETS["tiny"].loss_weights(), "msssim", identity=False, tracker=True)
+    assert paper["pose"] == {"weight": 0.1, "enabled": True} and paper["tracker"] == "deca"
+    assert paper["perceptual"]["kind"] == "lpips-vgg" and paper["sigma"] == 0.5
+    assert paper["loss_resolution"] == 512 and paper["optimize_noise"] and not paper["perturb_jaw"]
+    tiny = losses_record(PRESETS["tiny"].objective, "msssim", identity=False, tracker="mediapipe")
     assert tiny["identity"]["enabled"] is False and tiny["novel_pose"] == {"weight": 10.0, "enabled": True}
     assert tiny["novel_pose_sigma_deg"] == pytest.approx(4.0)
-    untracked = losses_record(PRESETS["tiny"].loss_weights(), "msssim", identity=False, tracker=False)
+    untracked = losses_record(PRESETS["tiny"].objective, "msssim", identity=False, tracker=None)
     assert not any(untracked[k]["enabled"] for k in ("pose", "expression", "novel_pose"))
 
 
@@ -119,3 +133,82 @@ def test_novel_pose_renders_draw_from_the_renderers_ranges():
     lo, hi = drive_range(schema)
     assert torch.allclose(lo, torch.tensor([math.radians(-1.0), math.radians(-2.0), 0.0, -1.5, -3.0]))
     assert torch.allclose(hi, torch.tensor([math.radians(9.0), math.radians(3.0), 0.0, 2.5, 0.5]))
+
+
+def _constant_expression_offsets(m: Mappers, value: float) -> None:
+    """Every expression MLP outputs ``value`` whatever its input (tanh of a constant bias)."""
+    for net in m.expression.nets:
+        torch.nn.init.zeros_(net[2].weight)
+        torch.nn.init.constant_(net[2].bias, math.atanh(value))
+
+
+def test_locality_averages_the_predicted_layers_only(parts):
+    """The authors' manifold term: mean of dw^2 over the 8 layers the expression MLPs predict, for the
+    normal and the perturbed render: 2 c^2 for constant offsets c (not 2 c^2 * 8 / num_ws)."""
+    G, pivots, _, _, controls = parts
+    assert G.num_ws > 8
+    m = _mappers(G, pivots, controls, trained_expression=False)
+    _constant_expression_offsets(m, 0.3)
+    objective = _objective(parts, m, torch.zeros(N, 3, 64, 64), ObjectiveConfig())
+    objective.tracker = objective.identity = None
+    terms = objective.terms(m, torch.arange(N), torch.Generator().manual_seed(0))
+    assert terms["locality"].item() == pytest.approx(2 * 0.3**2, rel=1e-5)
+
+
+@pytest.mark.parametrize("perturb_jaw", [False, True])
+def test_the_perturbation_moves_the_jaw_only_when_asked(parts, perturb_jaw):
+    G, pivots, _, _, controls = parts
+    m = _mappers(G, pivots, controls, trained_expression=True)
+    objective = _objective(parts, m, torch.zeros(N, 3, 64, 64), ObjectiveConfig(perturb_jaw=perturb_jaw))
+    je = controls[1]
+    moved = objective.perturbed(je, torch.Generator().manual_seed(0)) != je
+    assert moved[:, 3:].all()
+    assert bool(moved[:, 0].all()) == perturb_jaw and not moved[:, 2].any()  # the third jaw axis never varies
+
+
+def test_image_terms_at_the_loss_resolution(parts):
+    """The authors downsample the render (antialiased bilinear, corners aligned) before every image term."""
+    G, pivots, _, _, controls = parts
+    m = _mappers(G, pivots, controls, trained_expression=True)
+    frames = torch.rand(N, 3, 32, 32) * 2 - 1
+    objective = _objective(parts, m, frames, ObjectiveConfig(loss_resolution=32))
+    objective.tracker = objective.identity = None
+    terms = objective.terms(m, torch.arange(N), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        render = G.synthesis(m(*controls)[0], noise_mode="const")
+    expected = F.interpolate(render, size=(32, 32), mode="bilinear", align_corners=True, antialias=True)
+    assert terms["l2"].item() == pytest.approx((expected - frames).square().mean().item(), rel=1e-5)
+    assert downsample(render, 512) is render  # never upsampled
+
+
+def test_soft_masks_blur_dilated_hulls(d3_track):
+    tr = np.arange(3)
+    args = (d3_track.landmarks_2d[tr], d3_track.align_quad[tr], 128)
+    soft, hard = eyes_mouth_masks(*args, kind="soft"), eyes_mouth_masks(*args, kind="hard")
+    assert soft.min() >= 0 and soft.max() <= 1 and hard.min() == 0
+    edges = ((soft > 0.05) & (soft < 0.95)).mean()
+    assert edges > 0.01 and ((hard > 0) & (hard < 1)).mean() == 0  # soft edges only in the soft one
+    assert (soft < 0.5).sum() > (hard < 0.5).sum()  # 31 px at 512 dilates further than R / 16 here
+    assert soft[:, :, 0, 0].min() == pytest.approx(1.0)  # far from the face: fully counted
+    with pytest.raises(ValueError, match="consistency_mask"):
+        ObjectiveConfig(consistency_mask="round")
+
+
+@pytest.mark.parametrize("optimize_noise", [False, True])
+def test_noise_maps_train_with_the_mappers(parts, tmp_path, optimize_noise):
+    """The authors re-randomise the generator's noise maps and optimise them with the mappers; its weights stay."""
+    G, pivots, _, _, (pitch_yaw, jaw_expression) = parts
+    G = G.__class__(G.cfg)
+    G.load_state_dict(parts[0].state_dict())
+    noise_before = {k: v.clone() for k, v in G.named_buffers() if k.endswith("noise_const")}
+    weights_before = {k: v.clone() for k, v in G.state_dict().items() if k not in noise_before}
+    frames = torch.rand(N, 3, 64, 64) * 2 - 1
+    data = MapperData(pitch_yaw, jaw_expression, frames, torch.ones(N, 1, 64, 64), jaw_expression.min(0).values,
+                      jaw_expression.max(0).values)
+    train_mappers(G, pivots, data, PerceptualLoss("msssim"), steps=2, batch=2, lr=5e-4, checkpoint=tmp_path / "c.pt",
+                  every=1, resume=False, objective=ObjectiveConfig(optimize_noise=optimize_noise), progress=False)
+    changed = [not torch.equal(v, noise_before[k]) for k, v in G.named_buffers() if k in noise_before]
+    assert all(changed) if optimize_noise else not any(changed)
+    assert all(torch.equal(v, weights_before[k]) for k, v in G.state_dict().items() if k in weights_before)
+    saved = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert ("noise" in saved) == optimize_noise

@@ -1,28 +1,100 @@
+import json
+import math
+
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pvp.models.mappers import BETA, MapperConfig, Mappers, hull_weights, load_mappers, save_mappers
+from pvp.models.mappers import (
+    BETA,
+    LEGACY_DESIGN,
+    MapperConfig,
+    MapperDesign,
+    Mappers,
+    hull_weights,
+    load_mappers,
+    save_mappers,
+)
+
+ZERO_START = MapperDesign(zero_init_output=True)
 
 
-def _mappers(k=7, num_ws=10, w_dim=16, e=5, seed=0):
+def _mappers(k=7, num_ws=10, w_dim=16, e=5, seed=0, design=ZERO_START):
     torch.manual_seed(seed)
-    cfg = MapperConfig(num_pivots=k, num_ws=num_ws, w_dim=w_dim, jaw_expression_dim=e)
+    cfg = MapperConfig(num_pivots=k, num_ws=num_ws, w_dim=w_dim, jaw_expression_dim=e, design=design)
     return Mappers(cfg, torch.randn(k, num_ws, w_dim))
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.floats(-1e4, 1e4, allow_nan=False), min_size=1, max_size=64))
-def test_hull_weights_for_any_residual(values):
-    a = hull_weights(torch.tensor([values], dtype=torch.float64), BETA)
+def test_eq6_hull_weights_for_any_residual(values):
+    a = hull_weights(torch.tensor([values], dtype=torch.float64), BETA, "eq6")
     assert torch.all(a >= -BETA - 1e-9)
     assert abs(float(a.sum()) - 1.0) < 1e-9
+
+
+def _authors_hull(residual: list[float], beta: float) -> list[float]:
+    """softplus(a + beta, 100) - beta over a = 1/K + residual, divided by the sum; written out in floats."""
+    k = len(residual)
+    shifted = [math.log1p(math.exp(100 * (1 / k + r + beta))) / 100 - beta for r in residual]
+    return [s / sum(shifted) for s in shifted]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(-0.05, 0.9), min_size=2, max_size=40))
+def test_authors_hull_weights_are_the_normalised_shifted_softplus(values):
+    a = hull_weights(torch.tensor([values], dtype=torch.float64), BETA, "authors")[0].tolist()
+    assert a == pytest.approx(_authors_hull(values, BETA), abs=1e-9)
+
+
+def test_the_authors_hull_leaves_less_room_below_zero_than_eq6():
+    """K = 200, a quarter of the weights pushed up, the rest down (as a trained pose MLP does): eq6 reaches
+    -beta; the authors' sum of shifted weights is about 42, so their weights stay above -beta / 42."""
+    residual = torch.full((1, 200), -0.9, dtype=torch.float64)
+    residual[0, :50] = 0.9
+    eq6, authors = hull_weights(residual, BETA, "eq6"), hull_weights(residual, BETA, "authors")
+    assert eq6.min().item() == pytest.approx(-BETA, abs=1e-6)
+    assert authors.min().item() == pytest.approx(-BETA / (50 * (0.9 + 1 / 200) - 150 * BETA), rel=1e-3)
+    assert authors.sum().item() == pytest.approx(1.0) and eq6.sum().item() == pytest.approx(1.0)
+
+
+def test_default_design_is_the_authors_mlp():
+    """Linear -> LeakyReLU(0.01) -> Linear -> Tanh with PyTorch's default initialisation of both layers."""
+    m = _mappers(design=MapperDesign())
+    x = torch.randn(4, 5)
+    net = m.expression.nets[0]
+    h = x @ net[0].weight.T + net[0].bias
+    expected = torch.tanh(torch.where(h > 0, h, 0.01 * h) @ net[2].weight.T + net[2].bias)
+    assert torch.allclose(m.expression(x)[:, 0], expected, atol=1e-6)
+    assert net[2].weight.abs().sum() > 0  # not zero-initialised: the mappers start off the centroid
+    with pytest.raises(ValueError, match="hull"):
+        MapperDesign(hull="convex")
+
+
+def test_bundles_from_before_the_design_field_load_as_they_were_trained(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    m = _mappers(design=LEGACY_DESIGN)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    save_mappers(m, tmp_path / "new.safetensors")
+    with safe_open(str(tmp_path / "new.safetensors"), "pt") as f:
+        config = json.loads(f.metadata()["config"])
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    del config["design"]
+    save_file(state, str(tmp_path / "old.safetensors"), metadata={"config": json.dumps(config)})
+    old = load_mappers(tmp_path / "old.safetensors")
+    assert old.cfg.design == LEGACY_DESIGN
+    x = (torch.randn(3, 2), torch.randn(3, 5))
+    assert torch.equal(old(*x)[0], m(*x)[0])
 
 
 @settings(max_examples=50, deadline=None)
 @given(st.floats(-10, 10), st.floats(-10, 10), st.integers(0, 1000))
 def test_pose_weights_for_any_input_and_weights(pitch, yaw, seed):
-    m = _mappers(seed=seed)
+    m = _mappers(seed=seed, design=MapperDesign(hull="eq6"))
     for p in m.pose.net.parameters():  # trained-looking (non-zero) weights
         torch.nn.init.normal_(p, std=3.0)
     a = m.pose.weights(torch.tensor([[pitch, yaw]])).detach()

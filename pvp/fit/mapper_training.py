@@ -1,13 +1,15 @@
 """Training the pose and expression mappers with the paper's objective (Eq. 15), generator frozen.
 
 Per step, for a batch of training frames: render I' at the frame's controls and I^e at perturbed
-expression controls (jaw and expression + N(0, sigma), jaw in units of its own spread); then
+expression controls (expression + N(0, sigma); the jaw too when ``perturb_jaw``, in units of its spread);
+then, the image terms on renders downsampled to at most 512 px (antialiased), as the authors' code:
   10 L2(I', I) + 10 perceptual(I', I) + 0.5 identity(I', I)
-  + 0.1 |pose(I^e) - pose(I)|^2 + 0.1 |(jaw, exp)(I^e) - (jaw', exp')|^2     (the differentiable tracker)
-  + 1.0 |m (I^e - I')|^2 (m leaves out eyes and mouth) + 0.5 (|dw_expr|^2 + |dw_expr^e|^2).
+  + 0.1 |pose(I^e) - pose(I)|^2 + 0.1 |exp(I^e) - exp'|^2     (the tracker: DECA, or the differentiable one)
+  + 1.0 |m (I^e - I')|^2 (m: 0 on the eyes and mouth, soft edges)
+  + 0.5 (|dw_expr|^2 + |dw_expr^e|^2), averaged over the layers the expression mapper predicts.
+The optimiser trains the mappers and, as the authors, the generator's noise maps (re-randomised first).
 As in the paper, where DECA reads both the frame and the render, the tracker's targets are its own
-reading of the training frame (at the training resolution), shifted by the perturbation: the bias of a
-tracker reading small renders cancels out.
+reading of the training frame, shifted by the perturbation: the bias of a tracker reading renders cancels.
 
 One term beyond the paper, off in its preset: novel pose. I^p is rendered at the frame's head pose
 shifted by N(0, sigma_p) with a jaw and expression drawn uniformly from the renderer's ranges, and the
@@ -26,11 +28,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pvp.fit.training import run_steps, step_generator
 from pvp.models.generator import Generator
 from pvp.models.losses import PerceptualLoss
-from pvp.models.mappers import JAW_AXES, MapperConfig, Mappers, mapper_inputs
+from pvp.models.mappers import JAW_AXES, MapperConfig, MapperDesign, Mappers, mapper_inputs
 from pvp.tracking import topology as topo
 from pvp.tracking.align import apply_affine, unit_transform
 from pvp_contract import controls
@@ -39,8 +42,14 @@ log = logging.getLogger(__name__)
 OUTER_LIPS = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185)
 
 
+TERMS = ("l2", "perceptual", "identity", "pose", "expression", "consistency", "locality", "novel_pose")
+CONSISTENCY_MASKS = ("soft", "hard")
+
+
 @dataclass(frozen=True)
-class LossWeights:
+class ObjectiveConfig:
+    """Eq. 15's weights and how its terms are computed. The defaults are the authors' code (ken2576/pvp)."""
+
     l2: float = 10.0
     perceptual: float = 10.0
     identity: float = 0.5
@@ -48,9 +57,20 @@ class LossWeights:
     expression: float = 0.1
     consistency: float = 1.0
     locality: float = 0.5
-    novel_pose: float = 0.0
-    sigma: float = 0.5  # expression perturbation (sd; jaw in units of its spread)
-    novel_pose_sigma: float = 0.07  # head-pose shift of the novel-pose renders (radians)
+    novel_pose: float = 0.0  # beyond the paper (module docstring)
+    sigma: float = 0.5  # expression perturbation (sd)
+    perturb_jaw: bool = False  # the authors perturb the expression only; the paper says jaw and expression
+    novel_pose_sigma_deg: float = 4.0  # head-pose shift of the novel-pose renders
+    loss_resolution: int = 512  # image terms on renders downsampled to at most this size
+    consistency_mask: str = "soft"  # 'soft': the authors' (eye and mouth hulls, dilated, blurred); 'hard'
+    optimize_noise: bool = True  # train the generator's noise maps with the mappers (re-randomised first)
+
+    def __post_init__(self):
+        if self.consistency_mask not in CONSISTENCY_MASKS:
+            raise ValueError(f"consistency_mask {self.consistency_mask!r}: expected soft or hard")
+
+    def weight(self, term: str) -> float:
+        return getattr(self, term)
 
 
 @dataclass
@@ -59,8 +79,8 @@ class MapperData:
 
     pitch_yaw: torch.Tensor  # [N, 2] radians
     jaw_expression: torch.Tensor  # [N, 3 + K], jaw in radians
-    frames: torch.Tensor  # [N, 3, R, R] in [-1, 1]
-    masks: torch.Tensor  # [N, 1, R, R], 0 on the eyes and the mouth
+    frames: torch.Tensor  # [N, 3, S, S] in [-1, 1], S = the loss resolution (frames passed through ``downsample``)
+    masks: torch.Tensor  # [N, 1, S, S], 0 on the eyes and the mouth
     drive_min: torch.Tensor  # [3 + K] the renderer's range of (jaw, expression): where the novel-pose
     drive_max: torch.Tensor  # renders draw their jaw and expression from
 
@@ -72,92 +92,161 @@ def drive_range(schema: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return lo, hi
 
 
-def eyes_mouth_masks(landmarks_2d: np.ndarray, quads: np.ndarray, resolution: int) -> np.ndarray:
-    """[N, 1, R, R] float masks, 0 on the eyes and the mouth (dilated), 1 elsewhere, in aligned crops."""
+def eyes_mouth_masks(landmarks_2d: np.ndarray, quads: np.ndarray, resolution: int, kind: str = "soft") -> np.ndarray:
+    """[N, 1, R, R] float masks in aligned crops, 0 on the eyes and the mouth, 1 elsewhere.
+    'soft' (the authors'): each region's convex hull, dilated by a 31 px square and blurred with a Gaussian
+    (sigma 5 px, 51 px window), sizes given at 512 px; 'hard': the contours dilated by R/16, no blur."""
     A = unit_transform(quads) * resolution
     pts = apply_affine(A, landmarks_2d[:, :, :2].astype(np.float64))
     masks = np.ones((len(pts), 1, resolution, resolution), np.float32)
-    kernel = np.ones((max(3, resolution // 16),) * 2, np.uint8)
+    at_512 = resolution / 512
+
+    def odd(size: float) -> int:
+        return max(1, int(round(size)) // 2 * 2 + 1)
+
+    kernel = np.ones((odd(31 * at_512),) * 2 if kind == "soft" else (max(3, resolution // 16),) * 2, np.uint8)
     for i, p in enumerate(pts):
         region = np.zeros((resolution, resolution), np.uint8)
         for contour in (topo.RIGHT_EYE, topo.LEFT_EYE, OUTER_LIPS):
-            cv2.fillPoly(region, [np.round(p[list(contour)]).astype(np.int32)], 1)
-        masks[i, 0] = 1 - cv2.dilate(region, kernel)
+            polygon = np.round(p[list(contour)]).astype(np.int32)
+            if kind == "soft":
+                cv2.fillConvexPoly(region, cv2.convexHull(polygon), 1)
+            else:
+                cv2.fillPoly(region, [polygon], 1)
+        covered = cv2.dilate(region, kernel).astype(np.float32)
+        if kind == "soft":
+            covered = cv2.GaussianBlur(covered, (odd(51 * at_512),) * 2, 5 * at_512, borderType=cv2.BORDER_REFLECT)
+        masks[i, 0] = 1 - covered
     return masks
+
+
+def downsample(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased bilinear resize to at most ``size`` (the authors' 1024 -> 512); smaller images pass."""
+    if images.shape[-1] <= size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=True, antialias=True)
+
+
+class NoiseMaps:
+    """The generator's constant noise buffers as trainable tensors, checkpointed with the mappers."""
+
+    def __init__(self, G: Generator):
+        self.maps = {name: buf for name, buf in G.named_buffers() if name.endswith("noise_const")}
+
+    def randomize(self, gen: torch.Generator) -> None:
+        for buf in self.maps.values():
+            buf.copy_(torch.randn(buf.shape, generator=gen).to(buf))
+
+    def trainable(self) -> list[torch.Tensor]:
+        return [buf.requires_grad_(True) for buf in self.maps.values()]
+
+    def freeze(self) -> None:
+        for buf in self.maps.values():
+            buf.requires_grad_(False)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: buf.detach().clone() for name, buf in self.maps.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, buf in self.maps.items():
+                buf.copy_(state[name])
 
 
 class MapperObjective:
     """The loss terms of one batch (a dict: name -> scalar tensor); ``loss`` weighs them."""
 
-    def __init__(self, G: Generator, data: MapperData, perceptual: PerceptualLoss, weights: LossWeights = LossWeights(),
-                 tracker=None, identity=None):
+    def __init__(self, G: Generator, data: MapperData, perceptual: PerceptualLoss,
+                 config: ObjectiveConfig = ObjectiveConfig(), tracker=None, identity=None):
         self.G = G.eval().requires_grad_(False)
-        self.data, self.perceptual, self.weights = data, perceptual, weights
+        self.data, self.perceptual, self.config = data, perceptual, config
         self.tracker, self.identity = tracker, identity
         scale = data.jaw_expression.std(0).clamp(min=1e-3)
         scale[JAW_AXES:] = 1.0  # expression coefficients are unit-variance already
+        scale[2] = 0.0  # the jaw's third axis is always 0 in the schema
+        if not config.perturb_jaw:
+            scale[:JAW_AXES] = 0.0
         self.noise_scale = scale
         self.reference = _tracker_reference(tracker, data.frames) if tracker is not None else None
 
+    def perturbed(self, jaw_expression: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """(jaw, expression) + N(0, sigma): the expression coefficients, and the jaw when ``perturb_jaw``."""
+        noise = torch.randn(jaw_expression.shape, generator=gen).to(jaw_expression.device)
+        return jaw_expression + noise * self.config.sigma * self.noise_scale
+
     def render(self, mappers: Mappers, pitch_yaw: torch.Tensor, jaw_expression: torch.Tensor):
+        """(full-size render, render at the loss resolution, the expression mapper's predicted offsets)."""
         w, dw = mappers(pitch_yaw, jaw_expression)
-        return self.G.synthesis(w, noise_mode="const"), dw
+        img = self.G.synthesis(w, noise_mode="const")
+        return img, downsample(img, self.config.loss_resolution), dw[:, :mappers.cfg.expr_layers]
 
     def terms(self, mappers: Mappers, idx: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        d, wt, device = self.data, self.weights, self.data.frames.device
+        d, cfg, device = self.data, self.config, self.data.frames.device
         py, je, target = d.pitch_yaw[idx], d.jaw_expression[idx], d.frames[idx]
-        img, dw = self.render(mappers, py, je)
+        _, img, dw = self.render(mappers, py, je)
         terms = {"l2": (img - target).square().mean(), "perceptual": self.perceptual(img, target).mean()}
         if self.identity is not None:
             terms["identity"] = self.identity(img, target).mean()
-        je_pert = je + torch.randn(je.shape, generator=gen).to(device) * wt.sigma * self.noise_scale
-        img_e, dw_e = self.render(mappers, py, je_pert)
+        je_pert = self.perturbed(je, gen)
+        full_e, img_e, dw_e = self.render(mappers, py, je_pert)
         terms["locality"] = dw.square().mean() + dw_e.square().mean()
         terms["consistency"] = (d.masks[idx] * (img_e - img)).square().mean()
         if self.tracker is None:
             return terms
         ref = self.reference
-        out = self.tracker(img_e)
-        terms["pose"] = (_pitch_yaw(out) - ref["pitch_yaw"][idx]).square().mean()
+        out = self.tracker(full_e)
+        terms["pose"] = (_head_pose(out) - ref["head_pose"][idx]).square().mean()
         k = je.shape[1] - JAW_AXES
-        predicted = torch.cat([out["jaw"][:, :2], out["expression"][:, :k]], 1)
-        shift = torch.cat([(je_pert - je)[:, :2], (je_pert - je)[:, JAW_AXES:JAW_AXES + k]], 1)
-        terms["expression"] = (predicted - ref["jaw_expression"][idx, :2 + k] - shift).square().mean()
-        if wt.novel_pose > 0:
-            py_shift = torch.randn(py.shape, generator=gen).to(device) * wt.novel_pose_sigma
+        jaw = slice(0, 2 if cfg.perturb_jaw else 0)  # the tracked jaw counts where it was perturbed
+        predicted = torch.cat([out["jaw"][:, jaw], out["expression"][:, :k]], 1)
+        shift = (je_pert - je)[:, [*range(jaw.stop), *range(JAW_AXES, JAW_AXES + k)]]
+        reference = torch.cat([ref["jaw"][idx, jaw], ref["expression"][idx, :k]], 1)
+        terms["expression"] = (predicted - reference - shift).square().mean()
+        if cfg.novel_pose > 0:
+            py_shift = torch.randn(py.shape, generator=gen).to(device) * np.radians(cfg.novel_pose_sigma_deg)
             u = torch.rand(je.shape, generator=gen).to(device)
-            img_p, _ = self.render(mappers, py + py_shift, d.drive_min + u * (d.drive_max - d.drive_min))
+            img_p, _, _ = self.render(mappers, py + py_shift, d.drive_min + u * (d.drive_max - d.drive_min))
             terms["novel_pose"] = (_pitch_yaw(self.tracker(img_p)) - ref["pitch_yaw"][idx] - py_shift).square().mean()
         return terms
 
     def loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(getattr(self.weights, name) * value for name, value in terms.items())
+        return sum(self.config.weight(name) * value for name, value in terms.items())
 
 
 def train_mappers(G: Generator, pivots: torch.Tensor, data: MapperData, perceptual: PerceptualLoss, steps: int,
                   batch: int, lr: float, checkpoint: Path, every: int, resume: bool, tracker=None, identity=None,
-                  weights: LossWeights = LossWeights(), seed: int = 0, progress: bool = True):
-    """Returns (mappers, the last step's loss terms)."""
+                  objective: ObjectiveConfig = ObjectiveConfig(), design: MapperDesign = MapperDesign(),
+                  standardize_inputs: bool = False, seed: int = 0, progress: bool = True):
+    """Returns (mappers, the last step's loss terms). With ``objective.optimize_noise`` the generator's noise
+    maps are trained too, in place: save G afterwards."""
     device = data.frames.device
     cfg = MapperConfig(num_pivots=len(pivots), num_ws=G.num_ws, w_dim=G.cfg.w_dim,
-                       jaw_expression_dim=data.jaw_expression.shape[1])
+                       jaw_expression_dim=data.jaw_expression.shape[1], design=design)
     torch.manual_seed(seed)
     mappers = Mappers(cfg, pivots).to(device).train()
-    mappers.pose.inputs.fit(data.pitch_yaw)
-    mappers.expression.inputs.fit(data.jaw_expression)
-    opt = torch.optim.Adam(mappers.parameters(), lr=lr, betas=(0.9, 0.999))
-    objective = MapperObjective(G, data, perceptual, weights, tracker, identity)
+    if standardize_inputs:
+        mappers.pose.inputs.fit(data.pitch_yaw)
+        mappers.expression.inputs.fit(data.jaw_expression)
+    objective_fn = MapperObjective(G, data, perceptual, objective, tracker, identity)
+    params, state = [{"params": list(mappers.parameters())}], {"mappers": mappers}
+    noise = NoiseMaps(G)
+    if objective.optimize_noise and noise.maps:
+        noise.randomize(torch.Generator().manual_seed(seed))
+        params.append({"params": noise.trainable()})
+        state["noise"] = noise
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
 
     def step(i: int) -> dict[str, float]:
         gen = step_generator(seed, i)
-        terms = objective.terms(mappers, torch.randint(len(data.frames), (batch,), generator=gen).to(device), gen)
-        loss = objective.loss(terms)
+        terms = objective_fn.terms(mappers, torch.randint(len(data.frames), (batch,), generator=gen).to(device), gen)
+        loss = objective_fn.loss(terms)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
 
-    metrics = run_steps("mappers", steps, step, {"mappers": mappers, "opt": opt}, checkpoint, every, resume, progress)
+    metrics = run_steps("mappers", steps, step, {**state, "opt": opt}, checkpoint, every, resume, progress)
+    noise.freeze()
     return mappers.eval().requires_grad_(False), metrics
 
 
@@ -165,20 +254,26 @@ def _pitch_yaw(tracked: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([tracked["pitch"], tracked["yaw"]], 1)
 
 
+def _head_pose(tracked: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What the pose term compares: the tracker's own head rotation (DECA: the global axis-angle, as the
+    authors), else (pitch, yaw)."""
+    return tracked["head_pose"] if "head_pose" in tracked else _pitch_yaw(tracked)
+
+
 @torch.no_grad()
 def _tracker_reference(tracker, frames: torch.Tensor, batch: int = 32) -> dict[str, torch.Tensor]:
     outs = [tracker(frames[i:i + batch]) for i in range(0, len(frames), batch)]
     return {"pitch_yaw": torch.cat([_pitch_yaw(o) for o in outs]),
-            "jaw_expression": torch.cat([torch.cat([o["jaw"][:, :2], o["expression"]], 1) for o in outs])}
+            "head_pose": torch.cat([_head_pose(o) for o in outs]),
+            "jaw": torch.cat([o["jaw"] for o in outs]), "expression": torch.cat([o["expression"] for o in outs])}
 
 
-def losses_record(weights: LossWeights, perceptual: str, identity: bool, tracker: bool) -> dict:
-    """What avatar.json says of the objective actually used."""
-    record = {k: {"weight": v, "enabled": True} for k, v in asdict(weights).items() if "sigma" not in k}
+def losses_record(objective: ObjectiveConfig, perceptual: str, identity: bool, tracker: str | None) -> dict:
+    """What avatar.json says of the objective actually used (``tracker``: the one reading renders, or None)."""
+    settings = asdict(objective)
+    record = {k: {"weight": settings.pop(k), "enabled": True} for k in TERMS}
     record["perceptual"]["kind"] = perceptual
     record["identity"]["enabled"] = identity
-    record["pose"]["enabled"] = record["expression"]["enabled"] = tracker
-    record["novel_pose"]["enabled"] = tracker and weights.novel_pose > 0
-    record["perturbation_sigma"] = weights.sigma
-    record["novel_pose_sigma_deg"] = float(np.degrees(weights.novel_pose_sigma))
-    return record
+    record["pose"]["enabled"] = record["expression"]["enabled"] = tracker is not None
+    record["novel_pose"]["enabled"] = tracker is not None and objective.novel_pose > 0
+    return {**record, **settings, "tracker": tracker}

@@ -18,7 +18,15 @@ from safetensors.torch import load_file, save_file
 from pvp.checkpoints import load_generator, save_generator
 from pvp.fit.data import build_frames, parse_range, to_tensor
 from pvp.fit.inversion import optimize_latents
-from pvp.fit.mapper_training import MapperData, drive_range, eyes_mouth_masks, losses_record, train_mappers
+from pvp.fit.mapper_training import (
+    MapperData,
+    NoiseMaps,
+    downsample,
+    drive_range,
+    eyes_mouth_masks,
+    losses_record,
+    train_mappers,
+)
 from pvp.fit.pivots import select_pivots
 from pvp.fit.presets import Preset
 from pvp.fit.pti import pivotal_tuning
@@ -211,16 +219,21 @@ class FitJob:
 
     def mappers(self, track: Track, G, latents: dict, frames: torch.Tensor, frame_index: np.ndarray,
                 rows: np.ndarray, expression_dim: int):
-        path = self.work / "mappers.safetensors"
-        x, device = self.x, self.x.device
+        path, noise_path = self.work / "mappers.safetensors", self.work / "noise.safetensors"
+        x, device, objective = self.x, self.x.device, self.x.preset.objective
+        noise = NoiseMaps(G)
         if path.is_file():
+            if noise_path.is_file():
+                noise.load_state_dict(load_file(str(noise_path), device=str(device)))
             return load_mappers(path)
         from pvp.tracking.differentiable import DifferentiableTracker
 
         tr = self.track_positions(track, frame_index, rows)
         schema = learned_schema(track, tr, expression_dim)
         pitch_yaw, jaw_expr = mapper_inputs(torch.from_numpy(track.controls(schema, tr)))  # as the renderer does
-        masks = torch.from_numpy(eyes_mouth_masks(track.landmarks_2d[tr], track.align_quad[tr], frames.shape[-1]))
+        size = min(frames.shape[-1], objective.loss_resolution)
+        masks = torch.from_numpy(eyes_mouth_masks(track.landmarks_2d[tr], track.align_quad[tr], size,
+                                                  objective.consistency_mask))
         identity = None
         if x.arcface is not None:
             from pvp.models.arcface import IdentityLoss, load_arcface
@@ -238,14 +251,19 @@ class FitJob:
         log.info("stage mappers: %d steps on %d frames, %d expression coefficients", x.preset.mapper_steps,
                  len(rows), expression_dim)
         drive_min, drive_max = drive_range(schema)
-        data = MapperData(pitch_yaw.to(device), jaw_expr.to(device), frames[rows].to(device), masks.to(device),
+        targets = torch.cat([downsample(frames[rows[i:i + 32]], size) for i in range(0, len(rows), 32)])
+        data = MapperData(pitch_yaw.to(device), jaw_expr.to(device), targets.to(device), masks.to(device),
                           drive_min.to(device), drive_max.to(device))
         mappers, metrics = train_mappers(
             G, latents["pivot_w"].to(device), data, perceptual, x.preset.mapper_steps, x.preset.mapper_batch,
             x.preset.mapper_lr, self.work / "mappers_checkpoint.pt", x.preset.checkpoint_every, x.resume, tracker,
-            identity, weights=x.preset.loss_weights(), seed=x.seed, progress=x.progress)
-        self._record(mapper_training=metrics, losses=losses_record(x.preset.loss_weights(), perceptual.kind,
-                                                                   identity is not None, tracker is not None))
+            identity, objective=objective, design=x.preset.mapper_design,
+            standardize_inputs=x.preset.standardize_mapper_inputs, seed=x.seed, progress=x.progress)
+        self._record(mapper_training=metrics, losses=losses_record(objective, perceptual.kind, identity is not None,
+                                                                   tracker and track.backend))
+        if objective.optimize_noise:  # before the mappers: their file marks the stage done
+            with atomic_path(noise_path) as tmp:
+                save_file({k: v.cpu().contiguous() for k, v in noise.state_dict().items()}, str(tmp))
         save_mappers(mappers, path)
         return mappers
 

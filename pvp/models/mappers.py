@@ -2,14 +2,17 @@
 
 F_rot: (pitch, yaw) -> blend weights over the K pivots, inside the beta-dilated convex hull
 P_beta = {sum_i a_i w_i : sum_i a_i = 1, a_i >= -beta} (Eq. 6-7). The MLP predicts residuals around the
-centroid (1/K each); softplus after a shift by beta keeps every weight above -beta, and the shifted
-weights are normalised so that the weights sum to 1 exactly while staying >= -beta.
+centroid (1/K each); two ways to keep them in the hull (``MapperConfig.hull``):
+  'authors'  the authors' code (ken2576/pvp ExprAlphaV2, as MyStyle): s = softplus(a + beta, 100) - beta,
+             then s / sum(s). Dividing by the sum (about 1) leaves weights at about -beta/100 or above.
+  'eq6'      the literal Eq. 6: shifted softplus normalised so that the weights sum to 1 and reach -beta.
 
 F_expr: (jaw, expression) -> residuals of W+ layers 0..7 only, one MLP per layer (Eq. 8-9).
 
-Both standardise their inputs with the training frames' mean and spread (buffers saved with the
-weights): in radians, head pose spans a few tenths and jaw opening a few hundredths, which leaves an
-MLP at its initialisation almost blind to them over a short schedule.
+The defaults are the authors' (LeakyReLU slope 0.01, PyTorch's default initialisation of every layer,
+raw radians in). ``Standardize`` holds optional input statistics (identity unless fitted): the CPU presets
+fit them on the training frames, because in radians head pose spans a few tenths and jaw opening a few
+hundredths, which leaves an MLP almost blind to them over a short schedule.
 """
 from __future__ import annotations
 
@@ -26,7 +29,25 @@ from pvp_contract import controls
 BETA = 0.02  # the authors' code (ken2576/pvp)
 SOFTPLUS_SHARPNESS = 100.0
 EXPR_LAYERS = 8
+HULLS = ("authors", "eq6")
 JAW_AXES = 3  # the expression mapper takes the jaw as a FLAME axis-angle (third axis 0)
+
+
+@dataclass(frozen=True)
+class MapperDesign:
+    """Choices that change what the mappers compute; the defaults are the authors' code."""
+
+    hull: str = "authors"  # or 'eq6' (module docstring)
+    leaky_slope: float = 0.01  # nn.LeakyReLU's default, as the authors
+    zero_init_output: bool = False  # True: the last layers start at zero (the mappers start at the centroid)
+
+    def __post_init__(self):
+        if self.hull not in HULLS:
+            raise ValueError(f"hull {self.hull!r}: expected one of {', '.join(HULLS)}")
+
+
+# what bundles written before the authors' formulas became the defaults computed
+LEGACY_DESIGN = MapperDesign(hull="eq6", leaky_slope=0.2, zero_init_output=True)
 
 
 @dataclass(frozen=True)
@@ -38,6 +59,7 @@ class MapperConfig:
     hidden: int = 128
     beta: float = BETA
     expr_layers: int = EXPR_LAYERS
+    design: MapperDesign = MapperDesign()
 
     @property
     def expression_coefficients(self) -> int:
@@ -52,22 +74,29 @@ class MapperConfig:
         d = dict(d)
         if "expression_dim" in d:  # bundles written before the field was renamed
             d["jaw_expression_dim"] = d.pop("expression_dim")
+        d["design"] = MapperDesign(**d["design"]) if "design" in d else LEGACY_DESIGN
         return cls(**d)
 
 
-def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
-    """Linear -> LeakyReLU -> Linear -> Tanh, the last layer starting at zero (output 0 at initialisation)."""
-    net = nn.Sequential(nn.Linear(in_dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, out_dim), nn.Tanh())
-    nn.init.zeros_(net[2].weight)
-    nn.init.zeros_(net[2].bias)
+def mlp(in_dim: int, out_dim: int, cfg: MapperConfig) -> nn.Sequential:
+    """Linear -> LeakyReLU -> Linear -> Tanh."""
+    net = nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.LeakyReLU(cfg.design.leaky_slope),
+                        nn.Linear(cfg.hidden, out_dim), nn.Tanh())
+    if cfg.design.zero_init_output:
+        nn.init.zeros_(net[2].weight)
+        nn.init.zeros_(net[2].bias)
     return net
 
 
-def hull_weights(residual: torch.Tensor, beta: float) -> torch.Tensor:
-    """Residuals [B, K] around the centroid -> weights with sum 1 and every weight >= -beta."""
+def hull_weights(residual: torch.Tensor, beta: float, hull: str = "authors") -> torch.Tensor:
+    """Residuals [B, K] around the centroid -> blend weights summing to 1 (module docstring)."""
     k = residual.shape[-1]
+    alpha = residual + 1.0 / k
+    if hull == "authors":
+        shifted = F.softplus(alpha + beta, beta=SOFTPLUS_SHARPNESS) - beta
+        return shifted / shifted.sum(-1, keepdim=True)
     # >= 0, ~ alpha + beta; the epsilon keeps the sum positive when every weight is pushed to -beta
-    shifted = F.softplus(residual + 1.0 / k + beta, beta=SOFTPLUS_SHARPNESS) + 1e-12
+    shifted = F.softplus(alpha + beta, beta=SOFTPLUS_SHARPNESS) + 1e-12
     return shifted / shifted.sum(-1, keepdim=True) * (1 + k * beta) - beta
 
 
@@ -94,11 +123,11 @@ class PoseMapper(nn.Module):
             raise ValueError(f"pivots must be [{cfg.num_pivots}, {cfg.num_ws}, {cfg.w_dim}], got {list(pivots.shape)}")
         self.cfg = cfg
         self.inputs = Standardize(2)
-        self.net = mlp(2, cfg.hidden, cfg.num_pivots)
+        self.net = mlp(2, cfg.num_pivots, cfg)
         self.register_buffer("pivots", pivots.float())
 
     def weights(self, pitch_yaw: torch.Tensor) -> torch.Tensor:
-        return hull_weights(self.net(self.inputs(pitch_yaw)), self.cfg.beta)
+        return hull_weights(self.net(self.inputs(pitch_yaw)), self.cfg.beta, self.cfg.design.hull)
 
     def forward(self, pitch_yaw: torch.Tensor) -> torch.Tensor:
         """[B, 2] radians -> w_rot [B, num_ws, w_dim]."""
@@ -110,7 +139,7 @@ class ExpressionMapper(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.inputs = Standardize(cfg.jaw_expression_dim)
-        self.nets = nn.ModuleList(mlp(cfg.jaw_expression_dim, cfg.hidden, cfg.w_dim) for _ in range(cfg.expr_layers))
+        self.nets = nn.ModuleList(mlp(cfg.jaw_expression_dim, cfg.w_dim, cfg) for _ in range(cfg.expr_layers))
 
     def forward(self, jaw_expression: torch.Tensor) -> torch.Tensor:
         """[B, 3 + E] -> delta W+ [B, num_ws, w_dim], zero beyond the first expr_layers layers."""
