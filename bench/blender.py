@@ -69,7 +69,7 @@ def main(argv=None):
         values = reader.at(range(1, args.frames + 1))
         for start in range(0, len(values), session.preview.max_in_flight):  # what prefetch does while playing
             session.preview.prefetch(values[start:start + session.preview.max_in_flight])
-            ops.wait_until(lambda: not session.preview.in_flight, 120)
+            ops.wait_until(lambda: not session.preview.in_flight, 120, scene)
         fill_s = time.perf_counter() - t0
 
         session.handler_ms.clear()
