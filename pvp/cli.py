@@ -127,12 +127,12 @@ def cmd_fit(args) -> None:
     pivots = args.pivots or preset.pivot_selection
     if pivots not in PIVOT_METHODS:
         raise UserError(f"--pivots {pivots!r}: expected one of {', '.join(PIVOT_METHODS)}")
-    for flag in ("prior", "e4e", "arcface", "vgg"):
+    for flag in ("prior", "e4e", "arcface", "vgg", "deca"):
         path = getattr(args, flag)
         if path is not None and not path.is_file():
             raise UserError(f"--{flag} {path}: no such file")
     job = FitJob(FitInputs(source=args.source, avatar=args.output, preset=preset, prior=args.prior, e4e=args.e4e,
-                           arcface=args.arcface, vgg=args.vgg, train_frames=args.train_frames,
+                           arcface=args.arcface, vgg=args.vgg, deca=args.deca, train_frames=args.train_frames,
                            pivot_method=pivots,
                            resume=args.resume, device=_device(args.device)))
     metrics = job.run()
@@ -314,10 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--e4e", type=Path, help="e4e_ffhq_encode.pt: encode the pivots instead of optimising")
     f.add_argument("--arcface", type=Path, help="model_ir_se50.pth for the identity loss")
     f.add_argument("--vgg", type=Path, help="vgg16-397923af.pth, the backbone of the LPIPS loss")
+    f.add_argument("--deca", type=Path, help="deca_model.tar: a DECA track's pose and expression terms read the "
+                   "renders with DECA (as the authors)")
     f.add_argument("--train-frames", help="A:B, the track frames to train on (default all)")
     f.add_argument("--pivots", help="pivot selection: kmeans (the authors'), kmeans-nearest or uniform "
                    "(default: the preset's)")
-    f.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a preset field (repeatable)")
+    f.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a preset field (repeatable); nested ones as objective.novel_pose=0, "
+                   "mapper_design.hull=eq6, objective.optimize_noise=false")
     f.add_argument("--resume", action="store_true", help="continue an interrupted fit in the same directory")
     f.add_argument("--device", default="auto")
     f.set_defaults(func=cmd_fit)

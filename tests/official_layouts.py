@@ -246,3 +246,28 @@ def official_e4e_state(num_ws=18):
     sd.update({"latlayer1.weight": w(512, 256, 1, 1), "latlayer1.bias": torch.zeros(512),
                "latlayer2.weight": w(512, 128, 1, 1), "latlayer2.bias": torch.zeros(512)})
     return sd
+
+
+def write_deca_model(path, seed=0) -> dict:
+    """DECA's deca_model.tar as torch.save writes it: {'E_flame', 'E_detail', 'D_detail'}, each a state dict.
+    E_flame is DECA's ResnetEncoder: a ResNet-50 without its classifier under 'encoder.' (torchvision's key
+    names) and the regressor 'layers.0' (2048 -> 1024) and 'layers.2' (1024 -> 236). Random values; the
+    returned E_flame state is the one written."""
+    import torchvision
+
+    gen = torch.Generator().manual_seed(seed)
+    resnet = torchvision.models.resnet50(weights=None).state_dict()
+    e_flame = OrderedDict()
+    for key, value in resnet.items():
+        if key.startswith("fc."):
+            continue
+        if value.dtype.is_floating_point:
+            value = torch.randn(value.shape, generator=gen) * 0.02 + (1.0 if key.endswith("running_var") else 0.0)
+            value = value.abs() if key.endswith("running_var") else value
+        e_flame[f"encoder.{key}"] = value
+    for name, shape in (("layers.0", (1024, 2048)), ("layers.2", (236, 1024))):
+        e_flame[f"{name}.weight"] = torch.randn(shape, generator=gen) * 0.02
+        e_flame[f"{name}.bias"] = torch.randn(shape[0], generator=gen) * 0.02
+    detail = OrderedDict(conv=torch.zeros(1))  # the detail networks are not read
+    torch.save({"E_flame": e_flame, "E_detail": detail, "D_detail": detail}, path)
+    return e_flame

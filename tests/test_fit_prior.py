@@ -183,3 +183,19 @@ def test_a_resume_without_a_checkpoint_says_it_starts_over(tmp_path, caplog):
         run_steps("prior", 5, lambda i: {"loss": float(i)}, {"net": net}, tmp_path / "ckpt.pt", 50, resume=True,
                   progress=False)
     assert "resuming from step 3 of 5" in caplog.text and "run again" in caplog.text
+
+
+def test_set_overrides_nested_preset_fields():
+    from pvp.cli import UserError, _preset_overrides
+    from pvp.fit.presets import PRESETS
+
+    tiny = PRESETS["tiny"]
+    p = _preset_overrides(tiny, ["objective.novel_pose=0", "objective.optimize_noise=true", "mapper_design.hull=authors",
+                                 "mapper_steps=7"])
+    assert p.objective.novel_pose == 0.0 and p.objective.optimize_noise is True and p.mapper_steps == 7
+    assert p.mapper_design.hull == "authors" and p.mapper_design.leaky_slope == tiny.mapper_design.leaky_slope
+    assert p.objective.pose == tiny.objective.pose  # the rest of a nested field stays the preset's
+    for bad, message in (("objective.nothing=1", "KEY one of"), ("objective.optimize_noise=maybe", "not a valid bool"),
+                         ("mapper_design.hull=convex", "hull 'convex'")):
+        with pytest.raises(UserError, match=message):
+            _preset_overrides(tiny, [bad])

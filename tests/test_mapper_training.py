@@ -182,8 +182,9 @@ def test_image_terms_at_the_loss_resolution(parts):
 
 
 def test_soft_masks_blur_dilated_hulls(d3_track):
-    tr = np.arange(3)
-    args = (d3_track.landmarks_2d[tr], d3_track.align_quad[tr], 128)
+    from pvp.fit.pipeline import aligned_landmarks
+
+    args = (aligned_landmarks(d3_track, np.arange(3), 128), 128)
     soft, hard = eyes_mouth_masks(*args, kind="soft"), eyes_mouth_masks(*args, kind="hard")
     assert soft.min() >= 0 and soft.max() <= 1 and hard.min() == 0
     edges = ((soft > 0.05) & (soft < 0.95)).mean()

@@ -35,7 +35,6 @@ from pvp.models.generator import Generator
 from pvp.models.losses import PerceptualLoss
 from pvp.models.mappers import JAW_AXES, MapperConfig, MapperDesign, Mappers, mapper_inputs
 from pvp.tracking import topology as topo
-from pvp.tracking.align import apply_affine, unit_transform
 from pvp_contract import controls
 
 log = logging.getLogger(__name__)
@@ -92,12 +91,11 @@ def drive_range(schema: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return lo, hi
 
 
-def eyes_mouth_masks(landmarks_2d: np.ndarray, quads: np.ndarray, resolution: int, kind: str = "soft") -> np.ndarray:
-    """[N, 1, R, R] float masks in aligned crops, 0 on the eyes and the mouth, 1 elsewhere.
-    'soft' (the authors'): each region's convex hull, dilated by a 31 px square and blurred with a Gaussian
-    (sigma 5 px, 51 px window), sizes given at 512 px; 'hard': the contours dilated by R/16, no blur."""
-    A = unit_transform(quads) * resolution
-    pts = apply_affine(A, landmarks_2d[:, :, :2].astype(np.float64))
+def eyes_mouth_masks(pts: np.ndarray, resolution: int, kind: str = "soft") -> np.ndarray:
+    """[N, 1, R, R] float masks from MediaPipe landmarks [N, 468, 2] in aligned crops of R pixels: 0 on the
+    eyes and the mouth, 1 elsewhere. 'soft' (the authors'): each region's convex hull, dilated by a 31 px
+    square and blurred with a Gaussian (sigma 5 px, 51 px window), sizes given at 512 px; 'hard': the
+    contours dilated by R/16, no blur."""
     masks = np.ones((len(pts), 1, resolution, resolution), np.float32)
     at_512 = resolution / 512
 

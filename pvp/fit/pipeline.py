@@ -33,6 +33,7 @@ from pvp.fit.pti import pivotal_tuning
 from pvp.fit.scratch_prior import standardized_controls, train_scratch_prior
 from pvp.models.losses import PerceptualLoss, psnr
 from pvp.models.mappers import load_mappers, mapper_inputs, save_mappers
+from pvp.tracking.align import apply_affine, unit_transform
 from pvp.tracking.track import Track, TrackError
 from pvp.tracking.tracker import track_video
 from pvp_contract import controls
@@ -54,6 +55,7 @@ class FitInputs:
     e4e: Path | None = None
     arcface: Path | None = None
     vgg: Path | None = None
+    deca: Path | None = None  # deca_model.tar: DECA tracks' pose and expression terms re-read renders with it
     train_frames: str | None = None
     pivot_method: str = "kmeans"
     resume: bool = False
@@ -89,6 +91,7 @@ class FitJob:
                            "downloads); the CPU presets 'tiny' and 'small' need none")
         settings_path = self.work / "settings.json"
         settings = {"source": str(x.source), "preset": x.preset.to_json(), "prior": str(x.prior) if x.prior else None,
+                    "deca": str(x.deca) if x.deca else None,
                     "e4e": str(x.e4e) if x.e4e else None, "train_frames": x.train_frames,
                     "pivot_method": x.pivot_method, "seed": x.seed}
         if (self.work / "track.safetensors").is_file():  # a stage finished: the fit has really started
@@ -226,14 +229,11 @@ class FitJob:
             if noise_path.is_file():
                 noise.load_state_dict(load_file(str(noise_path), device=str(device)))
             return load_mappers(path)
-        from pvp.tracking.differentiable import DifferentiableTracker
-
         tr = self.track_positions(track, frame_index, rows)
         schema = learned_schema(track, tr, expression_dim)
         pitch_yaw, jaw_expr = mapper_inputs(torch.from_numpy(track.controls(schema, tr)))  # as the renderer does
         size = min(frames.shape[-1], objective.loss_resolution)
-        masks = torch.from_numpy(eyes_mouth_masks(track.landmarks_2d[tr], track.align_quad[tr], size,
-                                                  objective.consistency_mask))
+        masks = torch.from_numpy(eyes_mouth_masks(aligned_landmarks(track, tr, size), size, objective.consistency_mask))
         identity = None
         if x.arcface is not None:
             from pvp.models.arcface import IdentityLoss, load_arcface
@@ -244,9 +244,7 @@ class FitJob:
                            "(TreB1eN/InsightFace_Pytorch, as pSp/e4e/PTI distribute it)")
         else:
             log.warning("identity loss off: no --arcface given (allowed by preset %r)", x.preset.name)
-        tracker = DifferentiableTracker(track.face_model).to(device) if track.face_model is not None else None
-        if tracker is None:
-            log.warning("pose and expression losses off: the %s track has no differentiable tracker", track.backend)
+        tracker = self.render_tracker(track, tr, size)
         perceptual = PerceptualLoss(x.preset.perceptual, vgg=x.vgg).to(device)
         log.info("stage mappers: %d steps on %d frames, %d expression coefficients", x.preset.mapper_steps,
                  len(rows), expression_dim)
@@ -266,6 +264,25 @@ class FitJob:
                 save_file({k: v.cpu().contiguous() for k, v in noise.state_dict().items()}, str(tmp))
         save_mappers(mappers, path)
         return mappers
+
+    def render_tracker(self, track: Track, positions: np.ndarray, size: int):
+        """What reads the renders for the pose and expression terms: the track's own tracker (MediaPipe's
+        landmarks through the differentiable tracker; DECA, as the authors, for a DECA track), or None."""
+        device = self.x.device
+        if track.face_model is not None:
+            from pvp.tracking.differentiable import DifferentiableTracker
+
+            return DifferentiableTracker(track.face_model).to(device)
+        if track.backend == "deca":
+            from pvp.models.deca import DecaTracker, face_box, load_deca_encoder
+
+            if self.x.deca is None:
+                raise FitError("a DECA track: the pose and expression terms re-read the renders with DECA; pass "
+                               "--deca deca_model.tar (github.com/yfeng95/DECA)")
+            box = face_box(aligned_landmarks(track, positions, size), size)
+            return DecaTracker(load_deca_encoder(self.x.deca, device), box).to(device)
+        log.warning("pose and expression losses off: the %s track has no tracker to read renders", track.backend)
+        return None
 
     def bundle(self, track: Track, G, mappers, frames: torch.Tensor, frame_index: np.ndarray, rows: np.ndarray,
                expression_dim: int) -> Path:
@@ -338,6 +355,12 @@ class FitJob:
         timed("bundle", self.bundle, track, G, mappers, frames, data["frame_index"], rows, expression_dim)
         self._record(stage_seconds=seconds)
         return json.loads((self.x.avatar / "avatar.json").read_text())["metrics"]
+
+
+def aligned_landmarks(track: Track, positions: np.ndarray, resolution: int) -> np.ndarray:
+    """The tracked 2-D landmarks of these frames in their aligned crops of ``resolution`` pixels."""
+    A = unit_transform(track.align_quad[positions]) * resolution
+    return apply_affine(A, track.landmarks_2d[positions][:, :, :2].astype(np.float64))
 
 
 def learned_schema(track: Track, positions: np.ndarray, expression_dim: int) -> dict:
