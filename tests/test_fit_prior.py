@@ -190,8 +190,8 @@ def test_set_overrides_nested_preset_fields():
     from pvp.fit.presets import PRESETS
 
     tiny = PRESETS["tiny"]
-    p = _preset_overrides(tiny, ["objective.novel_pose=0", "objective.optimize_noise=true", "mapper_design.hull=authors",
-                                 "mapper_steps=7"])
+    p = _preset_overrides(tiny, ["objective.novel_pose=0", "objective.optimize_noise=true",
+                                 "mapper_design.hull=authors", "mapper_steps=7"])
     assert p.objective.novel_pose == 0.0 and p.objective.optimize_noise is True and p.mapper_steps == 7
     assert p.mapper_design.hull == "authors" and p.mapper_design.leaky_slope == tiny.mapper_design.leaky_slope
     assert p.objective.pose == tiny.objective.pose  # the rest of a nested field stays the preset's
