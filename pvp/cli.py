@@ -243,18 +243,16 @@ def cmd_render(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    import json
+
     from pvp.evaluation.evaluate import evaluate, write_outputs
 
     result = evaluate(args.avatar, args.video, args.frames, args.mask, args.vgg, args.alex, _device(args.device))
     paths = write_outputs(result, args.output or args.avatar / "eval")
-    from pvp.evaluation.report import COLUMNS, LABELS
+    from pvp.evaluation.report import console_lines
 
-    methods = result.summary()
     print(f"{len(result.eval_set.frame_index)} frames of {args.video}; LPIPS: {result.lpips}")
-    print(f"{'method':<42}" + "".join(f"{title:>15}" for _, title, _ in COLUMNS))
-    for method, values in methods.items():
-        cells = "".join(f"{fmt.format(values[k]) if k in values else '-':>15}" for k, _, fmt in COLUMNS)
-        print(f"{LABELS.get(method, method):<42}{cells}")
+    print("\n".join(console_lines(json.loads(paths["summary"].read_text()))))
     for what, path in paths.items():
         print(f"{what}: {path}")
 

@@ -15,6 +15,16 @@ from tests.official_layouts import random_generator, write_rosinality_pt
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def random_controls(schema: dict, n: int, seed: int = 0) -> np.ndarray:
+    """Uniform controls in the schema's ranges (roll 0)."""
+    from pvp_contract import controls
+
+    lo, hi = controls.ranges(schema)
+    ctrl = lo + (hi - lo) * np.random.default_rng(seed).random((n, len(lo)), dtype=np.float32)
+    ctrl[:, controls.ROLL] = 0.0
+    return ctrl
+
+
 def _pvp(*args):
     return subprocess.run([sys.executable, "-m", "pvp.cli", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True)
@@ -39,14 +49,22 @@ def test_eval_writes_csv_summary_and_report(fitted, real_data, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "LPIPS: not computed: pass --vgg" in r.stdout
     rows = list(csv.DictReader(open(tmp_path / "eval" / "metrics.csv")))
-    methods = {m: [x for x in rows if x["method"] == m] for m in ("avatar", "nearest_pivot", "nearest_frame")}
+    names = ("avatar", "nearest_pivot", "nearest_frame", "nearest_pose_frame")
+    methods = {m: [x for x in rows if x["method"] == m] for m in names}
     assert all(len(v) == 20 for v in methods.values())
     assert [int(x["frame"]) for x in methods["avatar"]] == list(range(30, 50))
     for x in rows:
         assert 0 < float(x["psnr"]) < 60 and -1 <= float(x["ssim"]) <= 1
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["evaluated_frames"] == 20 and summary["mask"] == "face"
-    assert set(summary["methods"]) == {"avatar", "nearest_pivot", "nearest_frame", "ground_truth_retracked"}
+    assert set(summary["methods"]) == {*names, "ground_truth_retracked"}
+    for method in names:
+        psnrs = sorted(float(x["psnr"]) for x in methods[method])
+        assert summary["methods"][method]["psnr_worst10"] == pytest.approx(np.mean(psnrs[:2]), rel=1e-4)
+        sharp = [float(x["sharpness"]) for x in methods[method]]
+        assert summary["methods"][method]["sharpness"] == pytest.approx(np.mean(sharp), rel=1e-4)
+    assert summary["sharpness"]["per_slider"].keys() >= {"head_yaw", "head_pitch", "jaw_open", "exp_00"}
+    assert 0 < summary["sharpness"]["recombined"] and summary["clamped"]["of"] == 20
     for method in ("avatar", "nearest_pivot", "nearest_frame"):  # the summary holds the medians of the CSV's rows
         for name in ("yaw_err", "pitch_err"):
             column = [float(x[name]) for x in methods[method]]
@@ -57,6 +75,9 @@ def test_eval_writes_csv_summary_and_report(fitted, real_data, tmp_path):
         assert summary["methods"]["avatar"][name] == pytest.approx(np.median(column), rel=1e-4, abs=1e-4)
     assert "yaw_shift" not in summary["methods"]["nearest_frame"]  # a real crop takes no controls
     assert methods["nearest_pivot"][0]["yaw_shift"] == ""
+    assert "training frame nearest in head pose" in r.stdout and "clamped requests:" in r.stdout
+    header = r.stdout.splitlines()[1]
+    assert "PSNR worst 10% ↑" in header and "  pitch shift" in header  # the headers stay apart
     page = (tmp_path / "eval" / "report.html").read_text()
     assert page.count("<img src='data:image/png;base64,") == 5 and "nearest pivot" in page
     for name in ("coverage", "manifold", "metrics", "retrack", "strips"):
@@ -68,7 +89,7 @@ def test_eval_writes_csv_summary_and_report(fitted, real_data, tmp_path):
 
 def test_pose_shift_is_zero_only_for_a_disentangled_avatar(d3_track):
     from pvp.avatar import random_avatar
-    from pvp.evaluation.evaluate import _pose_shift, _render, _retrack, random_controls
+    from pvp.evaluation.evaluate import _pose_shift, _render, _retrack
     from pvp.tracking.differentiable import DifferentiableTracker
 
     tracker = DifferentiableTracker(d3_track.face_model)
@@ -98,3 +119,39 @@ def test_eval_bad_inputs_are_named(fitted, real_data, tmp_path):
     r = _pvp("eval", fitted, "--video", tmp_path / "nope.mp4", "-o", tmp_path)
     assert r.returncode == 2 and "nope.mp4: no such video" in r.stderr
     np.testing.assert_equal(list(tmp_path.iterdir()), [])
+
+
+def test_sharpness_falls_with_blur():
+    import cv2
+
+    from pvp.evaluation.evaluate import sharpness
+
+    rng = np.random.default_rng(0)
+    sharp = cv2.resize((rng.random((64, 64, 3)) * 255).astype(np.uint8), (256, 256), interpolation=cv2.INTER_CUBIC)
+    blurred = cv2.GaussianBlur(sharp, (0, 0), 2.0)
+    a, b = sharpness(np.stack([sharp, blurred]))
+    assert b < 0.5 * a
+
+
+def test_clamped_requests_and_probes_of_the_learned_ranges():
+    from pvp.evaluation.evaluate import clamped_requests, recombined_controls, slider_sweeps
+    from pvp_contract import controls
+
+    schema = controls.schema(2, (-20, 20), (-10, 10), (0.0, 9.0), expression_ranges=[(-1.5, 2.5), (-3.0, 0.5)])
+    ctrl = np.zeros((4, controls.EXPRESSION_COLUMNS.start + 2), np.float32)
+    ctrl[1, controls.YAW] = 26.0
+    ctrl[2, controls.EXPRESSION_COLUMNS.start + 1] = 1.5
+    ctrl[3, controls.ROLL] = 40.0  # roll is an image rotation, never clamped
+    report = clamped_requests(ctrl, schema)
+    assert report["frames"] == 2 and report["of"] == 4
+    assert report["max_excess"] == {"head_yaw": 6.0, "exp_01": 1.0}
+    names, sweeps = slider_sweeps(schema, ctrl[0])
+    assert "head_roll" not in names and len(names) == sweeps.shape[0] == ctrl.shape[1] - 1
+    yaw = sweeps[names.index("head_yaw")]
+    assert yaw[0, controls.YAW] == -20 and yaw[-1, controls.YAW] == 20
+    assert np.all(np.delete(yaw, controls.YAW, axis=1) == np.delete(ctrl[0], controls.YAW))  # one slider moves
+    train = np.arange(30, dtype=np.float32).reshape(5, 6)
+    mixed = recombined_controls(train, 50, seed=1)
+    rows_pose = {tuple(r[:2]) for r in train}
+    assert all(tuple(r[:2]) in rows_pose for r in mixed) and np.all(mixed[:, controls.ROLL] == 0)
+    assert any(r[controls.FACE_COLUMNS][0] != train[train[:, 0] == r[0]][0][controls.FACE_COLUMNS][0] for r in mixed)

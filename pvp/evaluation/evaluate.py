@@ -5,8 +5,14 @@ crop: PSNR, SSIM, LPIPS (when the backbone weights are given), optionally inside
 the renders to measure control accuracy (yaw/pitch/jaw error in degrees, expression error in sd) and
 disentanglement (how far the re-tracked head pose moves when only jaw and expression change: each frame
 rendered again with the jaw and expression of a training frame).
-Two baselines go through the same measures: the nearest pivot (the training pivot closest in pose and
-expression, rendered from its latent) and the nearest training frame (its real crop).
+Three baselines go through the same measures: the nearest pivot (the training pivot closest in pose and
+expression, rendered from its latent), the nearest training frame (its real crop, closest in pose and
+expression) and the training frame nearest in head pose alone (yaw, pitch).
+Sharpness: the variance of the Laplacian of a render over that of the real frame (1: as sharp), for the
+evaluated frames and for the controls an animator keys: each slider swept alone over its learned range
+(the others at the training frames' medians), and training controls recombined (one frame's head pose,
+another's jaw and expression) — these are also the report's samples of the manifold.
+Requests beyond the learned ranges are counted (the renderer clamps them; the server reports it per frame).
 Writes metrics.csv (per frame and method), summary.json and report.html (see report.py).
 """
 from __future__ import annotations
@@ -31,8 +37,10 @@ from pvp_contract import controls
 from pvp_contract.atomic import atomic_path, write_text
 
 log = logging.getLogger(__name__)
-METHODS = ("avatar", "nearest_pivot", "nearest_frame")
-METRICS = ("psnr", "ssim", "lpips", "yaw_err", "pitch_err", "jaw_err", "expr_err", "yaw_shift", "pitch_shift")
+METHODS = ("avatar", "nearest_pivot", "nearest_frame", "nearest_pose_frame")
+METRICS = ("psnr", "ssim", "lpips", "sharpness", "yaw_err", "pitch_err", "jaw_err", "expr_err", "yaw_shift",
+           "pitch_shift")
+SWEEP_STEPS = 5
 
 
 class EvalError(ValueError):
@@ -62,7 +70,9 @@ class Evaluation:
     renders: dict[str, np.ndarray] = field(default_factory=dict)  # method -> [N, R, R, 3] uint8
     per_frame: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # method -> metric -> [N]
     retracked: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # method -> yaw/pitch -> [N]
-    samples: np.ndarray | None = None  # renders at random controls: samples of the manifold
+    samples: np.ndarray | None = None  # renders at recombined training controls: samples of the manifold
+    probes: dict = field(default_factory=dict)  # sharpness of slider sweeps and recombined controls
+    clamped: dict = field(default_factory=dict)  # requests beyond the learned ranges
 
     def summary(self) -> dict:
         out = {}
@@ -72,6 +82,8 @@ class Evaluation:
                 finite = values[np.isfinite(values)]
                 if len(finite):
                     row[name] = float(np.median(finite) if name.endswith(("_err", "_shift")) else finite.mean())
+            if "psnr" in metrics:
+                row["psnr_worst10"] = worst_share_mean(metrics["psnr"])
             out[method] = row
         floor = self.retracked.get("ground_truth")
         if floor is not None:  # the tracker's own error on the real frames: no render can score below it
@@ -80,6 +92,67 @@ class Evaluation:
                 f"{name}_err": float(np.median(np.abs(floor[name] - c[:, column])))
                 for name, column in (("yaw", controls.YAW), ("pitch", controls.PITCH), ("jaw", controls.JAW_OPEN))}
         return out
+
+
+def worst_share_mean(values: np.ndarray, share: float = 0.1) -> float:
+    """The mean of the lowest ``share`` of the values (at least one)."""
+    ordered = np.sort(values[np.isfinite(values)])
+    return float(ordered[:max(1, int(np.ceil(share * len(ordered))))].mean())
+
+
+def sharpness(images: np.ndarray) -> np.ndarray:
+    """Variance of the Laplacian of each image's grey levels ([N, R, R, 3] uint8 -> [N]); only ratios of
+    images of one size mean something."""
+    grey = [cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float64) / 255.0 for img in images]
+    return np.array([cv2.Laplacian(g, cv2.CV_64F, ksize=3).var() for g in grey])
+
+
+def clamped_requests(ctrl: np.ndarray, schema: dict) -> dict:
+    """How many requests fall outside the learned ranges, and by how much at most per channel."""
+    lo, hi = controls.ranges(schema)
+    excess = np.maximum(np.maximum(lo - ctrl, ctrl - hi), 0.0)
+    excess[:, controls.ROLL] = 0.0  # roll rotates the image: never clamped
+    names = [c["name"] for c in schema["channels"]]
+    return {"frames": int((excess > 0).any(1).sum()), "of": int(len(ctrl)),
+            "max_excess": {names[j]: round(float(excess[:, j].max()), 3) for j in np.flatnonzero(excess.max(0) > 0)}}
+
+
+def slider_sweeps(schema: dict, neutral: np.ndarray, steps: int = SWEEP_STEPS) -> tuple[list[str], np.ndarray]:
+    """Each channel but roll swept alone over its range, the others at ``neutral``: (names, [C', steps, C])."""
+    lo, hi = controls.ranges(schema)
+    names, sweeps = [], []
+    for j, channel in enumerate(schema["channels"]):
+        if j == controls.ROLL:
+            continue
+        ctrl = np.repeat(neutral[None], steps, 0)
+        ctrl[:, j] = np.linspace(lo[j], hi[j], steps)
+        names.append(channel["name"])
+        sweeps.append(ctrl)
+    return names, np.stack(sweeps).astype(np.float32)
+
+
+def recombined_controls(train: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Controls as an animator combines them: one training frame's head pose with another's jaw and expression."""
+    rng = np.random.default_rng(seed)
+    ctrl = train[rng.integers(len(train), size=n)].copy()
+    ctrl[:, controls.FACE_COLUMNS] = train[rng.integers(len(train), size=n)][:, controls.FACE_COLUMNS]
+    ctrl[:, controls.ROLL] = 0.0
+    return ctrl
+
+
+def sharpness_probes(avatar: Avatar, train: FrameSet) -> tuple[dict, np.ndarray]:
+    """(sharpness ratios against the real training frames' mean: per swept slider, and for recombined
+    training controls; the recombined renders)."""
+    reference = float(sharpness(train.images).mean())
+    names, sweeps = slider_sweeps(avatar.meta.schema, np.median(train.controls, 0))
+    swept = sharpness(_render(avatar, sweeps.reshape(-1, sweeps.shape[-1]))).reshape(len(names), -1) / reference
+    samples = _render(avatar, recombined_controls(train.controls, 16))
+    per_slider = {name: round(float(v), 3) for name, v in zip(names, swept.mean(1))}
+    worst = min(per_slider, key=per_slider.get)
+    probes = {"real_training_frames": reference, "recombined": float(sharpness(samples).mean() / reference),
+              "slider_sweeps": float(swept.mean()), "worst_slider": [worst, per_slider[worst]],
+              "per_slider": per_slider}
+    return probes, samples
 
 
 def load_frames(track: Track, positions: np.ndarray, avatar: Avatar) -> FrameSet:
@@ -126,14 +199,6 @@ def _tracks(avatar_dir: Path, avatar: Avatar, video: Path, progress: bool) -> tu
 def _render(avatar: Avatar, ctrl: np.ndarray, batch: int = 32) -> np.ndarray:
     out = [avatar.render_uint8(torch.from_numpy(ctrl[i:i + batch]).float()) for i in range(0, len(ctrl), batch)]
     return np.concatenate(out)
-
-
-def random_controls(schema: dict, n: int, seed: int = 0) -> np.ndarray:
-    """Uniform controls in the schema's ranges (roll 0)."""
-    lo, hi = controls.ranges(schema)
-    ctrl = lo + (hi - lo) * np.random.default_rng(seed).random((n, len(lo)), dtype=np.float32)
-    ctrl[:, controls.ROLL] = 0.0
-    return ctrl
 
 
 def _render_pivots(avatar: Avatar, which: np.ndarray) -> np.ndarray:
@@ -203,8 +268,12 @@ def evaluate(avatar_dir, video, frames: str | None = None, mask: str | None = No
     train_f, eval_f = _features(tr_set, ev_set.controls, k)
     nearest_frame = np.argmin(((eval_f[:, None] - train_f[None]) ** 2).sum(-1), 1)
     result.renders["avatar"] = _render(avatar, ev_set.controls)
-    result.samples = _render(avatar, random_controls(avatar.meta.schema, 8))
+    result.probes, result.samples = sharpness_probes(avatar, tr_set)
+    result.clamped = clamped_requests(ev_set.controls, avatar.meta.schema)
     result.renders["nearest_frame"] = tr_set.images[nearest_frame]
+    pose = [controls.YAW, controls.PITCH]
+    nearest_pose = np.argmin(((ev_set.controls[:, None, pose] - tr_set.controls[None, :, pose]) ** 2).sum(-1), 1)
+    result.renders["nearest_pose_frame"] = tr_set.images[nearest_pose]
     pivots_file = avatar_dir / "work" / "pivots.json"
     if pivots_file.is_file():
         pivot_frames = json.loads(pivots_file.read_text())["frame_index"]
@@ -220,12 +289,14 @@ def evaluate(avatar_dir, video, frames: str | None = None, mask: str | None = No
         tracker = DifferentiableTracker(avatar.face_model)
         result.retracked["ground_truth"] = _retrack(tracker, ev_set.images)
     gt = to_tensor(ev_set.images)
+    real_sharpness = sharpness(ev_set.images)
     m = torch.from_numpy(ev_set.masks[:, None].astype(np.float32)) if mask == "face" else None
     for method in METHODS:
         if method not in result.renders:
             continue
         img = to_tensor(result.renders[method])
-        row = {"psnr": psnr(img, gt, m).numpy(), "ssim": ssim(img, gt, m).numpy()}
+        row = {"psnr": psnr(img, gt, m).numpy(), "ssim": ssim(img, gt, m).numpy(),
+               "sharpness": sharpness(result.renders[method]) / real_sharpness}
         if lpips_net is not None:
             with torch.no_grad():
                 a, b = (img * m, gt * m) if m is not None else (img, gt)
@@ -263,7 +334,8 @@ def write_outputs(result: Evaluation, out_dir, ground_truth: dict | None = None)
                     w.writerow([int(frame), method, *values, f"{c[0]:.3f}", f"{c[1]:.3f}", f"{c[3]:.3f}"])
     summary = {"avatar": result.avatar, "video": result.video, "frames": result.frames,
                "evaluated_frames": int(len(result.eval_set.frame_index)), "mask": result.mask,
-               "lpips": result.lpips, "methods": result.summary()}
+               "lpips": result.lpips, "methods": result.summary(), "sharpness": result.probes,
+               "clamped": result.clamped}
     if ground_truth is not None:
         summary["ground_truth"] = {k: v for k, v in ground_truth.items() if k != "series"}
     write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")

@@ -15,8 +15,10 @@ import numpy as np  # noqa: E402
 from pvp_contract.atomic import write_bytes, write_text  # noqa: E402
 
 LABELS = {"avatar": "avatar (PVP)", "nearest_pivot": "nearest pivot", "nearest_frame": "nearest training frame",
-          "ground_truth_retracked": "ground truth, re-tracked (tracker floor)"}
-COLUMNS = (("psnr", "PSNR dB ↑", "{:.2f}"), ("ssim", "SSIM ↑", "{:.3f}"), ("lpips", "LPIPS ↓", "{:.3f}"),
+          "nearest_pose_frame": "training frame nearest in head pose",
+          "ground_truth_retracked": "real frames, re-tracked (the tracker's error)"}
+COLUMNS = (("psnr", "PSNR dB ↑", "{:.2f}"), ("psnr_worst10", "PSNR worst 10% ↑", "{:.2f}"),
+           ("ssim", "SSIM ↑", "{:.3f}"), ("lpips", "LPIPS ↓", "{:.3f}"), ("sharpness", "sharpness / real", "{:.2f}"),
            ("yaw_err", "yaw err ° ↓", "{:.2f}"), ("pitch_err", "pitch err ° ↓", "{:.2f}"),
            ("jaw_err", "jaw err ° ↓", "{:.2f}"), ("expr_err", "expr err sd ↓", "{:.2f}"),
            ("yaw_shift", "yaw shift, expression only ° ↓", "{:.2f}"),
@@ -101,7 +103,7 @@ def strips_plot(result, out: Path) -> str:
     score = result.per_frame["avatar"]["psnr"]
     order = np.argsort(score)
     picks = [("best", order[-1]), ("median", order[len(order) // 2]), ("worst", order[0])]
-    methods = [m for m in ("avatar", "nearest_pivot", "nearest_frame") if m in result.renders]
+    methods = [m for m in LABELS if m in result.renders]
     fig, axes = plt.subplots(len(picks), 1 + len(methods), figsize=(1.9 * (1 + len(methods)), 2.1 * len(picks)))
     for r, (label, i) in enumerate(picks):
         axes[r, 0].imshow(result.eval_set.images[i])
@@ -121,6 +123,36 @@ def table_html(summary: dict) -> str:
         cells = "".join(f"<td>{f.format(values[k]) if k in values else '—'}</td>" for k, _, f in COLUMNS)
         rows.append(f"<tr><th>{html.escape(LABELS.get(method, method))}</th>{cells}</tr>")
     return f"<table><tr><th>method</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def probes_html(summary: dict) -> str:
+    """Sharpness away from the evaluated frames, and the requests the renderer clamped."""
+    p, c = summary["sharpness"], summary["clamped"]
+    sliders = ", ".join(f"{html.escape(k)} {v:.2f}" for k, v in p["per_slider"].items())
+    excess = ", ".join(f"{html.escape(k)} by up to {v:g}" for k, v in c["max_excess"].items()) or "none"
+    return (f"<p>Sharpness against the real training frames' (1: as sharp): recombined training controls "
+            f"{p['recombined']:.2f}; each slider swept alone over its range {p['slider_sweeps']:.2f} "
+            f"(worst: {html.escape(p['worst_slider'][0])} {p['worst_slider'][1]:.2f}; {sliders}).</p>"
+            f"<p>Requests beyond the learned ranges (clamped by the renderer): {c['frames']} of {c['of']} "
+            f"frames; {excess}.</p>")
+
+
+def console_lines(summary: dict) -> list[str]:
+    """The summary as an aligned text table, then the sharpness and clamping figures."""
+    present = [(k, title, fmt) for k, title, fmt in COLUMNS if any(k in v for v in summary["methods"].values())]
+    label = max(len(LABELS.get(m, m)) for m in summary["methods"]) + 2
+    widths = [max(len(title), 6) + 2 for _, title, _ in present]
+    lines = [f"{'method':<{label}}" + "".join(f"{title:>{w}}" for (_, title, _), w in zip(present, widths))]
+    for method, values in summary["methods"].items():
+        cells = "".join(f"{fmt.format(values[k]) if k in values else '-':>{w}}"
+                        for (k, _, fmt), w in zip(present, widths))
+        lines.append(f"{LABELS.get(method, method):<{label}}{cells}")
+    p, c = summary["sharpness"], summary["clamped"]
+    lines.append(f"sharpness / real training frames: recombined controls {p['recombined']:.2f}, slider sweeps "
+                 f"{p['slider_sweeps']:.2f} (worst {p['worst_slider'][0]} {p['worst_slider'][1]:.2f})")
+    lines.append(f"clamped requests: {c['frames']} of {c['of']} frames"
+                 + "".join(f", {k} by up to {v:g}" for k, v in c["max_excess"].items()))
+    return lines
 
 
 def ground_truth_plot(gt: dict, out: Path) -> str:
@@ -151,7 +183,8 @@ def ground_truth_table(gt: dict) -> str:
 def write_report(result, summary: dict, out: Path, ground_truth: dict | None = None) -> Path:
     figures = [("Head-pose coverage of the training frames, the pivots and the evaluated frames",
                 coverage_plot(result, out)),
-               ("Pivots and samples of the avatar's manifold (random controls in its ranges)",
+               ("Pivots and samples of the avatar's manifold (training controls recombined: one frame's head pose, "
+                "another's jaw and expression)",
                 manifold_plot(result, result.samples, out)),
                ("Metrics over time", metrics_plot(result, out))]
     if result.retracked:
@@ -174,6 +207,7 @@ with the differentiable MediaPipe tracker in the avatar's expression space). The
 re-tracked head pose moves when a frame is rendered again with only its jaw and expression replaced by
 those of a random training frame.</p>
 {table_html(summary)}
+{probes_html(summary)}
 {body}
 </body></html>
 """
