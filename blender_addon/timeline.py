@@ -1,26 +1,19 @@
 """Fast-path timeline render: the server renders every frame of a range into PNG files, no bpy.
 
 Resumable: each file is written under a temporary name and renamed, and a manifest in the folder
-(``pvp_frames.json``) records what each file shows (its controls, edits, size and avatar); a frame already on
-disk is kept only when it shows what is asked now, so a resumed render after keys changed re-renders
-exactly the frames that changed. Cancellable (the server is told to stop). The operator steps it from a
-timer; in background mode it runs to the end.
+(``pvp_frames.json``, :mod:`pvp_contract.frames`) records what each file shows (its controls, edits, size and
+avatar); a frame already on disk is kept only when it shows what is asked now, so a resumed render after keys
+changed re-renders exactly the frames that changed. Cancellable (the server is told to stop). The operator
+steps it from a timer; in background mode it runs to the end.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 
-from pvp_contract.atomic import write_bytes, write_text
-from pvp_contract.client import Client, CreditWindow, ServerError, ServerUnavailable, quantise
-
-MANIFEST = "pvp_frames.json"
-
-
-def frame_path(folder: Path, frame: int) -> Path:
-    return folder / f"frame_{frame:06d}.png"
+from pvp_contract.atomic import write_bytes
+from pvp_contract.client import Client, CreditWindow, ServerError, ServerUnavailable
+from pvp_contract.frames import frame_key, frame_path, missing, record
 
 
 def frame_range(start: int, end: int, step: int) -> list[int]:
@@ -32,19 +25,6 @@ def frames_ahead(current: int, start: int, end: int, step: int, count: int) -> l
     """The next ``count`` frames playback will show after ``current``, wrapping from end to start."""
     step, span = max(1, step), end - start + 1
     return [start + (current + step * i - start) % span for i in range(1, count + 1)]
-
-
-def frame_key(controls, edits: dict, size: int | None, avatar_id: str) -> str:
-    """What a rendered frame shows, as a short hash (controls to 1e-3, as the preview cache keys them)."""
-    what = [list(quantise(controls)), sorted((edits or {}).items()), size, avatar_id]
-    return hashlib.sha1(json.dumps(what).encode()).hexdigest()[:16]
-
-
-def read_manifest(folder: Path) -> dict[str, str]:
-    try:
-        return dict(json.loads((folder / MANIFEST).read_text())["frames"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}  # no manifest (or a broken one): no file on disk can be trusted to show the right frame
 
 
 Run = tuple[dict, list[tuple[int, list[float]]]]  # edits, then (frame, controls) in order
@@ -70,9 +50,8 @@ class TimelineJob:
         self.edits, self.size, self.chunk = edits, size, chunk
         self.total = len(frames)
         self.keys = {f: frame_key(c, edits, size, avatar_id) for f, c in frames}
-        done = read_manifest(self.folder)
-        self.todo = [(f, c) for f, c in frames
-                     if not (frame_path(self.folder, f).exists() and done.get(str(f)) == self.keys[f])]
+        todo = set(missing(self.folder, self.keys))
+        self.todo = [(f, c) for f, c in frames if f in todo]
         self.skipped = self.total - len(self.todo)
         self.written = 0
         self.request: tuple[int, list[int]] | None = None  # sequence id, frame numbers in order
@@ -131,8 +110,7 @@ class TimelineJob:
 
     def _record(self) -> None:
         """Merge the frames written so far into the folder's manifest (several jobs share one folder)."""
-        frames = {**read_manifest(self.folder), **self.new_keys}
-        write_text(self.folder / MANIFEST, json.dumps({"frames": frames}, sort_keys=True))
+        record(self.folder, self.new_keys)
 
     def cancel(self) -> None:
         if self.request is not None:
