@@ -131,11 +131,16 @@ def cmd_fit(args) -> None:
         path = getattr(args, flag)
         if path is not None and not path.is_file():
             raise UserError(f"--{flag} {path}: no such file")
-    job = FitJob(FitInputs(source=args.source, avatar=args.output, preset=preset, prior=args.prior, e4e=args.e4e,
-                           arcface=args.arcface, vgg=args.vgg, deca=args.deca, train_frames=args.train_frames,
-                           pivot_method=pivots,
-                           resume=args.resume, device=_device(args.device)))
-    metrics = job.run()
+    inputs = dict(source=args.source, avatar=args.output, preset=preset, prior=args.prior, e4e=args.e4e,
+                  arcface=args.arcface, vgg=args.vgg, deca=args.deca, train_frames=args.train_frames,
+                  pivot_method=pivots, resume=args.resume)
+    if args.cluster:  # one task on the cluster, one GPU (its device is chosen there)
+        from pvp.serve import cluster
+
+        with cluster.connected(args.cluster):
+            metrics = cluster.remote_call(cluster.fit_on_worker, inputs, args.device)
+    else:
+        metrics = FitJob(FitInputs(**inputs, device=_device(args.device))).run()
     print(f"fit {args.output}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in metrics.items() if not isinstance(v, dict)))
 
@@ -235,10 +240,26 @@ def cmd_keys(args) -> None:
 
 
 def cmd_render(args) -> None:
-    from pvp.serve.batch_render import render_track
+    if args.timeline is not None and args.output.suffix.lower() in (".mp4", ".avi", ".mov"):
+        raise UserError(f"-o {args.output}: a timeline renders into a folder of PNGs")
+    if args.cluster is None:
+        return _render(args, _device(args.device))
+    from pvp.serve import cluster
 
-    n = render_track(args.avatar, args.track, args.output, normalize=args.normalize, device=_device(args.device),
-                     size=args.size, batch=args.batch, fps=args.fps)
+    with cluster.connected(args.cluster):  # a bad address fails here, before any work
+        _render(args, args.device)  # each worker chooses its device
+
+
+def _render(args, device) -> None:
+    from pvp.serve.batch_render import render_shots, render_track, timeline_shots
+
+    if args.timeline is not None:
+        shots = timeline_shots(args.avatar, args.timeline, args.output)
+        n = render_shots(shots, device, args.batch, cluster=args.cluster, workers=args.workers)
+        print(f"rendered {n} frames ({sum(len(s.frames) for s in shots)} in the timeline) to {args.output}")
+        return
+    n = render_track(args.avatar, args.track, args.output, normalize=args.normalize, device=device,
+                     size=args.size, batch=args.batch, fps=args.fps, cluster=args.cluster, workers=args.workers)
     print(f"rendered {n} frames to {args.output}")
 
 
@@ -322,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "mapper_design.hull=eq6, objective.optimize_noise=false")
     f.add_argument("--resume", action="store_true", help="continue an interrupted fit in the same directory")
     f.add_argument("--device", default="auto")
+    f.add_argument("--cluster", metavar="ADDRESS", help="run the fit as a job on Ray (one GPU; local, auto or "
+                   "ray://HOST:PORT, docs/cluster.md); paths must be the same on the workers")
     f.set_defaults(func=cmd_fit)
 
     a = sub.add_parser("avatar", help="avatar utilities").add_subparsers(dest="avatar_command", required=True)
@@ -354,15 +377,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     rd = sub.add_parser("render", help="render a whole track through an avatar (video or PNG folder)")
     rd.add_argument("avatar", type=Path)
-    rd.add_argument("--track", type=Path, required=True, help="a pvp track (the avatar's video or a driving one)")
+    src = rd.add_mutually_exclusive_group(required=True)
+    src.add_argument("--track", type=Path, help="a pvp track (the avatar's video or a driving one)")
+    src.add_argument("--timeline", type=Path, help="a timeline file (frames, controls, edits) the Blender "
+                     "extension writes for a cluster render")
     rd.add_argument("-o", "--output", type=Path, required=True, help="OUT.mp4 or a folder of PNGs")
     rd.add_argument("--normalize", choices=("auto", "on", "off"), default="auto",
                     help="renormalise a driving track's jaw/expression statistics to the avatar's (auto: when "
                          "the track is not the avatar's own video)")
     rd.add_argument("--size", type=int, help="output size (default: the avatar's resolution)")
-    rd.add_argument("--batch", type=int, default=16)
+    rd.add_argument("--batch", type=positive_int, default=16, help="frames rendered together (a cluster hands "
+                    "out work in chunks of one batch)")
     rd.add_argument("--fps", type=float, help="video frame rate (default: the track's)")
     rd.add_argument("--device", default="auto")
+    rd.add_argument("--cluster", metavar="ADDRESS", help="render on Ray: local (started here), auto (the cluster "
+                    "this machine is part of, else local) or ray://HOST:PORT (docs/cluster.md)")
+    rd.add_argument("--workers", type=positive_int, help="renderers on the cluster (default: one per GPU, or per "
+                    "CPU on a cluster without GPUs)")
     rd.set_defaults(func=cmd_render)
 
     ev = sub.add_parser("eval", help="PSNR/SSIM/LPIPS and control accuracy of an avatar on held-out frames, "
@@ -424,6 +455,7 @@ def main(argv=None) -> int:
     from pvp.evaluation.evaluate import EvalError
     from pvp.fit.pipeline import FitError
     from pvp.models.losses import MissingWeights
+    from pvp.serve.cluster import ClusterError
     from pvp.tracking.track import TrackError
     from pvp.video import VideoError
     from pvp_contract.driving import DrivingError
@@ -431,7 +463,7 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except (UserError, CheckpointError, VideoError, TrackError, FitError, MissingWeights,
-            AvatarError, EditError, EvalError, DemoError, DrivingError, FileNotFoundError) as e:
+            AvatarError, EditError, EvalError, DemoError, DrivingError, ClusterError, FileNotFoundError) as e:
         print(f"pvp {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
