@@ -15,6 +15,7 @@ from pvp_contract.client import ServerError, ServerUnavailable
 from pvp_contract.driving import DrivingError
 
 from . import bl_movie, bl_plane, bl_rig
+from .cluster_job import ClusterJob, ClusterRenderError
 from .preview import DOWN
 from .rig import RigError, load_rig, rig_for_schema
 from .session import Session
@@ -321,11 +322,17 @@ class PVPPreferences(bpy.types.AddonPreferences):
                               description="width of preview frames (0: the avatar's resolution)")
     prefetch_frames: IntProperty(name="Prefetch", default=12, min=0, max=256,
                                  description="frames asked for ahead of playback")
+    cluster: StringProperty(name="Cluster", default="",
+                            description="Render Timeline (fast) on Ray: local, auto or ray://HOST:PORT, through "
+                                        "the pvp command below (empty: the server renders it)")
+    pvp_command: StringProperty(name="pvp command", default="pvp", subtype="FILE_PATH",
+                                description="the pvp executable installed beside Blender with "
+                                            "pip install 'pvp[cluster]' (cluster renders only)")
 
     def draw(self, context):
         col = self.layout.column()
         for name in ("endpoint", "curve_server_key", "curve_client_secret", "timeout_s", "cache_mb", "preview_size",
-                     "prefetch_frames"):
+                     "prefetch_frames", "cluster", "pvp_command"):
             col.prop(self, name)
 
 
@@ -340,6 +347,9 @@ class PVPSceneProps(bpy.types.PropertyGroup):
                                          "the preview size in the preferences is separate")
     movie_path: StringProperty(name="Movie", subtype="FILE_PATH", default="",
                                description="also encode the fast-path frames into this H.264 .mp4 (empty: frames only)")
+    avatar_dir: StringProperty(name="Avatar folder", subtype="DIR_PATH", default="",
+                               description="the served avatar's folder, as the cluster's workers see it (cluster "
+                                           "renders only; pvp checks it is the avatar the server shows)")
 
 
 # --- operators ---------------------------------------------------------------------------------------------
@@ -586,7 +596,7 @@ class FrameStepper:
                 while not self.finished():
                     self.step(context)
                 self.on_finished(context)
-            except (ServerUnavailable, ServerError, OSError, ValueError) as e:
+            except (ServerUnavailable, ServerError, ClusterRenderError, OSError, ValueError) as e:
                 self.cancel_job()  # the server stops rendering what nobody will read
                 self.report({"ERROR"}, str(e))
                 return {"CANCELLED"}
@@ -605,7 +615,7 @@ class FrameStepper:
         if event.type == "TIMER":
             try:
                 self.step(context)
-            except (ServerUnavailable, ServerError, OSError) as e:
+            except (ServerUnavailable, ServerError, ClusterRenderError, OSError) as e:
                 self.cancel_job()
                 return self.end(context, {"CANCELLED"}, str(e), "ERROR")
             context.window_manager.progress_update(self.done())
@@ -633,17 +643,31 @@ class FrameStepper:
 class PVP_OT_render_timeline(bpy.types.Operator, FrameStepper):
     bl_idname = "pvp.render_timeline"
     bl_label = "Render Timeline (fast)"
-    bl_description = ("The server renders every frame of the scene range into PNGs in the output folder; "
-                      "frames already there are kept (resume); Esc cancels")
+    bl_description = ("The server (or, with a cluster set in the preferences, pvp on Ray) renders every frame of "
+                      "the scene range into PNGs in the output folder; frames already there are kept (resume); "
+                      "Esc cancels")
 
     def execute(self, context):
-        s, scene = runtime.session, context.scene
+        s, scene, p = runtime.session, context.scene, prefs(context)
         reader = scene_rig(self, scene)
         if reader is None:
             return {"CANCELLED"}
+        if p.cluster.strip() and not scene.pvp.avatar_dir:
+            self.report({"ERROR"}, f"cluster {p.cluster.strip()}: set the avatar folder (PVP panel) for cluster "
+                                   "renders")
+            return {"CANCELLED"}
         frames = timeline_controls(scene, reader)
-        client, folder = s.job_client(), bpy.path.abspath(scene.pvp.output_dir)
+        folder = bpy.path.abspath(scene.pvp.output_dir)
         size, avatar_id = scene.pvp.output_size or None, s.info["avatar"]["id"]
+        if p.cluster.strip():
+            try:
+                self.jobs = [ClusterJob(bpy.path.abspath(p.pvp_command), bpy.path.abspath(scene.pvp.avatar_dir),
+                                        p.cluster.strip(), frames, folder, size, avatar_id)]
+            except ClusterRenderError as e:
+                self.report({"ERROR"}, str(e))
+                return {"CANCELLED"}
+            return self.start(context)
+        client = s.job_client()
         self.jobs = [TimelineJob(client, part, e, folder, size, avatar_id=avatar_id)
                      for e, part in runs_of_equal_edits(frames)]
         return self.start(context)
@@ -761,6 +785,8 @@ class PVP_PT_panel(bpy.types.Panel):
         col.prop(props, "output_dir")
         col.prop(props, "output_size")
         col.prop(props, "movie_path")
+        if prefs(context).cluster.strip():
+            col.prop(props, "avatar_dir")
         col.operator("pvp.render_timeline", icon="RENDER_ANIMATION")
         col.operator("pvp.render_scene", icon="SCENE")
 

@@ -446,6 +446,36 @@ def test_fast_timeline_output_size_is_not_the_preview_size(bpy, addon, face_serv
     assert tuple(scene.pvp.image.size) == (32, 32)  # the live preview keeps its own size
 
 
+def test_fast_timeline_on_a_cluster_writes_the_server_paths_frames(bpy, addon, face_server, avatars, tmp_path):
+    pytest.importorskip("ray", reason="the cluster extra (pip install 'pvp[cluster]')")
+    connect(bpy, addon, face_server.endpoint)
+    scene = bpy.context.scene
+    assert bpy.ops.pvp.add_rig() == {"FINISHED"}
+    head = scene.pvp.rig.pose.bones["head"]
+    for frame, yaw in ((1, -20.0), (3, 20.0)):
+        head.rotation_euler = (0.0, np.radians(yaw), 0.0)
+        head.keyframe_insert("rotation_euler", frame=frame)
+    scene.frame_start, scene.frame_end = 1, 3
+    scene.pvp.output_dir = str(tmp_path / "server") + "/"
+    assert bpy.ops.pvp.render_timeline() == {"FINISHED"}
+    prefs = addon.prefs()
+    prefs.cluster, prefs.pvp_command = "local", str(Path(sys.executable).with_name("pvp"))
+    try:
+        scene.pvp.output_dir = str(tmp_path / "cluster") + "/"
+        with pytest.raises(RuntimeError, match="set the avatar folder"):
+            bpy.ops.pvp.render_timeline()
+        scene.pvp.avatar_dir = str(avatars / "face")
+        assert bpy.ops.pvp.render_timeline() == {"FINISHED"}  # pvp render --cluster local, beside "Blender"
+    finally:
+        prefs.cluster = ""
+    assert (tmp_path / "cluster" / "pvp_timeline.json").is_file()
+    for f in (1, 2, 3):
+        name = f"frame_{f:06d}.png"
+        assert_same_render(load_rgb(tmp_path / "cluster" / name), load_rgb(tmp_path / "server" / name))
+    assert not np.array_equal(load_rgb(tmp_path / "cluster" / "frame_000001.png"),
+                              load_rgb(tmp_path / "cluster" / "frame_000003.png"))
+
+
 def test_server_killed_during_playback(bpy, addon, avatars):
     endpoint = free_endpoint()
     srv = ServerProcess(avatars / "face", bind=endpoint)
