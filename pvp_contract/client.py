@@ -5,8 +5,8 @@
 - ``Client.send`` + ``Client.poll``: non-blocking, for Blender's timers; replies carry the request id.
 - a bounded frame cache keyed by the quantised controls, edits and output options.
 - ``render_sequence``: streamed frames, cancellable, flow-controlled by credit (the server sends at
-  most a window of frames ahead of the reading; :class:`CreditWindow` grants more as frames are read);
-  ``render_sharded`` spreads one sequence over several servers.
+  most a window of frames ahead of the reading; :class:`CreditWindow` grants more as frames are read).
+  A timeline over several GPUs is rendered on Ray (``pvp render --cluster``), not by this client.
 """
 from __future__ import annotations
 
@@ -252,31 +252,3 @@ class Client:
         except zmq.ZMQError:
             pass
 
-
-def render_sharded(endpoints: list[str], frames, timeout_s: float = 30.0, **options):
-    """Spread one sequence over several servers (contiguous chunks, one per endpoint) and yield
-    (seq, Frame) in order of arrival; seq numbers are global."""
-    if not endpoints:
-        raise ValueError("no endpoints")
-    n = len(frames)
-    chunk = -(-n // len(endpoints))
-    clients = [Client(e, timeout_s) for e in endpoints]
-    streams = []
-    for i, c in enumerate(clients):  # every request goes out before any frame is awaited
-        part = frames[i * chunk:(i + 1) * chunk]
-        if part:
-            streams.append(c.stream(c.start_sequence(part, first_seq=i * chunk, **options), len(part)))
-    try:
-        active = list(streams)
-        while active:
-            for stream in list(active):
-                try:
-                    frame = next(stream)
-                    yield frame.seq, frame
-                except StopIteration:
-                    active.remove(stream)
-    finally:
-        for s in streams:
-            s.close()
-        for c in clients:
-            c.close()

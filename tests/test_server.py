@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from pvp.avatar import Avatar
 from pvp.serve.process import ServerProcess
 from pvp_contract import protocol
-from pvp_contract.client import Client, CurveKeys, ServerError, ServerUnavailable, render_sharded
+from pvp_contract.client import Client, CurveKeys, ServerError, ServerUnavailable
 
 
 @pytest.fixture(scope="module")
@@ -121,18 +121,6 @@ def test_cancel_stops_a_sequence(server):
     assert next(h for h, _ in replies if h["type"] == "cancelled")["found"]
     assert "frame" not in kinds[kinds.index("cancelled"):]  # no frame of the sequence after the cancel
     c.close()
-
-
-def test_sharded_sequence_over_two_servers(server, avatar_dir, avatar):
-    other = ServerProcess(avatar_dir)
-    try:
-        frames = [_controls(i) for i in range(24)]
-        got = dict(render_sharded([server.endpoint, other.endpoint], frames))
-        assert sorted(got) == list(range(24))
-        img = np.frombuffer(got[20].data, np.uint8).reshape(32, 32, 3)
-        assert np.abs(img.astype(int) - _direct(avatar, frames[20]).astype(int)).max() <= 1
-    finally:
-        other.stop()
 
 
 def _raw_exchange(endpoint, frames, timeout_ms=3000):
