@@ -418,15 +418,21 @@ def test_render_job_fetches_its_frame_on_its_own_thread(bpy, addon, face_server)
     np.testing.assert_array_equal(plane_pixels(scene.pvp.image), server_frame(face_server.endpoint, controls, edits))
 
 
-def test_cache_range_fills_the_preview_cache(bpy, addon, face_server):
-    connect(bpy, addon, face_server.endpoint)
+def _rig_turning_its_head(bpy, addon, endpoint, last_frame):
+    """Connected, a rig added, its head keyed from -20° yaw at frame 1 to 20° at last_frame (the scene range)."""
+    connect(bpy, addon, endpoint)
     scene = bpy.context.scene
     assert bpy.ops.pvp.add_rig() == {"FINISHED"}
     head = scene.pvp.rig.pose.bones["head"]
-    for frame, yaw in ((1, -20.0), (12, 20.0)):
+    for frame, yaw in ((1, -20.0), (last_frame, 20.0)):
         head.rotation_euler = (0.0, np.radians(yaw), 0.0)
         head.keyframe_insert("rotation_euler", frame=frame)
-    scene.frame_start, scene.frame_end = 1, 12
+    scene.frame_start, scene.frame_end = 1, last_frame
+    return scene
+
+
+def test_cache_range_fills_the_preview_cache(bpy, addon, face_server):
+    scene = _rig_turning_its_head(bpy, addon, face_server.endpoint, 12)
     assert bpy.ops.pvp.cache_range() == {"FINISHED"}
     assert addon.runtime.cache_state == "cached 12/12 frames of the range"
     preview, reader = addon.runtime.session.preview, addon.rig_reader(scene)
@@ -448,14 +454,7 @@ def test_fast_timeline_output_size_is_not_the_preview_size(bpy, addon, face_serv
 
 def test_fast_timeline_on_a_cluster_writes_the_server_paths_frames(bpy, addon, face_server, avatars, tmp_path):
     pytest.importorskip("ray", reason="the cluster extra (pip install 'pvp[cluster]')")
-    connect(bpy, addon, face_server.endpoint)
-    scene = bpy.context.scene
-    assert bpy.ops.pvp.add_rig() == {"FINISHED"}
-    head = scene.pvp.rig.pose.bones["head"]
-    for frame, yaw in ((1, -20.0), (3, 20.0)):
-        head.rotation_euler = (0.0, np.radians(yaw), 0.0)
-        head.keyframe_insert("rotation_euler", frame=frame)
-    scene.frame_start, scene.frame_end = 1, 3
+    scene = _rig_turning_its_head(bpy, addon, face_server.endpoint, 3)
     scene.pvp.output_dir = str(tmp_path / "server") + "/"
     assert bpy.ops.pvp.render_timeline() == {"FINISHED"}
     prefs = addon.prefs()
