@@ -111,9 +111,11 @@ class AvatarMeta:
             raise AvatarError(f"{source}: bad avatar.json ({e})") from None
 
 
-def rotate_images(img: torch.Tensor, roll_deg: torch.Tensor) -> torch.Tensor:
-    """In-plane rotation, clockwise for positive roll, about the image centre (borders: edge pixels)."""
-    if not torch.any(roll_deg != 0):
+def rotate_images(img: torch.Tensor, roll_deg: torch.Tensor, skip_unrotated: bool = True) -> torch.Tensor:
+    """In-plane rotation, clockwise for positive roll, about the image centre (borders: edge pixels). Images
+    with roll 0 come back unchanged, whatever else is in the batch. ``skip_unrotated=False`` never reads the
+    rolls on the host (no synchronisation: a CUDA graph can capture it)."""
+    if skip_unrotated and not torch.any(roll_deg != 0):
         return img
     a = torch.deg2rad(roll_deg.to(img.dtype))
     cos, sin = torch.cos(a), torch.sin(a)
@@ -121,7 +123,8 @@ def rotate_images(img: torch.Tensor, roll_deg: torch.Tensor) -> torch.Tensor:
     theta = torch.stack([torch.stack([cos, sin, torch.zeros_like(a)], -1),
                          torch.stack([-sin, cos, torch.zeros_like(a)], -1)], 1)
     grid = F.affine_grid(theta, list(img.shape), align_corners=False)
-    return F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    rotated = F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return torch.where((roll_deg != 0).reshape(-1, 1, 1, 1), rotated, img)
 
 
 class Avatar(nn.Module):
@@ -171,11 +174,13 @@ class Avatar(nn.Module):
         return torch.maximum(torch.minimum(ctrl.to(self.device, torch.float32), self.ctrl_max), self.ctrl_min)
 
     @torch.no_grad()
-    def render(self, ctrl: torch.Tensor, edits: torch.Tensor | None = None, dtype=torch.float32) -> torch.Tensor:
-        """-> [B, 3, R, R] in [-1, 1]; head_roll rotates the image in its plane."""
+    def render(self, ctrl: torch.Tensor, edits: torch.Tensor | None = None, dtype=torch.float32,
+               capturable: bool = False) -> torch.Tensor:
+        """-> [B, 3, R, R] in [-1, 1]; head_roll rotates the image in its plane. ``capturable``: no host
+        synchronisation (for CUDA graphs), the same images."""
         ctrl = self.clamp(ctrl)
         img = self.generator.synthesis(self.latents(ctrl, edits), noise_mode="const", dtype=dtype)
-        return rotate_images(img, ctrl[:, controls.ROLL].to(img.device))
+        return rotate_images(img, ctrl[:, controls.ROLL].to(img.device), skip_unrotated=not capturable)
 
     def render_uint8(self, ctrl, edits=None, dtype=torch.float32) -> np.ndarray:
         """-> [B, R, R, 3] uint8."""

@@ -10,6 +10,7 @@ import torch
 
 from pvp import __version__
 from pvp.avatar import Avatar
+from pvp.serve.graphs import BucketRenderer, buckets_up_to, graphs_unavailable
 from pvp_contract import controls, protocol
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,16 @@ def resize(rgb: np.ndarray, size: int | None) -> np.ndarray:
 
 
 class RenderService:
-    def __init__(self, avatar: Avatar, dtype: torch.dtype = torch.float32, max_batch: int = 16):
+    """``graphs``: render through CUDA graphs per batch bucket (pvp.serve.graphs); None: when the avatar is on
+    a CUDA device. Otherwise the avatar renders each batch eagerly at its own size."""
+
+    def __init__(self, avatar: Avatar, dtype: torch.dtype = torch.float32, max_batch: int = 16,
+                 graphs: bool | None = None):
         self.avatar = avatar
         self.dtype = dtype
         self.max_batch = max_batch
+        use_graphs = graphs_unavailable(avatar.device) is None if graphs is None else graphs
+        self.graphs = BucketRenderer(avatar, dtype, buckets_up_to(max_batch), graphs=True) if use_graphs else None
         self.num_channels = len(avatar.meta.schema["channels"])
         self.names = controls.channel_names(avatar.meta.schema)
         self.lo, self.hi = controls.ranges(avatar.meta.schema)
@@ -114,7 +121,10 @@ class RenderService:
         out = []
         for start in range(0, len(jobs), self.max_batch):
             ctrl, edits = self.controls_tensor(jobs[start:start + self.max_batch])
-            out.append(self.avatar.render_uint8(ctrl, edits, self.dtype))
+            if self.graphs is not None:
+                out.append(self.graphs.render_uint8(ctrl, edits))
+            else:
+                out.append(self.avatar.render_uint8(ctrl, edits, self.dtype))
         return np.concatenate(out)
 
     def render(self, jobs: list[FrameJob]) -> list[tuple[int, int, bytes]]:
@@ -127,6 +137,8 @@ class RenderService:
         return out
 
     def warm_up(self) -> None:
+        if self.graphs is not None:  # captures every bucket's graph before the first request
+            self.graphs.warm_up()
         job = FrameJob(controls.defaults(self.avatar.meta.schema), {}, "rgb8", None, 90)
         self.render([job] * min(self.max_batch, 2))
 
