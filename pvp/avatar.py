@@ -246,15 +246,17 @@ class Avatar(nn.Module):
         return avatar
 
 
-def random_avatar(resolution: int = 64, expression_dim: int = 8, num_pivots: int = 6, seed: int = 0) -> Avatar:
+def random_avatar(resolution: int = 64, expression_dim: int = 8, num_pivots: int = 6, seed: int = 0,
+                  generator=None) -> Avatar:
     """A tiny random but complete avatar (for the server's and Blender's tests): random generator, pivots
-    and mappers whose last layers are non-zero, so every control changes the image."""
+    and mappers whose last layers are non-zero, so every control changes the image. ``generator``: another
+    GeneratorConfig (e.g. config-f widths, for benchmarks)."""
     from pvp.models.generator import GeneratorConfig
 
     torch.manual_seed(seed)
     blocks = int(math.log2(resolution)) - 1
-    gcfg = GeneratorConfig(resolution=resolution, channels=tuple(max(16, 64 >> max(0, i - 2)) for i in range(blocks)),
-                           z_dim=32, w_dim=32, mapping_layers=2)
+    gcfg = generator or GeneratorConfig(resolution=resolution, z_dim=32, w_dim=32, mapping_layers=2,
+                                        channels=tuple(max(16, 64 >> max(0, i - 2)) for i in range(blocks)))
     G = Generator(gcfg).eval()
     G.mapping.w_avg.copy_(G.estimate_w_avg())
     cfg = MapperConfig(num_pivots=num_pivots, num_ws=gcfg.num_ws, w_dim=gcfg.w_dim,
@@ -264,7 +266,7 @@ def random_avatar(resolution: int = 64, expression_dim: int = 8, num_pivots: int
     for net in [mappers.pose.net, *mappers.expression.nets]:
         torch.nn.init.normal_(net[2].weight, std=0.5)
     stats = ExpressionStats([0.0] * (2 + expression_dim), [1.0] * (2 + expression_dim))
-    meta = AvatarMeta(schema=controls.schema(expression_dim, (-30, 30), (-20, 20), (0, 25)), resolution=resolution,
+    meta = AvatarMeta(schema=controls.schema(expression_dim, (-30, 30), (-20, 20), (0, 25)), resolution=gcfg.resolution,
                       stats=stats, name=f"random-{seed}", preset="random",
                       provenance={"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                   "pvp_version": __version__, "kind": "random"})
