@@ -27,22 +27,13 @@ CLIENTS = (1, 4, 16)
 
 
 def _timer(device):
+    """median_ms(fn, warmup, repeat), waiting for the GPU's queued work around each call."""
     import torch
 
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    from bench.common import median_time  # the child's tree's (both trees have it)
 
-    def median_ms(fn, warmup, repeat):
-        for _ in range(warmup):
-            fn()
-        sync()
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
-    return median_ms
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return lambda fn, warmup, repeat: median_time(fn, warmup, repeat, sync) * 1e3
 
 
 def worker_synthesis(p: dict) -> list[dict]:
