@@ -15,11 +15,11 @@ import torchvision
 from torch import nn
 
 from pvp.models.irse import load_checked, read_weights
+from pvp.tracking.deca_backend import CROP_SCALE, CROP_SIZE
 
 WHERE = ("deca_model.tar comes from DECA (github.com/yfeng95/DECA, its README links the download; "
          "the FLAME licence applies)")
 CODES = (("shape", 100), ("tex", 50), ("exp", 50), ("pose", 6), ("cam", 3), ("light", 27))
-CROP_SIZE, CROP_SCALE = 224, 1.25
 
 
 class DecaEncoder(nn.Module):
