@@ -68,9 +68,6 @@ class ObjectiveConfig:
         if self.consistency_mask not in CONSISTENCY_MASKS:
             raise ValueError(f"consistency_mask {self.consistency_mask!r}: expected soft or hard")
 
-    def weight(self, term: str) -> float:
-        return getattr(self, term)
-
 
 @dataclass
 class MapperData:
@@ -208,7 +205,7 @@ class MapperObjective:
         return terms
 
     def loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(self.config.weight(name) * value for name, value in terms.items())
+        return sum(getattr(self.config, name) * value for name, value in terms.items())
 
 
 def train_mappers(G: Generator, pivots: torch.Tensor, data: MapperData, perceptual: PerceptualLoss, steps: int,
