@@ -60,12 +60,13 @@ def test_locality_regularizer_keeps_far_latents_in_place(tmp_path):
     targets = torch.tanh(random_generator(resolution=16, w_dim=32, seed=7).synthesis(torch.randn(4, 6, 32)))
     pivots = G_orig.map_z(torch.randn(4, 32))
     preset = PRESETS["tiny"].with_overrides(pti_steps_per_pivot=40, pti_lr=3e-3, locality_weight_l2=1.0,
-                                            locality_weight_perceptual=0.0, checkpoint_every=10_000)
+                                            locality_weight_perceptual=0.0, checkpoint_every=10_000,
+                                            pti_batch=2)
     loss = PerceptualLoss("msssim")
     results = {}
     for locality in (False, True):
         G, _ = pivotal_tuning(G_orig, pivots, targets, loss, preset, tmp_path / f"c{locality}.pt", resume=False,
-                              batch=2, locality=locality, progress=False)
+                              locality=locality, progress=False)
         results[locality] = _drift(G_orig, G, pivots)
     assert results[True] < 0.7 * results[False]
 

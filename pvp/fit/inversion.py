@@ -2,6 +2,8 @@
 is given, otherwise optimisation from the average latent, first in W, then in W+ (perceptual + L2)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm import tqdm
 
@@ -24,7 +26,7 @@ def optimize_latents(G: Generator, targets: torch.Tensor, perceptual: Perceptual
             opt = torch.optim.Adam([w], lr=lr)
             for i in range(steps):
                 for group in opt.param_groups:  # cosine ramp-down, as NVIDIA's projector
-                    group["lr"] = lr * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * i / max(steps, 1)))).item()
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / max(steps, 1)))
                 ws = w.unsqueeze(1).repeat(1, G.num_ws, 1) if phase == "w" else w
                 img = G.synthesis(ws, noise_mode="const")
                 loss = (img - target).square().mean() + perceptual(img, target).mean()

@@ -166,7 +166,7 @@ class MapperObjective:
 
     def perturbed(self, jaw_expression: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """(jaw, expression) + N(0, sigma): the expression coefficients, and the jaw when ``perturb_jaw``."""
-        noise = torch.randn(jaw_expression.shape, generator=gen).to(jaw_expression.device)
+        noise = torch.randn(jaw_expression.shape, generator=gen, device=gen.device).to(jaw_expression.device)
         return jaw_expression + noise * self.config.sigma * self.noise_scale
 
     def render(self, mappers: Mappers, pitch_yaw: torch.Tensor, jaw_expression: torch.Tensor):
@@ -198,8 +198,9 @@ class MapperObjective:
         reference = torch.cat([ref["jaw"][idx, jaw], ref["expression"][idx, :k]], 1)
         terms["expression"] = (predicted - reference - shift).square().mean()
         if cfg.novel_pose > 0:
-            py_shift = torch.randn(py.shape, generator=gen).to(device) * np.radians(cfg.novel_pose_sigma_deg)
-            u = torch.rand(je.shape, generator=gen).to(device)
+            py_shift = torch.randn(py.shape, generator=gen, device=gen.device).to(device) * np.radians(
+                cfg.novel_pose_sigma_deg)
+            u = torch.rand(je.shape, generator=gen, device=gen.device).to(device)
             img_p, _, _ = self.render(mappers, py + py_shift, d.drive_min + u * (d.drive_max - d.drive_min))
             terms["novel_pose"] = (_pitch_yaw(self.tracker(img_p)) - ref["pitch_yaw"][idx] - py_shift).square().mean()
         return terms
@@ -231,14 +232,15 @@ def train_mappers(G: Generator, pivots: torch.Tensor, data: MapperData, perceptu
         state["noise"] = noise
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
 
-    def step(i: int) -> dict[str, float]:
-        gen = step_generator(seed, i)
-        terms = objective_fn.terms(mappers, torch.randint(len(data.frames), (batch,), generator=gen).to(device), gen)
+    def step(i: int) -> dict[str, torch.Tensor]:
+        gen = step_generator(seed, i, device)
+        idx = torch.randint(len(data.frames), (batch,), generator=gen, device=gen.device).to(device)
+        terms = objective_fn.terms(mappers, idx, gen)
         loss = objective_fn.loss(terms)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
 
     metrics = run_steps("mappers", steps, step, {**state, "opt": opt}, checkpoint, every, resume, progress)
     noise.freeze()

@@ -176,11 +176,16 @@ class FitJob:
         else:
             G, pivot_w = self._tune_pretrained(frames[pivots])
             frame_w = pivot_w.clone()  # only the pivots have latents in a pretrained prior
+        perceptual = PerceptualLoss(x.preset.perceptual, vgg=x.vgg).to(device)
         with torch.no_grad():
             recon = torch.cat([G.synthesis(pivot_w[i:i + 8], noise_mode="const") for i in range(0, len(pivot_w), 8)])
-            pivot_psnr = psnr(recon, frames[pivots].to(device))
+            targets = frames[pivots].to(device)
+            pivot_psnr = psnr(recon, targets)
+            pivot_perceptual = torch.cat([perceptual(recon[i:i + 8], targets[i:i + 8])
+                                          for i in range(0, len(recon), 8)])
         self._record(pivot_psnr_mean=float(pivot_psnr.mean()), pivot_psnr_min=float(pivot_psnr.min()),
-                     pivots=len(pivots), training_frames=len(rows))
+                     pivot_perceptual_mean=float(pivot_perceptual.mean()), pivots=len(pivots),
+                     training_frames=len(rows))
         log.info("stage prior: pivot reconstructions PSNR %.2f dB (min %.2f)", pivot_psnr.mean(), pivot_psnr.min())
         latents = {"pivot_w": pivot_w.cpu().contiguous(), "frame_w": frame_w.cpu().contiguous(),
                    "pivot_rows": torch.as_tensor(pivots), "train_rows": torch.as_tensor(rows)}
@@ -200,6 +205,7 @@ class FitJob:
         if inv_path.is_file():
             pivot_w = load_file(str(inv_path))["pivot_w"].to(device)
         else:
+            t0 = time.perf_counter()
             if x.e4e:
                 from pvp.models.e4e import encode_pivots
 
@@ -207,9 +213,11 @@ class FitJob:
             else:
                 log.info("stage inversion: optimising %d pivots (W then W+)", len(targets))
                 pivot_w = optimize_latents(G_orig, targets.to(device), perceptual, x.preset.invert_w_steps,
-                                           x.preset.invert_wplus_steps, x.preset.invert_lr, progress=x.progress)
+                                           x.preset.invert_wplus_steps, x.preset.invert_lr, x.preset.invert_batch,
+                                           progress=x.progress)
             with atomic_path(inv_path) as tmp:
                 save_file({"pivot_w": pivot_w.cpu().contiguous()}, str(tmp))
+            self._record(inversion_seconds=round(time.perf_counter() - t0, 3))  # of the prior stage's time
         log.info("stage tuning: pivotal tuning on %d pivots", len(targets))
         G, metrics = pivotal_tuning(G_orig, pivot_w, targets.to(device), perceptual, x.preset,
                                     self.work / "pti_checkpoint.pt", x.resume, seed=x.seed, progress=x.progress)
@@ -239,7 +247,7 @@ class FitJob:
             from pvp.models.arcface import IdentityLoss, load_arcface
 
             identity = IdentityLoss(load_arcface(x.arcface, device))
-        elif x.preset.needs_prior:
+        elif x.preset.needs_prior and x.preset.objective.identity > 0:
             raise FitError(f"preset {x.preset.name!r} uses the identity loss: pass --arcface model_ir_se50.pth "
                            "(TreB1eN/InsightFace_Pytorch, as pSp/e4e/PTI distribute it)")
         else:

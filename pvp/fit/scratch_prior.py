@@ -56,12 +56,13 @@ def train_scratch_prior(frames: torch.Tensor, controls: torch.Tensor, preset: Pr
     opt_l = torch.optim.Adam(latents.parameters(), lr=preset.latent_lr)
     frames = frames.to(device)
 
-    def step(i: int) -> dict[str, float]:
+    def step(i: int) -> dict[str, torch.Tensor]:
         decay = min(1.0, 2.0 * (1 - i / preset.prior_steps)) if preset.prior_steps else 1.0
         for opt, lr in ((opt_g, preset.prior_lr), (opt_l, preset.latent_lr)):
             for group in opt.param_groups:
                 group["lr"] = lr * max(decay, 0.05)
-        idx = torch.randint(len(frames), (preset.prior_batch,), generator=step_generator(seed, i)).to(device)
+        gen = step_generator(seed, i, device)
+        idx = torch.randint(len(frames), (preset.prior_batch,), generator=gen, device=gen.device).to(device)
         img = G.synthesis(latents(idx), noise_mode="const")
         rec = reconstruction_loss(perceptual, img, frames[idx])
         loss = rec + preset.residual_weight * latents.residual[idx].square().mean()
@@ -70,7 +71,7 @@ def train_scratch_prior(frames: torch.Tensor, controls: torch.Tensor, preset: Pr
         loss.backward()
         opt_g.step()
         opt_l.step()
-        return {"loss": loss.item(), "rec": rec.item()}
+        return {"loss": loss.detach(), "rec": rec.detach()}
 
     metrics = run_steps("prior (from scratch)", preset.prior_steps, step,
                         {"generator": G, "latents": latents, "opt_g": opt_g, "opt_l": opt_l}, checkpoint,

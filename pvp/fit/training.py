@@ -1,5 +1,8 @@
-"""Resumable training loops: a step counter, atomic checkpoints every N steps, and per-step batches
-drawn from a generator seeded by the step, so a resumed run sees the batches an uninterrupted one would."""
+"""Resumable training loops: a step counter, atomic checkpoints every N steps, and per-step random draws
+from a generator seeded by the step, so a resumed run sees the batches an uninterrupted one would.
+
+A step returns its metrics as tensors and the loop reads them (one host sync) only on logging and
+checkpoint steps: between them a GPU is never made to wait for the host, nor the host for it."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +15,7 @@ from tqdm import tqdm
 from pvp_contract.atomic import atomic_path
 
 log = logging.getLogger(__name__)
+LOG_EVERY = 25
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -25,15 +29,31 @@ def load_checkpoint(path: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The step's random generator, on the device the draws are used on (a draw on the CPU moved to a GPU
+    would be a synchronising copy every step). The draws depend on the device kind, not on the run."""
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):  # meta and others have no generators of their own
+        device = torch.device("cpu")
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
 
 
-def run_steps(name: str, steps: int, step_fn: Callable[[int], dict[str, float]], modules: dict,
-              checkpoint: Path, every: int, resume: bool, progress: bool = True) -> dict[str, float]:
+def read_metrics(metrics: dict) -> dict[str, float]:
+    """Tensors and numbers -> floats, the device's tensors in one transfer."""
+    on_device = [v.detach().float().reshape(()) for v in metrics.values()
+                 if isinstance(v, torch.Tensor) and v.device.type != "cpu"]
+    read = iter(torch.stack(on_device).tolist() if on_device else [])
+    return {k: next(read) if isinstance(v, torch.Tensor) and v.device.type != "cpu" else float(v)
+            for k, v in metrics.items()}
+
+
+def run_steps(name: str, steps: int, step_fn: Callable[[int], dict], modules: dict, checkpoint: Path, every: int,
+              resume: bool, progress: bool = True, converged: Callable[[], bool] | None = None,
+              log_every: int = LOG_EVERY) -> dict[str, float]:
     """Run step_fn(step) for step in [start, steps), checkpointing ``modules`` (objects with state_dict /
     load_state_dict: networks and optimisers) every ``every`` steps and at the end (marked complete).
-    A step that reports ``converged`` ends the run early. Returns the last step's metrics."""
+    ``converged()``, asked on logging steps, ends the run early. Returns the last step's metrics as floats,
+    with "steps": the optimiser steps the run took in all."""
     start = 0
     state = load_checkpoint(checkpoint) if resume else None
     if state is not None:
@@ -45,17 +65,22 @@ def run_steps(name: str, steps: int, step_fn: Callable[[int], dict[str, float]],
     elif resume:
         log.warning("%s: no checkpoint at %s (the last run stopped before step %d): starting from step 0", name,
                     checkpoint, min(every, steps))
-    metrics: dict[str, float] = dict(state.get("metrics", {})) if state else {}
+    metrics: dict = dict(state.get("metrics", {})) if state else {}
+    done = start
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=name, unit="step", disable=not progress)
     for step in bar:
         metrics = step_fn(step)
-        if metrics.get("converged"):
-            log.info("%s: converged at step %d of %d", name, step + 1, steps)
-            break
-        if step % 25 == 0:
+        done = step + 1
+        checkpoint_due = (step + 1) % every == 0 and step + 1 < steps
+        if step % log_every == 0 or checkpoint_due:
+            metrics = read_metrics(metrics)
             bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
-        if (step + 1) % every == 0 and step + 1 < steps:
+            if converged is not None and converged():
+                log.info("%s: converged at step %d of %d", name, step + 1, steps)
+                break
+        if checkpoint_due:
             save_checkpoint(checkpoint, {"step": step + 1, "metrics": metrics,
                                          **{k: v.state_dict() for k, v in modules.items()}})
+    metrics = {**read_metrics(metrics), "steps": float(done)}
     save_checkpoint(checkpoint, {"step": steps, "metrics": metrics, **{k: v.state_dict() for k, v in modules.items()}})
     return metrics
