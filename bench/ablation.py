@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import RESULTS, print_table, write_results  # noqa: E402
+from bench.common import RESULTS, held_out_split, print_table, run_pvp, write_results  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
 # variant -> (what it switches, `pvp fit` arguments): each choice where the CPU presets and the authors'
@@ -49,17 +48,7 @@ COLUMNS = ("psnr", "ssim", "yaw_err", "pitch_err", "jaw_err", "expr_err", "yaw_s
 
 
 def run(cmd: list[str]) -> None:
-    r = subprocess.run([sys.executable, "-m", "pvp.cli", *cmd], cwd=ROOT, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"bench/ablation.py: pvp {cmd[0]} failed:\n{r.stderr[-3000:]}")
-
-
-def split(video: Path) -> tuple[str, str]:
-    import cv2
-
-    n = int(cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT))
-    cut = int(round(n * 0.8))
-    return f"0:{cut}", f"{cut}:"
+    run_pvp(cmd, "bench/ablation.py")
 
 
 def prepare_variant(prior: Path, out: Path, args: list[str], preset: str, video: Path, train: str) -> None:
@@ -107,7 +96,7 @@ def main(argv=None):
     done = {(r["clip"], r["variant"]) for r in rows}
     for clip in args.clips:
         video = DATA / f"{clip}.mp4"
-        train, held_out = split(video)
+        train, held_out = held_out_split(video)
         prior = args.work / clip / "prior"
         for variant in args.variants:
             if (clip, variant) in done:

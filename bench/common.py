@@ -4,11 +4,30 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def run_pvp(cmd: list[str], bench: str) -> None:
+    """`pvp CMD...`; a failure ends the bench with pvp's own error."""
+    r = subprocess.run([sys.executable, "-m", "pvp.cli", *cmd], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"{bench}: pvp {cmd[0]} failed:\n{r.stderr[-3000:]}")
+
+
+def held_out_split(video: Path) -> tuple[str, str]:
+    """The clip's first 80% of frames to train on, the last 20% held out, as `pvp` frame ranges."""
+    import cv2
+
+    n = int(cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT))
+    cut = int(round(n * 0.8))
+    return f"0:{cut}", f"{cut}:"
 
 
 def device_description(device) -> str:
