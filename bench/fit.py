@@ -1,6 +1,7 @@
 """Fit-stage times: a shortened fit (a fraction of every training stage's optimiser steps), timed per
-stage by the fit itself (metrics.json), and each training stage extrapolated linearly to the preset's full
-step counts. The paper's run: PTI 3 h (200 pivots, RTX 3080) + mappers 4 h (A10); target <= 30 min.
+stage by the fit itself (metrics.json), and each training stage's step loop extrapolated linearly to the
+preset's full step counts (its setup counted once). The paper's run: PTI 3 h (200 pivots, RTX 3080) + mappers
+4 h (A10); target <= 30 min.
 
     python bench/fit.py [--video V] [--preset tiny] [--fraction 0.05] [--train-frames 0:150]
     python bench/fit.py --preset paper --prior ffhq.pkl --vgg vgg16-397923af.pth --arcface model_ir_se50.pth \\
@@ -95,17 +96,22 @@ def main(argv=None):
             sys.exit(f"bench/fit.py: the fit failed:\n{r.stderr[-3000:]}")
         metrics = json.loads((out / "work" / "metrics.json").read_text())
     stages = dict(metrics["stage_seconds"])
+    loops = {"mappers": metrics["mapper_training"]}  # each training stage's step loop: steps and seconds
     if pretrained:  # the prior stage is inversion, then tuning
-        stages["inversion"] = metrics.get("inversion_seconds", 0.0)
-        stages["tuning"] = stages.pop("prior") - stages["inversion"]
-    taken = {**short, "tuning": int(metrics.get("tuning", {}).get("steps", short.get("tuning", 0))),
-             "mappers": int(metrics["mapper_training"]["steps"])}
+        stages = {k: stages[k] for k in ("track", "frames", "pivots")} | {
+            "inversion": metrics["inversion_seconds"], "tuning": stages["prior"] - metrics["inversion_seconds"],
+            "mappers": stages["mappers"], "bundle": stages["bundle"]}
+        loops["tuning"] = metrics["tuning"]
+        loops["inversion"] = {"steps": short["inversion"], "seconds": metrics["inversion_seconds"]}
+    elif "prior_training" in metrics:
+        loops["prior"] = metrics["prior_training"]
     rows = []
     for stage, seconds in stages.items():
         row = {"stage": stage, "measured_s": round(seconds, 1), "full_run_s": round(seconds, 1)}
-        if stage in full:
-            row.update(steps_run=taken[stage], ms_per_step=round(1000 * seconds / taken[stage], 1),
-                       steps_full=full[stage], full_run_s=round(seconds * full[stage] / taken[stage], 1))
+        if stage in loops:
+            steps, loop_s = int(loops[stage]["steps"]), loops[stage]["seconds"]
+            row.update(steps_run=steps, ms_per_step=round(1000 * loop_s / steps, 1), steps_full=full[stage],
+                       full_run_s=round(seconds - loop_s + loop_s * full[stage] / steps, 1))
         rows.append(row)
     total = sum(r["full_run_s"] for r in rows)
     rows.append({"stage": "total", "measured_s": round(sum(stages.values()), 1), "full_run_s": round(total, 1)})

@@ -28,8 +28,9 @@ def optimize_latents(G: Generator, targets: torch.Tensor, perceptual: Perceptual
                 for group in opt.param_groups:  # cosine ramp-down, as NVIDIA's projector
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / max(steps, 1)))
                 ws = w.unsqueeze(1).repeat(1, G.num_ws, 1) if phase == "w" else w
-                img = G.synthesis(ws, noise_mode="const")
-                loss = (img - target).square().mean() + perceptual(img, target).mean()
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=target.is_cuda):  # as pivotal tuning
+                    img = G.synthesis(ws, noise_mode="const")
+                    loss = (img - target).square().mean() + perceptual(img, target).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pvp.fit.training import run_steps, step_generator
+from pvp.fit.training import run_steps, schedule_lr, step_generator
 from pvp.models.generator import Generator
 from pvp.models.losses import PerceptualLoss
 from pvp.models.mappers import JAW_AXES, MapperConfig, MapperDesign, Mappers, mapper_inputs
@@ -212,7 +212,8 @@ class MapperObjective:
 def train_mappers(G: Generator, pivots: torch.Tensor, data: MapperData, perceptual: PerceptualLoss, steps: int,
                   batch: int, lr: float, checkpoint: Path, every: int, resume: bool, tracker=None, identity=None,
                   objective: ObjectiveConfig = ObjectiveConfig(), design: MapperDesign = MapperDesign(),
-                  standardize_inputs: bool = False, seed: int = 0, progress: bool = True):
+                  standardize_inputs: bool = False, lr_schedule: str = "constant", seed: int = 0,
+                  progress: bool = True):
     """Returns (mappers, the last step's loss terms). With ``objective.optimize_noise`` the generator's noise
     maps are trained too, in place: save G afterwards."""
     device = data.frames.device
@@ -233,6 +234,7 @@ def train_mappers(G: Generator, pivots: torch.Tensor, data: MapperData, perceptu
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
 
     def step(i: int) -> dict[str, torch.Tensor]:
+        schedule_lr(opt, lr, lr_schedule, i, steps)
         gen = step_generator(seed, i, device)
         idx = torch.randint(len(data.frames), (batch,), generator=gen, device=gen.device).to(device)
         terms = objective_fn.terms(mappers, idx, gen)

@@ -167,8 +167,10 @@ class FitJob:
             tr = np.array([pos[int(frame_index[r])] for r in rows])
             controls = standardized_controls(track.yaw_pitch_roll[tr, :2], track.jaw_pose[tr], track.expression[tr])
             log.info("stage prior: from scratch on %d frames, %d steps", len(rows), x.preset.prior_steps)
-            G, latents, _ = train_scratch_prior(frames[rows], controls, x.preset, self.work / "prior_checkpoint.pt",
-                                                device, x.resume, x.seed, x.progress)
+            G, latents, prior_metrics = train_scratch_prior(frames[rows], controls, x.preset,
+                                                            self.work / "prior_checkpoint.pt", device, x.resume,
+                                                            x.seed, x.progress)
+            self._record(prior_training=prior_metrics)
             with torch.no_grad():
                 frame_w = latents(torch.arange(len(rows), device=device))
             row_of = {int(r): k for k, r in enumerate(rows)}
@@ -264,7 +266,8 @@ class FitJob:
             G, latents["pivot_w"].to(device), data, perceptual, x.preset.mapper_steps, x.preset.mapper_batch,
             x.preset.mapper_lr, self.work / "mappers_checkpoint.pt", x.preset.checkpoint_every, x.resume, tracker,
             identity, objective=objective, design=x.preset.mapper_design,
-            standardize_inputs=x.preset.standardize_mapper_inputs, seed=x.seed, progress=x.progress)
+            standardize_inputs=x.preset.standardize_mapper_inputs, lr_schedule=x.preset.lr_schedule, seed=x.seed,
+            progress=x.progress)
         self._record(mapper_training=metrics, losses=losses_record(objective, perceptual.kind, identity is not None,
                                                                    tracker and track.backend))
         if objective.optimize_noise:  # before the mappers: their file marks the stage done

@@ -11,6 +11,7 @@ from pvp.fit.mapper_training import ObjectiveConfig
 from pvp.models.mappers import MapperDesign
 
 PTI_STOPS = ("epoch", "pivot")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,14 @@ class Preset:
     mapper_design: MapperDesign = field(default_factory=MapperDesign)
     standardize_mapper_inputs: bool = False
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # Eq. 15
+    lr_schedule: str = "constant"  # LR_SCHEDULES, of pivotal tuning and the mappers (pvp.fit.training.schedule_lr)
     checkpoint_every: int = 500
 
     def __post_init__(self):
         if self.pti_stop not in PTI_STOPS:
             raise ValueError(f"pti_stop {self.pti_stop!r}: expected one of {', '.join(PTI_STOPS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
 
     def optimiser_steps(self, pretrained: bool, pivots: int | None = None) -> dict[str, int]:
         """Each training stage's optimiser steps at full length (PTI's threshold can end tuning sooner):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pvp.fit.presets import PTI_STOPS, Preset
-from pvp.fit.training import run_steps, step_generator
+from pvp.fit.training import run_steps, schedule_lr, step_generator
 from pvp.models.generator import Generator
 from pvp.models.losses import PerceptualLoss
 
@@ -81,8 +81,10 @@ def pivotal_tuning(G_orig: Generator, pivots: torch.Tensor, targets: torch.Tenso
     k, device = len(pivots), pivots.device
     threshold = preset.pti_lpips_threshold if perceptual.kind.startswith("lpips") else None
     draw = PivotDraw(k, min(preset.pti_batch, k), preset.pti_stop, threshold, device)
+    steps = preset.optimiser_steps(pretrained=True, pivots=k)["tuning"]  # each pivot pti_steps_per_pivot times
 
     def step(i: int) -> dict[str, torch.Tensor]:
+        schedule_lr(opt, preset.pti_lr, preset.lr_schedule, i, steps)
         gen = step_generator(seed, i, device)
         idx = draw.draw(i, gen)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=pivots.is_cuda):  # mixed precision on GPUs
@@ -105,7 +107,6 @@ def pivotal_tuning(G_orig: Generator, pivots: torch.Tensor, targets: torch.Tenso
         draw.update(i, idx, p_loss)
         return {k: v.detach() for k, v in metrics.items()}
 
-    steps = preset.optimiser_steps(pretrained=True, pivots=k)["tuning"]  # each pivot pti_steps_per_pivot times
     metrics = run_steps("pivotal tuning", steps, step, {"generator": G, "opt": opt, "draw": draw},
                         checkpoint, preset.checkpoint_every, resume, progress, converged=draw.converged)
     return G.eval().requires_grad_(False), metrics

@@ -6,6 +6,8 @@ checkpoint steps: between them a GPU is never made to wait for the host, nor the
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,6 +40,21 @@ def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> 
     return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
 
 
+def schedule_lr(opt: torch.optim.Optimizer, lr: float, schedule: str, step: int, steps: int,
+                warmup: float = 0.05) -> None:
+    """Set every group's learning rate for ``step`` of ``steps``: 'constant', or 'cosine' (a linear warm-up
+    over the first ``warmup`` of the run, then a cosine decay to zero). Host arithmetic only."""
+    ramp = max(1, int(steps * warmup))
+    if schedule == "constant":
+        factor = 1.0
+    elif step < ramp:
+        factor = (step + 1) / ramp
+    else:
+        factor = 0.5 * (1 + math.cos(math.pi * (step - ramp) / max(1, steps - ramp)))
+    for group in opt.param_groups:
+        group["lr"] = lr * factor
+
+
 def read_metrics(metrics: dict) -> dict[str, float]:
     """Tensors and numbers -> floats, the device's tensors in one transfer."""
     on_device = [v.detach().float().reshape(()) for v in metrics.values()
@@ -53,7 +70,7 @@ def run_steps(name: str, steps: int, step_fn: Callable[[int], dict], modules: di
     """Run step_fn(step) for step in [start, steps), checkpointing ``modules`` (objects with state_dict /
     load_state_dict: networks and optimisers) every ``every`` steps and at the end (marked complete).
     ``converged()``, asked on logging steps, ends the run early. Returns the last step's metrics as floats,
-    with "steps": the optimiser steps the run took in all."""
+    with "steps": the optimiser steps taken in all, and "seconds": this run's time in its steps (setup apart)."""
     start = 0
     state = load_checkpoint(checkpoint) if resume else None
     if state is not None:
@@ -66,7 +83,7 @@ def run_steps(name: str, steps: int, step_fn: Callable[[int], dict], modules: di
         log.warning("%s: no checkpoint at %s (the last run stopped before step %d): starting from step 0", name,
                     checkpoint, min(every, steps))
     metrics: dict = dict(state.get("metrics", {})) if state else {}
-    done = start
+    done, t0 = start, time.perf_counter()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=name, unit="step", disable=not progress)
     for step in bar:
         metrics = step_fn(step)
@@ -81,6 +98,6 @@ def run_steps(name: str, steps: int, step_fn: Callable[[int], dict], modules: di
         if checkpoint_due:
             save_checkpoint(checkpoint, {"step": step + 1, "metrics": metrics,
                                          **{k: v.state_dict() for k, v in modules.items()}})
-    metrics = {**read_metrics(metrics), "steps": float(done)}
+    metrics = {**read_metrics(metrics), "steps": float(done), "seconds": time.perf_counter() - t0}
     save_checkpoint(checkpoint, {"step": steps, "metrics": metrics, **{k: v.state_dict() for k, v in modules.items()}})
     return metrics

@@ -179,6 +179,7 @@ class SynthesisLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_ch))
         self.noise_strength = nn.Parameter(torch.zeros([]))
         self.register_buffer("noise_const", torch.randn(resolution, resolution))
+        self.register_buffer("blur", blur_filter() * 4, persistent=False)  # on the device: no copy per call
         self.resolution = resolution
         self.up = up
         self.conv_clamp = conv_clamp
@@ -201,7 +202,7 @@ class SynthesisLayer(nn.Module):
         noise_gain = self.noise_strength.float() * LRELU_GAIN
         if self.up:
             w = w.transpose(0, 1)
-        blur = (blur_filter(w.device) * 4).to(dtype)[None, None].repeat(out_ch, 1, 1, 1) if self.up else None
+        blur = self.blur.to(dtype)[None, None].repeat(out_ch, 1, 1, 1) if self.up else None
         layer = PreparedLayer(row, offset, in_ch, out_ch, w.to(dtype, memory_format=memory_format), bias.to(dtype),
                               self.up, blur, (self.noise_const * noise_gain).to(dtype), noise_gain.to(dtype))
         return layer, demod, eps, bias
@@ -298,6 +299,7 @@ class SynthesisNetwork(nn.Module):
         self.conv_clamp = cfg.conv_clamp
         self.channels_last: bool | None = None  # None: channels_last on CUDA
         self._prepared = _Cache()
+        self.register_buffer("image_blur", blur_filter() * 4, persistent=False)
 
     def prepare(self, dtype: torch.dtype, memory_format: torch.memory_format) -> PreparedSynthesis:
         """The derived tensors, computed from the parameters (differentiably when autograd records)."""
@@ -335,7 +337,7 @@ class SynthesisNetwork(nn.Module):
             bias = [b for _, _, b in d if b is not None]
             demod_eps.append(F.pad(eps[0], (0, o - len(eps[0])), value=1.0) if eps else r[0][1].new_ones(o))
             layer_bias.append(F.pad(bias[0], (0, o - len(bias[0]))) if bias else r[0][1].new_zeros(o))
-        image_blur = (blur_filter(style_weight.device) * 4).to(dtype)[None, None].repeat(3, 1, 1, 1)
+        image_blur = self.image_blur.to(dtype)[None, None].repeat(3, 1, 1, 1)
         return PreparedSynthesis(dtype, style_weight, style_bias, torch.stack(demod_weight),
                                  torch.stack(demod_eps)[:, None], torch.stack(layer_bias)[:, None], const, blocks,
                                  image_blur, self.conv_clamp)

@@ -83,12 +83,14 @@ def ssim(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> 
     return (full * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp(min=1)
 
 
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
 def ms_ssim(a: torch.Tensor, b: torch.Tensor, scales: int | None = None) -> torch.Tensor:
     """Multi-scale SSIM per image, inputs in [-1, 1]; as many scales (up to 5) as the size allows
     with a 7-pixel window."""
-    weights = torch.tensor([0.0448, 0.2856, 0.3001, 0.2363, 0.1333], device=a.device, dtype=a.dtype)
     n = scales or max(1, min(5, int(math.log2(min(a.shape[-2:]) / 7)) + 1))
-    weights = weights[:n] / weights[:n].sum()
+    weights = [w / sum(MS_SSIM_WEIGHTS[:n]) for w in MS_SSIM_WEIGHTS[:n]]  # numbers: no copy to a GPU per call
     x, y = (a + 1) / 2, (b + 1) / 2
     result = torch.ones(a.shape[0], device=a.device, dtype=a.dtype)
     for i in range(n):
