@@ -18,9 +18,10 @@ READS = {"item": 0.0, "tolist": None, "numpy": None, "cpu": None, "__bool__": Fa
 
 
 class HostReads(TorchFunctionMode):
-    """Records every read of a device tensor by the host (what makes the host wait for a GPU), with the
-    training step it happened in. The loops run on the meta device, whose tensors hold no values: a read
-    is answered with a stand-in value (False for a test: a loop goes on), and every read is seen. A read
+    """Records every transfer that makes the host wait for a GPU, with the training step it happened in: a
+    read of a device tensor, and a copy of host values made per call (new_tensor, torch.tensor, indexing
+    with a Python list). The loops run on the meta device, whose tensors hold no values: a read is
+    answered with a stand-in value (False for a test: a loop goes on), and every transfer is seen. A read
     after a step (its logging) counts as the step's."""
 
     def __init__(self):
@@ -31,8 +32,9 @@ class HostReads(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        on_meta = tensor is not None and tensor.device.type == "meta"
         to_host = name == "to" and any(str(a) == "cpu" for a in (*args[1:], *kwargs.values()))
-        if tensor is not None and tensor.device.type == "meta" and (name in READS or to_host):
+        if on_meta and (name in READS or to_host):
             self.reads.append((self.step, name))
             if name == "tolist":
                 return torch.zeros(tensor.shape).tolist()
@@ -40,10 +42,25 @@ class HostReads(TorchFunctionMode):
                 return torch.zeros(tensor.shape, dtype=tensor.dtype) if name != "numpy" else torch.zeros(
                     tensor.shape).numpy()
             return READS[name]
+        if _copies_host_values(name, args, kwargs, on_meta):
+            self.reads.append((self.step, f"{name} (host values copied)"))
         return func(*args, **kwargs)
 
     def steps_read(self) -> set:
         return {step for step, _ in self.reads}
+
+
+def _copies_host_values(name, args, kwargs, on_meta) -> bool:
+    if name == "new_tensor" and on_meta:
+        return True
+    if name in ("tensor", "as_tensor") and str(kwargs.get("device", "")) == "meta":
+        return True
+    if name in ("__getitem__", "__setitem__", "index_select") and on_meta:
+        index = args[1] if len(args) > 1 else None
+        parts = index if isinstance(index, tuple) else (index,)
+        return any(isinstance(p, list) or (isinstance(p, torch.Tensor) and p.device.type == "cpu" and p.dim() > 0)
+                   for p in parts)
+    return False
 
 
 def _recording(reads: HostReads, step_fn):

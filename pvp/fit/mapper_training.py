@@ -194,7 +194,7 @@ class MapperObjective:
         k = je.shape[1] - JAW_AXES
         jaw = slice(0, 2 if cfg.perturb_jaw else 0)  # the tracked jaw counts where it was perturbed
         predicted = torch.cat([out["jaw"][:, jaw], out["expression"][:, :k]], 1)
-        shift = (je_pert - je)[:, [*range(jaw.stop), *range(JAW_AXES, JAW_AXES + k)]]
+        shift = torch.cat([je_pert[:, jaw] - je[:, jaw], je_pert[:, JAW_AXES:] - je[:, JAW_AXES:]], 1)
         reference = torch.cat([ref["jaw"][idx, jaw], ref["expression"][idx, :k]], 1)
         terms["expression"] = (predicted - reference - shift).square().mean()
         if cfg.novel_pose > 0:

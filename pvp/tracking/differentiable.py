@@ -59,24 +59,29 @@ class DifferentiableTracker(nn.Module):
         self.register_buffer("components", f32(face_model.components).reshape(len(face_model.components), -1))
         self.register_buffer("scales", f32(face_model.scales))
         self.register_buffer("jaw_reference", f32(face_model.jaw_reference))
+        # constants on the module's device, so that a call copies nothing from the host
+        cx, cy, side = roi
+        self.register_buffer("roi_theta", f32([[side, 0, 2 * cx - 1], [0, side, 2 * cy - 1]]), persistent=False)
+        self.register_buffer("roi_corner", f32([cx - side / 2, cy - side / 2, 0.0]), persistent=False)
+        self.register_buffer("to_flame_axes", f32([1.0, -1.0, -1.0]), persistent=False)
+        self.register_buffer("rigid", torch.as_tensor(list(topo.RIGID), dtype=torch.long), persistent=False)
 
     def landmarks(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1] (square) -> [B, 468, 3] in the image's pixels (x right, y down, z like x)."""
         b, _, h, w = images.shape
-        cx, cy, side = self.roi
-        theta = images.new_tensor([[side, 0, 2 * cx - 1], [0, side, 2 * cy - 1]]).expand(b, 2, 3)
+        side = self.roi[2]
+        theta = self.roi_theta.to(images.dtype).expand(b, 2, 3)
         grid = F.affine_grid(theta, [b, 3, LANDMARK_INPUT, LANDMARK_INPUT], align_corners=False)
         crop = F.grid_sample((images + 1) / 2, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         raw = self.net(crop)[0].reshape(b, topo.NUM_MESH, 3)
         scale = side * w / LANDMARK_INPUT
-        offset = images.new_tensor([(cx - side / 2) * w, (cy - side / 2) * h, 0.0])
+        offset = torch.cat([self.roi_corner[:1] * w, self.roi_corner[1:2] * h, self.roi_corner[2:]]).to(images.dtype)
         return raw * scale + offset
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         lm = self.landmarks(images)
-        mesh = lm * lm.new_tensor([1.0, -1.0, -1.0])  # FLAME frame: Y up, Z towards the camera
-        rig = list(topo.RIGID)
-        s, R, t = umeyama_torch(self.canonical[rig], mesh[:, rig])
+        mesh = lm * self.to_flame_axes  # FLAME frame: Y up, Z towards the camera
+        s, R, t = umeyama_torch(self.canonical.index_select(0, self.rigid), mesh.index_select(1, self.rigid))
         free = ((mesh - t[:, None]) @ R) / s[:, None, None]
         nose = R[:, :, 2]
         yaw = torch.atan2(nose[:, 0], nose[:, 2])
