@@ -1,5 +1,5 @@
 """The fit's training loops: no host sync between logging steps, the fast `paper` schedule's shape against
-`paper-exact`, and PTI's per-pivot stop."""
+`paper`, and PTI's per-pivot stop."""
 from __future__ import annotations
 
 import torch
@@ -88,7 +88,7 @@ def test_pivotal_tuning_reads_nothing_from_the_device_between_logging_steps(monk
     G = random_generator(resolution=16, w_dim=32).to("meta")
     pivots, targets = torch.zeros(12, G.num_ws, 32, device="meta"), torch.zeros(12, 3, 16, 16, device="meta")
     for stop in ("epoch", "pivot"):
-        preset = PRESETS["paper"].with_overrides(pti_steps_per_pivot=8, pti_batch=4, pti_stop=stop,
+        preset = PRESETS["paper-fast"].with_overrides(pti_steps_per_pivot=8, pti_batch=4, pti_stop=stop,
                                                  checkpoint_every=15)
         reads = _on_meta(monkeypatch, lambda: pivotal_tuning(G, pivots, targets, _lpips_like(), preset,
                                                           tmp_path / f"pti_{stop}.pt", resume=False, progress=False))
@@ -143,8 +143,8 @@ def test_scratch_prior_and_inversion_read_nothing_from_the_device_between_loggin
     assert w.shape == (5, G.num_ws, 32) and reads.reads == []
 
 
-def test_paper_takes_a_tenth_of_the_optimiser_steps_of_paper_exact_with_the_same_objective():
-    fast, exact = PRESETS["paper"], PRESETS["paper-exact"]
+def test_paper_fast_takes_a_tenth_of_the_optimiser_steps_of_paper_with_the_same_objective():
+    fast, exact = PRESETS["paper-fast"], PRESETS["paper"]
     steps_fast, steps_exact = fast.optimiser_steps(pretrained=True), exact.optimiser_steps(pretrained=True)
     assert steps_exact == {"inversion": 25 * 500, "tuning": 200 * 350, "mappers": 50_000}  # the authors' schedule
     assert all(steps_fast[stage] <= steps_exact[stage] / 10 for stage in steps_exact), steps_fast
@@ -179,7 +179,7 @@ def test_tuning_stops_once_every_pivot_is_under_the_threshold(tmp_path):
     G = random_generator(resolution=32, w_dim=32)
     pivots = G.map_z(torch.randn(4, 32))
     targets = torch.rand(4, 3, 32, 32) * 2 - 1
-    preset = PRESETS["paper"].with_overrides(pti_batch=4, pti_steps_per_pivot=40, pti_lpips_threshold=10.0)
+    preset = PRESETS["paper-fast"].with_overrides(pti_batch=4, pti_steps_per_pivot=40, pti_lpips_threshold=10.0)
     lpips_random = _lpips_like("cpu")
     _, metrics = pivotal_tuning(G, pivots, targets, lpips_random, preset, tmp_path / "c.pt", resume=False,
                                 progress=False)
