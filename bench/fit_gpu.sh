@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 23's GPU figures in one command: bench/fit.py for `paper-fast` and `paper` (per-stage step times,
+# Issue 23's GPU figures in one command: bench/fit.py for `paper` and `paper-exact` (per-stage step times,
 # each stage extrapolated to the preset), on lp_d3's frames 0:283 and 200 pivots, with the official weight
 # files written with random values at full size; then bench/sync_probe.py (host syncs in the step loops).
 # JSON lands in $OUT (or bench/results) as each part ends.
@@ -32,7 +32,7 @@ export PYTHONPATH="/tmp/site:/tmp/mp" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 COMMON=(--video "$WORK/lp_d3.safetensors" --train-frames 0:283 --random-weights /tmp/pvp_weights --device cuda)
-for run in "paper-fast 0.02 270" "paper 0.002 200"; do
+for run in "paper 0.02 270" "paper-exact 0.002 200"; do
   set -- $run
   echo "== $1 at $2 of its steps (at most $3 s)"
   timeout "$3" python3 bench/fit.py --preset "$1" --fraction "$2" "${COMMON[@]}" \

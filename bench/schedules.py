@@ -1,4 +1,4 @@
-"""`paper-fast` against `paper` at a reduced shape, on CPU: the same 200 pivots, batches and step ratios
+"""`paper` against `paper-exact` at a reduced shape, on CPU: the same 200 pivots, batches and step ratios
 as the presets, a small generator (fewer pixels), every step count multiplied by --scale for both.
 Each preset fits the clip's first 80% (`pvp fit` with the prior given as the pretrained generator), then
 `pvp eval` scores the avatar on its training frames and on the held-out last 20%. Prints and writes the
@@ -49,7 +49,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prior", type=Path, required=True)
     ap.add_argument("--video", type=Path, default=ROOT / "tests" / "data" / "lp_d3.mp4")
-    ap.add_argument("--presets", nargs="+", default=["paper", "paper-fast"])
+    ap.add_argument("--presets", nargs="+", default=["paper-exact", "paper"])
     ap.add_argument("--scale", type=float, default=0.1, help="every step count of both presets times this")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override for both")
     ap.add_argument("--parallel", action="store_true", help="the fits side by side, one thread each")

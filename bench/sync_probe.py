@@ -1,5 +1,5 @@
 """Where the fit's step loops make the host wait for the GPU: PyTorch's sync debug mode on, a few dozen
-steps of pivotal tuning and of mapper training at the paper-fast preset's full size (random weights), each
+steps of pivotal tuning and of mapper training at the paper preset's full size (random weights), each
 synchronising call counted by where it happened in pvp's code (the logging steps' reads are expected).
 CUDA only; tests/test_fit_schedule.py checks the same on the meta device without a GPU.
 
@@ -75,7 +75,7 @@ def main(argv=None):
     from tests.official_layouts import random_generator
 
     device = torch.device(args.device)
-    preset = PRESETS["paper-fast"].with_overrides(checkpoint_every=10**9)
+    preset = PRESETS["paper"].with_overrides(checkpoint_every=10**9)
     size = args.resolution
     G = random_generator(resolution=size, w_dim=512, channels=default_channels(size)).to(device)
     perceptual = PerceptualLoss("msssim")

@@ -328,9 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit an avatar to a portrait video (personalized prior, then mappers)")
     f.add_argument("source", type=Path, help="video, folder of images, or a track file from pvp track")
     f.add_argument("-o", "--output", type=Path, required=True, help="avatar directory")
-    f.add_argument("--preset", choices=("tiny", "small", "paper", "paper-fast"), default="tiny",
-                   help="paper: the paper's schedule step for step; paper-fast: the same objective in batches, a tenth "
-                   "of the optimiser steps (bench/RESULTS.md: not yet of the same quality)")
+    f.add_argument("--preset", choices=("tiny", "small", "paper", "paper-exact"), default="tiny",
+                   help="paper: the paper's objective in batches, a tenth of the optimiser steps; paper-exact: the "
+                   "authors' schedule step for step")
     f.add_argument("--prior", type=Path, help="pretrained StyleGAN2: ffhq.pkl or stylegan2-ffhq-config-f.pt")
     f.add_argument("--e4e", type=Path, help="e4e_ffhq_encode.pt: encode the pivots instead of optimising")
     f.add_argument("--arcface", type=Path, help="model_ir_se50.pth for the identity loss")

@@ -12,12 +12,18 @@ from pvp.models.losses import PerceptualLoss
 
 
 def optimize_latents(G: Generator, targets: torch.Tensor, perceptual: PerceptualLoss, w_steps: int,
-                     wplus_steps: int, lr: float, batch: int = 8, progress: bool = True) -> torch.Tensor:
-    """targets [K, 3, R, R] in [-1, 1] -> W+ [K, num_ws, w_dim]."""
+                     wplus_steps: int, lr: float, batch: int = 8, micro_batch: int | None = None,
+                     progress: bool = True) -> torch.Tensor:
+    """targets [K, 3, R, R] in [-1, 1] -> W+ [K, num_ws, w_dim]. Each optimiser step moves ``batch`` latents,
+    their gradients computed ``micro_batch`` images at a time (memory); every latent has its own loss, so the
+    steps are those of one latent optimised alone (Adam scales each coordinate by its own gradients)."""
+    micro_batch = micro_batch or batch
     device = targets.device
     out = []
     w_avg = G.mapping.w_avg.detach()
-    for start in tqdm(range(0, len(targets), batch), desc="invert pivots", unit="batch", disable=not progress):
+    starts = range(0, len(targets), batch)
+    bar = tqdm(total=len(starts) * (w_steps + wplus_steps), desc="invert pivots", unit="step", disable=not progress)
+    for start in starts:
         target = targets[start:start + batch]
         w = w_avg.repeat(len(target), 1).clone().requires_grad_(True)
         for phase, steps in (("w", w_steps), ("w+", wplus_steps)):
@@ -28,11 +34,15 @@ def optimize_latents(G: Generator, targets: torch.Tensor, perceptual: Perceptual
                 for group in opt.param_groups:  # cosine ramp-down, as NVIDIA's projector
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / max(steps, 1)))
                 ws = w.unsqueeze(1).repeat(1, G.num_ws, 1) if phase == "w" else w
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=target.is_cuda):  # as pivotal tuning
-                    img = G.synthesis(ws, noise_mode="const")
-                    loss = (img - target).square().mean() + perceptual(img, target).mean()
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                for part in range(0, len(target), micro_batch):
+                    chunk = slice(part, part + micro_batch)
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=target.is_cuda):  # as tuning
+                        img = G.synthesis(ws[chunk], noise_mode="const")
+                        loss = (img - target[chunk]).square().mean() + perceptual(img, target[chunk]).mean()
+                    (loss * len(img) / len(target)).backward(retain_graph=part + micro_batch < len(target))
                 opt.step()
+                bar.update()
         out.append(w.detach())
+    bar.close()
     return torch.cat(out).to(device)

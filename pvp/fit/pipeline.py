@@ -216,7 +216,7 @@ class FitJob:
                 log.info("stage inversion: optimising %d pivots (W then W+)", len(targets))
                 pivot_w = optimize_latents(G_orig, targets.to(device), perceptual, x.preset.invert_w_steps,
                                            x.preset.invert_wplus_steps, x.preset.invert_lr, x.preset.invert_batch,
-                                           progress=x.progress)
+                                           x.preset.invert_micro_batch, progress=x.progress)
             with atomic_path(inv_path) as tmp:
                 save_file({"pivot_w": pivot_w.cpu().contiguous()}, str(tmp))
             self._record(inversion_seconds=round(time.perf_counter() - t0, 3))  # of the prior stage's time
