@@ -157,10 +157,10 @@ def test_paper_takes_a_tenth_of_the_optimiser_steps_of_paper_exact_with_the_same
 def test_a_pivot_under_the_threshold_is_left_out_of_the_draw():
     draw = PivotDraw(6, 2, "pivot", 0.1, "cpu")
     draw.update(0, torch.tensor([0, 1, 2, 3]), torch.tensor([0.05, 0.01, 0.09, 0.02]))
-    assert {int(i) for s in range(40) for i in draw.draw(s, step_generator(0, s))} == {4, 5}
+    assert {int(i) for s in range(40) for i in draw.draw(step_generator(0, s))} == {4, 5}
     assert not draw.converged()
     draw.update(1, torch.tensor([4, 5]), torch.tensor([0.3, 0.05]))  # one left above: it and one other
-    batches = [draw.draw(s, step_generator(0, s)).tolist() for s in range(40)]
+    batches = [draw.draw(step_generator(0, s)).tolist() for s in range(40)]
     assert all(4 in b and len(set(b)) == 2 for b in batches)
     draw.update(2, torch.tensor([4]), torch.tensor([0.02]))
     assert draw.converged()

@@ -39,7 +39,7 @@ class Preset:
     # pivotal tuning (PTI, multi-pivot): each pivot drawn pti_steps_per_pivot times, pti_batch per step
     pti_steps_per_pivot: int = 350
     pti_batch: int = 1
-    pti_stop: str = "epoch"  # pvp.fit.pti.PTI_STOPS: LPIPS threshold on the epoch's mean, or on each pivot
+    pti_stop: str = "epoch"  # PTI_STOPS: the LPIPS threshold on an epoch's mean loss, or on each pivot's
     pti_lpips_threshold: float = 0.03
     pti_lr: float = 3e-4
     pti_l2_weight: float = 1.0

@@ -44,7 +44,7 @@ class PivotDraw:
         self.epoch = max(1, k // batch)
         self.history = torch.full((self.epoch,), math.inf, device=device)  # the last epoch's batch losses
 
-    def draw(self, step: int, gen: torch.Generator) -> torch.Tensor:
+    def draw(self, gen: torch.Generator) -> torch.Tensor:
         if self.stop == "epoch" or self.threshold is None or self.batch > self.k:
             return torch.randint(self.k, (self.batch,), generator=gen, device=gen.device).to(self.last_loss.device)
         weight = (self.last_loss > self.threshold).float() + 1e-6
@@ -86,7 +86,7 @@ def pivotal_tuning(G_orig: Generator, pivots: torch.Tensor, targets: torch.Tenso
     def step(i: int) -> dict[str, torch.Tensor]:
         schedule_lr(opt, preset.pti_lr, preset.lr_schedule, i, steps)
         gen = step_generator(seed, i, device)
-        idx = draw.draw(i, gen)
+        idx = draw.draw(gen)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=pivots.is_cuda):  # mixed precision on GPUs
             img = G.synthesis(pivots[idx], noise_mode="const")
             p_loss = perceptual(img, targets[idx])
@@ -105,7 +105,7 @@ def pivotal_tuning(G_orig: Generator, pivots: torch.Tensor, targets: torch.Tenso
         loss.backward()
         opt.step()
         draw.update(i, idx, p_loss)
-        return {k: v.detach() for k, v in metrics.items()}
+        return {name: value.detach() for name, value in metrics.items()}
 
     metrics = run_steps("pivotal tuning", steps, step, {"generator": G, "opt": opt, "draw": draw},
                         checkpoint, preset.checkpoint_every, resume, progress, converged=draw.converged)
