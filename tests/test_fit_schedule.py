@@ -98,11 +98,15 @@ def test_pivotal_tuning_reads_nothing_from_the_device_between_logging_steps(monk
 
 def _lpips_like(device="meta"):
     """LPIPS-VGG as the paper preset uses it, its VGG random (not read from a file)."""
+    import warnings
+
     import lpips
 
     loss = PerceptualLoss("msssim")
     loss.kind = "lpips-vgg"
-    loss.lpips = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval().requires_grad_(False)
+    with warnings.catch_warnings():  # lpips asks torchvision for VGG16 the pre-0.13 way
+        warnings.simplefilter("ignore", UserWarning)
+        loss.lpips = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval().requires_grad_(False)
     return loss.to(device)
 
 
