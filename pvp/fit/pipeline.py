@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,11 @@ class FitJob:
         logging.getLogger("pvp").setLevel(logging.INFO)
         logging.getLogger("pvp").addHandler(handler)
 
+    @cached_property
+    def perceptual(self) -> PerceptualLoss:
+        """The preset's perceptual loss, loaded once for every stage (LPIPS-VGG reads a 528 MB file)."""
+        return PerceptualLoss(self.x.preset.perceptual, vgg=self.x.vgg).to(self.x.device)
+
     def _metrics(self) -> dict:
         return json.loads(self.metrics_path.read_text()) if self.metrics_path.is_file() else {}
 
@@ -178,12 +184,11 @@ class FitJob:
         else:
             G, pivot_w = self._tune_pretrained(frames[pivots])
             frame_w = pivot_w.clone()  # only the pivots have latents in a pretrained prior
-        perceptual = PerceptualLoss(x.preset.perceptual, vgg=x.vgg).to(device)
         with torch.no_grad():
             recon = torch.cat([G.synthesis(pivot_w[i:i + 8], noise_mode="const") for i in range(0, len(pivot_w), 8)])
             targets = frames[pivots].to(device)
             pivot_psnr = psnr(recon, targets)
-            pivot_perceptual = torch.cat([perceptual(recon[i:i + 8], targets[i:i + 8])
+            pivot_perceptual = torch.cat([self.perceptual(recon[i:i + 8], targets[i:i + 8])
                                           for i in range(0, len(recon), 8)])
         self._record(pivot_psnr_mean=float(pivot_psnr.mean()), pivot_psnr_min=float(pivot_psnr.min()),
                      pivot_perceptual_mean=float(pivot_perceptual.mean()), pivots=len(pivots),
@@ -202,7 +207,7 @@ class FitJob:
         if G_orig.cfg.resolution != targets.shape[-1]:
             raise FitError(f"{x.prior}: a {G_orig.cfg.resolution}px generator, but the frames are "
                            f"{targets.shape[-1]}px")
-        perceptual = PerceptualLoss(x.preset.perceptual, vgg=x.vgg).to(device)
+        perceptual = self.perceptual
         inv_path = self.work / "inversion.safetensors"
         if inv_path.is_file():
             pivot_w = load_file(str(inv_path))["pivot_w"].to(device)
@@ -255,7 +260,7 @@ class FitJob:
         else:
             log.warning("identity loss off: no --arcface given (allowed by preset %r)", x.preset.name)
         tracker = self.render_tracker(track, tr, size)
-        perceptual = PerceptualLoss(x.preset.perceptual, vgg=x.vgg).to(device)
+        perceptual = self.perceptual
         log.info("stage mappers: %d steps on %d frames, %d expression coefficients", x.preset.mapper_steps,
                  len(rows), expression_dim)
         drive_min, drive_max = drive_range(schema)

@@ -57,11 +57,10 @@ def schedule_lr(opt: torch.optim.Optimizer, lr: float, schedule: str, step: int,
 
 def read_metrics(metrics: dict) -> dict[str, float]:
     """Tensors and numbers -> floats, the device's tensors in one transfer."""
-    on_device = [v.detach().float().reshape(()) for v in metrics.values()
-                 if isinstance(v, torch.Tensor) and v.device.type != "cpu"]
-    read = iter(torch.stack(on_device).tolist() if on_device else [])
-    return {k: next(read) if isinstance(v, torch.Tensor) and v.device.type != "cpu" else float(v)
-            for k, v in metrics.items()}
+    on_device = [k for k, v in metrics.items() if isinstance(v, torch.Tensor) and v.device.type != "cpu"]
+    read = dict(zip(on_device, torch.stack([metrics[k].detach().float().reshape(()) for k in on_device]).tolist()
+                    if on_device else []))
+    return {k: read[k] if k in read else float(v) for k, v in metrics.items()}
 
 
 def run_steps(name: str, steps: int, step_fn: Callable[[int], dict], modules: dict, checkpoint: Path, every: int,
