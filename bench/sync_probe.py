@@ -61,7 +61,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import tempfile
 
-    import lpips
     import torch
 
     from pvp.fit.mapper_training import MapperData, train_mappers
@@ -69,19 +68,15 @@ def main(argv=None):
     from pvp.fit.pti import pivotal_tuning
     from pvp.models.arcface import ArcFace, IdentityLoss
     from pvp.models.generator import default_channels
-    from pvp.models.losses import PerceptualLoss
     from pvp.tracking.differentiable import DifferentiableTracker
     from pvp.tracking.track import Track
-    from tests.official_layouts import random_generator
+    from tests.official_layouts import random_generator, random_lpips_vgg
 
     device = torch.device(args.device)
     preset = PRESETS["paper"].with_overrides(checkpoint_every=10**9)
     size = args.resolution
     G = random_generator(resolution=size, w_dim=512, channels=default_channels(size)).to(device)
-    perceptual = PerceptualLoss("msssim")
-    perceptual.kind = "lpips-vgg"  # LPIPS-VGG with a random VGG: the paper preset's loss, no file needed
-    perceptual.lpips = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval().requires_grad_(False)
-    perceptual = perceptual.to(device)
+    perceptual = random_lpips_vgg(device)  # the paper preset's loss, its VGG random: no file needed
     k, n = 32, 24
     pivots = G.map_z(torch.randn(k, 512, device=device)).detach()
     targets = torch.rand(k, 3, size, size, device=device) * 2 - 1

@@ -34,6 +34,22 @@ def random_generator(resolution=32, channels=None, w_dim=32, mapping_layers=8, s
 
 # --- rosinality/stylegan2-pytorch -------------------------------------------------------------------
 
+def random_lpips_vgg(device="cpu"):
+    """LPIPS-VGG as the paper presets use it, its VGG random (no backbone file): a PerceptualLoss."""
+    import warnings
+
+    import lpips
+
+    from pvp.models.losses import PerceptualLoss
+
+    loss = PerceptualLoss("msssim")
+    loss.kind = "lpips-vgg"
+    with warnings.catch_warnings():  # lpips asks torchvision for VGG16 the pre-0.13 way
+        warnings.simplefilter("ignore", UserWarning)
+        loss.lpips = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval().requires_grad_(False)
+    return loss.to(device)
+
+
 def rosinality_checkpoint(G: Generator) -> dict:
     """{'g_ema': state_dict, 'latent_avg': [w_dim]} with rosinality's names, nesting and shapes."""
     sd, cfg = G.state_dict(), G.cfg

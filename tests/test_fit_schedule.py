@@ -11,7 +11,7 @@ from pvp.fit.presets import PRESETS
 from pvp.fit.pti import PivotDraw, pivotal_tuning
 from pvp.fit.training import run_steps, step_generator
 from pvp.models.losses import PerceptualLoss
-from tests.official_layouts import random_generator
+from tests.official_layouts import random_generator, random_lpips_vgg
 
 READS = {"item": 0.0, "tolist": None, "numpy": None, "cpu": None, "__bool__": False, "__float__": 0.0,
          "__int__": 0, "__index__": 0}
@@ -90,24 +90,10 @@ def test_pivotal_tuning_reads_nothing_from_the_device_between_logging_steps(monk
     for stop in ("epoch", "pivot"):
         preset = PRESETS["paper"].with_overrides(pti_steps_per_pivot=8, pti_batch=4, pti_stop=stop,
                                                  checkpoint_every=15)
-        reads = _on_meta(monkeypatch, lambda: pivotal_tuning(G, pivots, targets, _lpips_like(), preset,
+        reads = _on_meta(monkeypatch, lambda: pivotal_tuning(G, pivots, targets, random_lpips_vgg("meta"), preset,
                                                           tmp_path / f"pti_{stop}.pt", resume=False, progress=False))
         # 24 steps: logging every 10th, the checkpoint after step 14, the end
         assert reads.steps_read() == {0, 10, 14, 20, 23}, (stop, reads.reads)
-
-
-def _lpips_like(device="meta"):
-    """LPIPS-VGG as the paper preset uses it, its VGG random (not read from a file)."""
-    import warnings
-
-    import lpips
-
-    loss = PerceptualLoss("msssim")
-    loss.kind = "lpips-vgg"
-    with warnings.catch_warnings():  # lpips asks torchvision for VGG16 the pre-0.13 way
-        warnings.simplefilter("ignore", UserWarning)
-        loss.lpips = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval().requires_grad_(False)
-    return loss.to(device)
 
 
 def test_mapper_training_reads_nothing_from_the_device_between_logging_steps(monkeypatch, d3_track, tmp_path):
@@ -125,7 +111,7 @@ def test_mapper_training_reads_nothing_from_the_device_between_logging_steps(mon
     identity = IdentityLoss(ArcFace().eval().requires_grad_(False).to("meta"))
     objective = PRESETS["paper-exact"].objective.__class__(novel_pose=1.0)
     reads = _on_meta(monkeypatch, lambda: train_mappers(
-        G, torch.zeros(4, G.num_ws, 32, device="meta"), data, _lpips_like(), steps=12, batch=3, lr=1e-3,
+        G, torch.zeros(4, G.num_ws, 32, device="meta"), data, random_lpips_vgg("meta"), steps=12, batch=3, lr=1e-3,
         checkpoint=tmp_path / "m.pt", every=100, resume=False, tracker=tracker, identity=identity,
         objective=objective, standardize_inputs=True, progress=False))
     assert reads.steps_read() == {0, 10, 11}, reads.reads
@@ -143,7 +129,8 @@ def test_scratch_prior_and_inversion_read_nothing_from_the_device_between_loggin
 
     G = random_generator(resolution=16, w_dim=32).to("meta")
     with HostReads() as reads:
-        w = optimize_latents(G, frames, _lpips_like(), w_steps=3, wplus_steps=3, lr=0.01, batch=2, progress=False)
+        w = optimize_latents(G, frames, random_lpips_vgg("meta"), w_steps=3, wplus_steps=3, lr=0.01, batch=2,
+                             progress=False)
     assert w.shape == (5, G.num_ws, 32) and reads.reads == []
 
 
@@ -184,7 +171,7 @@ def test_tuning_stops_once_every_pivot_is_under_the_threshold(tmp_path):
     pivots = G.map_z(torch.randn(4, 32))
     targets = torch.rand(4, 3, 32, 32) * 2 - 1
     preset = PRESETS["paper"].with_overrides(pti_batch=4, pti_steps_per_pivot=40, pti_lpips_threshold=10.0)
-    lpips_random = _lpips_like("cpu")
+    lpips_random = random_lpips_vgg("cpu")
     _, metrics = pivotal_tuning(G, pivots, targets, lpips_random, preset, tmp_path / "c.pt", resume=False,
                                 progress=False)
     assert metrics["steps"] == 1  # all four drawn at the first step, all under 10, read at its logging
