@@ -38,9 +38,10 @@ class HostReads(TorchFunctionMode):
             self.reads.append((self.step, name))
             if name == "tolist":
                 return torch.zeros(tensor.shape).tolist()
-            if name in ("cpu", "numpy") or to_host:
-                return torch.zeros(tensor.shape, dtype=tensor.dtype) if name != "numpy" else torch.zeros(
-                    tensor.shape).numpy()
+            if name == "numpy":
+                return torch.zeros(tensor.shape).numpy()
+            if name == "cpu" or to_host:
+                return torch.zeros(tensor.shape, dtype=tensor.dtype)
             return READS[name]
         if _copies_host_values(name, args, kwargs, on_meta):
             self.reads.append((self.step, f"{name} (host values copied)"))
@@ -55,12 +56,18 @@ def _copies_host_values(name, args, kwargs, on_meta) -> bool:
         return True
     if name in ("tensor", "as_tensor") and str(kwargs.get("device", "")) == "meta":
         return True
-    if name in ("__getitem__", "__setitem__", "index_select") and on_meta:
-        index = args[1] if len(args) > 1 else None
-        parts = index if isinstance(index, tuple) else (index,)
-        return any(isinstance(p, list) or (isinstance(p, torch.Tensor) and p.device.type == "cpu" and p.dim() > 0)
-                   for p in parts)
+    if on_meta and name in ("__getitem__", "__setitem__"):
+        return _host_index(args[1])
+    if on_meta and name == "index_select":
+        return _host_index(args[2] if len(args) > 2 else kwargs.get("index"))
     return False
+
+
+def _host_index(index) -> bool:
+    """An index made of host values: a Python list, or a CPU tensor (copied to the device at each use)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, list) or (isinstance(p, torch.Tensor) and p.device.type == "cpu" and p.dim() > 0)
+               for p in parts)
 
 
 def _recording(reads: HostReads, step_fn):
