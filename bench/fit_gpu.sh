@@ -23,14 +23,7 @@ if [ "${1:-}" = "--prepare" ]; then
   exit 0
 fi
 RESULTS="${OUT:-bench/results}"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
-STUB=/tmp/mp/mediapipe/modules/face_landmark
-mkdir -p "$STUB" /tmp/mp/mediapipe/python/solutions && cp "$WORK/face_landmark.tflite" "$STUB/"
-touch /tmp/mp/mediapipe/__init__.py /tmp/mp/mediapipe/python/__init__.py /tmp/mp/mediapipe/python/solutions/__init__.py
-cp "$WORK/face_mesh_connections.py" /tmp/mp/mediapipe/python/solutions/  # the mesh topology an avatar saves
-export PYTHONPATH="/tmp/site:/tmp/mp" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+source bench/gpu_env.sh
 COMMON=(--video "$WORK/lp_d3.safetensors" --train-frames 0:283 --random-weights /tmp/pvp_weights --device cuda)
 for run in "paper 0.02 270" "paper-exact 0.002 200"; do
   set -- $run
