@@ -127,12 +127,14 @@ def test_mapper_training_reads_nothing_from_the_device_between_logging_steps(mon
 def test_scratch_prior_and_inversion_read_nothing_from_the_device_between_logging_steps(monkeypatch, tmp_path):
     from pvp.fit.scratch_prior import train_scratch_prior
 
-    preset = PRESETS["tiny"].with_overrides(resolution=16, channels=(32, 32, 16), w_dim=32, prior_steps=12,
-                                            checkpoint_every=100)
     frames = torch.zeros(5, 3, 16, 16, device="meta")
-    reads = _on_meta(monkeypatch, lambda: train_scratch_prior(frames, torch.zeros(5, 4), preset, tmp_path / "p.pt",
-                                                           "meta", resume=False, progress=False))
-    assert reads.steps_read() == {0, 10, 11}, reads.reads
+    for terms in ({}, {"prior_inbetween": 0.5, "prior_adversarial": 0.1}):
+        preset = PRESETS["tiny"].with_overrides(resolution=16, channels=(32, 32, 16), w_dim=32, prior_steps=12,
+                                                checkpoint_every=100, **terms)
+        reads = _on_meta(monkeypatch, lambda: train_scratch_prior(frames, torch.zeros(5, 4), preset,
+                                                               tmp_path / "p.pt", "meta", resume=False,
+                                                               progress=False))
+        assert reads.steps_read() == {0, 10, 11}, (terms, reads.reads)
 
     G = random_generator(resolution=16, w_dim=32).to("meta")
     with HostReads() as reads:

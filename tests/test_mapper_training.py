@@ -213,3 +213,35 @@ def test_noise_maps_train_with_the_mappers(parts, tmp_path, optimize_noise):
     assert all(torch.equal(v, weights_before[k]) for k, v in G.state_dict().items() if k in weights_before)
     saved = torch.load(tmp_path / "c.pt", weights_only=True)
     assert ("noise" in saved) == optimize_noise
+
+
+def test_the_generator_trains_with_the_mappers_at_its_own_rate_when_asked(parts, tmp_path):
+    """A from-scratch prior's generator can go on learning where the mappers' latents land (generator_lr > 0):
+    its synthesis weights change, at their own learning rate, and the checkpoint holds them."""
+    G0, pivots, _, _, (pitch_yaw, jaw_expression) = parts
+    G = G0.__class__(G0.cfg)
+    G.load_state_dict(G0.state_dict())
+    frames = torch.rand(N, 3, 64, 64) * 2 - 1
+    data = MapperData(pitch_yaw, jaw_expression, frames, torch.ones(N, 1, 64, 64), jaw_expression.min(0).values,
+                      jaw_expression.max(0).values)
+    seen_rates = []
+    original_step = torch.optim.Adam.step
+
+    def recording_step(opt, *args, **kwargs):
+        seen_rates.append(sorted({group["lr"] for group in opt.param_groups}))
+        return original_step(opt, *args, **kwargs)
+
+    torch.optim.Adam.step = recording_step
+    try:
+        train_mappers(G, pivots, data, PerceptualLoss("msssim"), steps=2, batch=2, lr=5e-4,
+                      checkpoint=tmp_path / "c.pt", every=1, resume=False,
+                      objective=ObjectiveConfig(optimize_noise=False), progress=False, generator_lr=1e-5)
+    finally:
+        torch.optim.Adam.step = original_step
+    assert seen_rates == [[1e-5, 5e-4]] * 2
+    synthesis = {k for k in G.state_dict() if k.startswith("synthesis.") and not k.endswith("noise_const")}
+    assert all(not torch.equal(G.state_dict()[k], G0.state_dict()[k]) for k in synthesis if k.endswith("weight"))
+    assert all(torch.equal(v, G0.state_dict()[k]) for k, v in G.state_dict().items() if k not in synthesis)
+    saved = torch.load(tmp_path / "c.pt", weights_only=True)["generator"]
+    assert all(torch.equal(saved[k], v) for k, v in G.state_dict().items())
+    assert not any(p.requires_grad for p in G.parameters())

@@ -213,9 +213,10 @@ def train_mappers(G: Generator, pivots: torch.Tensor, data: MapperData, perceptu
                   batch: int, lr: float, checkpoint: Path, every: int, resume: bool, tracker=None, identity=None,
                   objective: ObjectiveConfig = ObjectiveConfig(), design: MapperDesign = MapperDesign(),
                   standardize_inputs: bool = False, lr_schedule: str = "constant", seed: int = 0,
-                  progress: bool = True):
+                  progress: bool = True, generator_lr: float = 0.0):
     """Returns (mappers, the last step's loss terms). With ``objective.optimize_noise`` the generator's noise
-    maps are trained too, in place: save G afterwards."""
+    maps are trained too, and with ``generator_lr`` > 0 its synthesis weights (at that rate): in place, save G
+    afterwards."""
     device = data.frames.device
     cfg = MapperConfig(num_pivots=len(pivots), num_ws=G.num_ws, w_dim=G.cfg.w_dim,
                        jaw_expression_dim=data.jaw_expression.shape[1], design=design)
@@ -231,6 +232,10 @@ def train_mappers(G: Generator, pivots: torch.Tensor, data: MapperData, perceptu
         noise.randomize(torch.Generator().manual_seed(seed))
         params.append({"params": noise.trainable()})
         state["noise"] = noise
+    if generator_lr > 0:
+        params.append({"params": list(G.synthesis.parameters()), "base_lr": generator_lr})
+        G.synthesis.requires_grad_(True)
+        state["generator"] = G
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
 
     def step(i: int) -> dict[str, torch.Tensor]:
@@ -246,6 +251,7 @@ def train_mappers(G: Generator, pivots: torch.Tensor, data: MapperData, perceptu
 
     metrics = run_steps("mappers", steps, step, {**state, "opt": opt}, checkpoint, every, resume, progress)
     noise.freeze()
+    G.requires_grad_(False)
     return mappers.eval().requires_grad_(False), metrics
 
 

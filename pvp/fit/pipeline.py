@@ -175,7 +175,7 @@ class FitJob:
             log.info("stage prior: from scratch on %d frames, %d steps", len(rows), x.preset.prior_steps)
             G, latents, prior_metrics = train_scratch_prior(frames[rows], controls, x.preset,
                                                             self.work / "prior_checkpoint.pt", device, x.resume,
-                                                            x.seed, x.progress)
+                                                            x.seed, x.progress, frame_numbers=frame_index[rows])
             self._record(prior_training=prior_metrics)
             with torch.no_grad():
                 frame_w = latents(torch.arange(len(rows), device=device))
@@ -272,9 +272,11 @@ class FitJob:
             x.preset.mapper_lr, self.work / "mappers_checkpoint.pt", x.preset.checkpoint_every, x.resume, tracker,
             identity, objective=objective, design=x.preset.mapper_design,
             standardize_inputs=x.preset.standardize_mapper_inputs, lr_schedule=x.preset.lr_schedule, seed=x.seed,
-            progress=x.progress)
+            progress=x.progress, generator_lr=x.preset.mapper_generator_lr)
         self._record(mapper_training=metrics, losses=losses_record(objective, perceptual.kind, identity is not None,
                                                                    tracker and track.backend))
+        if x.preset.mapper_generator_lr > 0:  # the generator the mappers were trained with, before them
+            save_generator(G, self.work / "generator.safetensors")
         if objective.optimize_noise:  # before the mappers: their file marks the stage done
             with atomic_path(noise_path) as tmp:
                 save_file({k: v.cpu().contiguous() for k, v in noise.state_dict().items()}, str(tmp))

@@ -30,6 +30,10 @@ class Preset:
     prior_lr: float = 2e-3
     latent_lr: float = 1e-2
     residual_weight: float = 1e-2  # keeps per-frame latents near their controls' linear prediction
+    prior_inbetween: float = 0.0  # share of each batch rendered from two neighbours' latents blended to its time
+    prior_inbetween_gap: int = 8  # how many training frames away those neighbours are at most
+    prior_adversarial: float = 0.0  # weight of the adversarial term on renders of blended latents (0: none)
+    prior_r1: float = 0.1  # the discriminator's R1 penalty
     # inversion of the pivots in a pretrained prior (optimisation; e4e when given)
     invert_w_steps: int = 300
     invert_wplus_steps: int = 200
@@ -52,6 +56,7 @@ class Preset:
     mapper_steps: int = 50_000
     mapper_lr: float = 5e-4  # the mappers' and the noise maps'
     mapper_batch: int = 1
+    mapper_generator_lr: float = 0.0  # > 0: the generator trained with the mappers at this rate (0: frozen)
     mapper_design: MapperDesign = field(default_factory=MapperDesign)
     standardize_mapper_inputs: bool = False
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # Eq. 15
@@ -61,6 +66,10 @@ class Preset:
     def __post_init__(self):
         if self.pti_stop not in PTI_STOPS:
             raise ValueError(f"pti_stop {self.pti_stop!r}: expected one of {', '.join(PTI_STOPS)}")
+        if not 0.0 <= self.prior_inbetween <= 1.0:
+            raise ValueError(f"prior_inbetween {self.prior_inbetween}: expected a share of the batch, 0 to 1")
+        if self.prior_inbetween_gap < 1:
+            raise ValueError(f"prior_inbetween_gap {self.prior_inbetween_gap}: expected at least 1 frame")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule {self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
 

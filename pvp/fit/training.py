@@ -42,8 +42,9 @@ def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> 
 
 def schedule_lr(opt: torch.optim.Optimizer, lr: float, schedule: str, step: int, steps: int,
                 warmup: float = 0.05) -> None:
-    """Set every group's learning rate for ``step`` of ``steps``: 'constant', or 'cosine' (a linear warm-up
-    over the first ``warmup`` of the run, then a cosine decay to zero). Host arithmetic only."""
+    """Set every group's learning rate for ``step`` of ``steps``: ``lr`` (a group's own "base_lr" if it has
+    one) times 1 ('constant') or 'cosine' (a linear warm-up over the first ``warmup`` of the run, then a
+    cosine decay to zero). Host arithmetic only."""
     ramp = max(1, int(steps * warmup))
     if schedule == "constant":
         factor = 1.0
@@ -52,7 +53,7 @@ def schedule_lr(opt: torch.optim.Optimizer, lr: float, schedule: str, step: int,
     else:
         factor = 0.5 * (1 + math.cos(math.pi * (step - ramp) / max(1, steps - ramp)))
     for group in opt.param_groups:
-        group["lr"] = lr * factor
+        group["lr"] = group.get("base_lr", lr) * factor
 
 
 def read_metrics(metrics: dict) -> dict[str, float]:

@@ -1,0 +1,89 @@
+"""The from-scratch prior's terms between its frames: in-betweens blended at the frame's own time, latents
+blended by head pose and face separately, and the discriminator with its differentiable augmentation."""
+import numpy as np
+import pytest
+import torch
+
+from pvp.fit.presets import PRESETS
+from pvp.fit.scratch_prior import POSE_COLUMNS, FrameLatents, inbetween_latents, train_scratch_prior
+from pvp.models.discriminator import (
+    Discriminator,
+    DiscriminatorConfig,
+    diff_augment,
+    discriminator_loss,
+    generator_adversarial_loss,
+)
+
+
+def _latents(controls: torch.Tensor, times=None) -> FrameLatents:
+    torch.manual_seed(0)
+    latents = FrameLatents(controls, num_ws=3, w_dim=4, times=times)
+    torch.nn.init.normal_(latents.residual)
+    return latents
+
+
+def test_inbetweens_blend_two_neighbours_at_the_frames_own_time():
+    """Latents linear in time (no residuals): a frame's in-between is its own latent exactly, also where
+    frames are missing (the times are the video's frame numbers, not positions)."""
+    times = torch.tensor([0.0, 1, 2, 5, 6, 10, 11, 12, 20, 21])
+    latents = _latents(times[:, None], times)
+    latents.residual.data.zero_()
+    idx = torch.arange(len(times)).repeat(20)
+    got = inbetween_latents(latents, idx, gap=3, gen=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(got, latents(idx))
+    # and the neighbours are other frames: with residuals the in-between differs from the frame's own latent
+    torch.nn.init.normal_(latents.residual)
+    got = inbetween_latents(latents, idx, gap=3, gen=torch.Generator().manual_seed(1))
+    inner = (idx > 0) & (idx < len(times) - 1)
+    assert (got[inner] - latents(idx[inner])).abs().amax((1, 2)).min() > 0
+
+
+def test_blended_latents_take_head_pose_and_face_each_by_its_own_weight():
+    controls = torch.randn(5, 2 + 6)
+    latents = _latents(controls)
+    i, j = torch.tensor([0, 3]), torch.tensor([4, 1])
+    w = latents.blended(i, j, pose=torch.tensor([0.0, 1.0]), face=torch.tensor([1.0, 0.0]))
+    for k, (a, b) in enumerate(zip(i, j)):  # one frame's head pose with the other's jaw and expression
+        pose_from, face_from = (a, b) if k == 0 else (b, a)
+        mixed = torch.cat([controls[pose_from, :POSE_COLUMNS], controls[face_from, POSE_COLUMNS:]])
+        expected = latents.base[0] + latents.proj(mixed).view(3, 4) + (latents.residual[a] + latents.residual[b]) / 2
+        torch.testing.assert_close(w[k], expected)
+    torch.testing.assert_close(latents.blended(i, j, torch.zeros(2), torch.zeros(2)), latents(i))
+
+
+def test_augmentation_is_reproducible_differentiable_and_shared_by_real_and_rendered_images():
+    images = (torch.rand(4, 3, 32, 32) * 2 - 1).requires_grad_(True)
+    a = diff_augment(images, torch.Generator().manual_seed(3))
+    b = diff_augment(images, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, b)
+    assert a.shape == images.shape and not torch.allclose(a, images)
+    a.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    # each image loses a square of half its side (cutout 0.5): at least a sixteenth of it is zero
+    zero = (a.detach() == 0).all(1).float().mean((1, 2))
+    assert (zero >= 1 / 16).all(), zero
+
+
+@pytest.mark.parametrize("resolution", [16, 64])
+def test_discriminator_losses(resolution):
+    torch.manual_seed(0)
+    D = Discriminator(DiscriminatorConfig(resolution))
+    real, fake = torch.rand(3, 3, resolution, resolution), torch.rand(3, 3, resolution, resolution)
+    assert D(real).shape == (3,)
+    plain, with_r1 = discriminator_loss(D, real, fake, 0.0), discriminator_loss(D, real, fake, 10.0)
+    assert torch.isfinite(plain) and with_r1 > plain  # R1 adds the squared gradient norm on the real images
+    fake.requires_grad_(True)
+    generator_adversarial_loss(D, fake).backward()
+    assert fake.grad.abs().sum() > 0
+
+
+def test_prior_terms_train_and_checkpoint_the_discriminator(tmp_path):
+    frames = torch.rand(12, 3, 16, 16) * 2 - 1
+    preset = PRESETS["tiny"].with_overrides(resolution=16, channels=(32, 32, 16), w_dim=32, prior_steps=3,
+                                            prior_batch=4, prior_inbetween=0.5, prior_adversarial=0.1,
+                                            checkpoint_every=2)
+    _, _, metrics = train_scratch_prior(frames, torch.randn(12, 5), preset, tmp_path / "p.pt", "cpu", resume=False,
+                                        progress=False, frame_numbers=np.arange(12) * 2)
+    assert {"rec", "d_loss", "g_adv"} <= set(metrics) and all(np.isfinite(v) for v in metrics.values())
+    saved = torch.load(tmp_path / "p.pt", weights_only=True)
+    assert {"discriminator", "opt_d"} <= set(saved)
