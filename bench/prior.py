@@ -1,0 +1,133 @@
+"""The from-scratch prior away from its training frames (issue 20): per clip and variant, a whole fit on the
+first 80% of the frames (prior and mappers), then `pvp eval` on the held-out last 20% — the avatar against
+the nearest pivot, the nearest training frame and the training frame nearest in head pose: mean and
+worst-10% PSNR, SSIM, sharpness (render / real), control errors, plus the sharpness of the slider sweeps and
+of recombined training controls, the clamped requests and the fit's time.
+
+    python bench/prior.py [--preset tiny] [--clips lp_d3 lp_d12] [--variants base ...] [--set KEY=VALUE ...]
+
+Writes bench/results/prior_<preset>.json after every fit (a rerun skips the rows already there). The clips'
+track, aligned frames and pivots are made once per clip and shared by its variants (``--prepare`` makes the
+tracks alone, for bench/prior_gpu.sh).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.common import RESULTS, held_out_split, print_table, run_pvp, write_results  # noqa: E402
+
+DATA = Path("tests") / "data"  # relative to the repository (pvp runs there): a track made here reads its video there
+# variant -> (what it changes, `pvp fit` arguments)
+INBETWEEN = ["--set", "prior_inbetween=0.5"]
+ADVERSARIAL = ["--set", "prior_adversarial=0.05"]
+TUNE = ["--set", "mapper_generator_lr=2e-4"]
+VARIANTS = {
+    "base": ("the preset as it is", []),
+    "inbetween": ("half of each prior batch rendered from two neighbours' latents blended to its time", INBETWEEN),
+    "adversarial": ("an adversarial term (weight 0.05) on renders of blended latents", ADVERSARIAL),
+    "tune": ("the generator trained with the mappers (lr 2e-4)", TUNE),
+    "all": ("in-betweens, the adversarial term and the generator trained with the mappers",
+            INBETWEEN + ADVERSARIAL + TUNE),
+    "all_adv0.2": ("in-betweens, the adversarial term at weight 0.2 and the generator trained with the mappers",
+                   INBETWEEN + ["--set", "prior_adversarial=0.2"] + TUNE),
+}
+METHODS = ("avatar", "nearest_pivot", "nearest_frame", "nearest_pose_frame")
+COLUMNS = ("psnr", "psnr_worst10", "ssim", "sharpness", "yaw_err", "pitch_err", "jaw_err", "expr_err", "yaw_shift",
+           "pitch_shift")
+
+
+def share_stages(source: Path, dest: Path) -> bool:
+    """Copy the stages every variant of a clip shares (track, aligned frames, pivots) that ``dest`` lacks;
+    True if ``source`` has any."""
+    files = [f for f in source.glob("*") if f.name in ("track.safetensors", "pivots.json")
+             or f.name.startswith("frames_")] if source.is_dir() else []
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        if not (dest / f.name).is_file():  # through a temporary name: variants running beside it read it
+            shutil.copy2(f, dest / f"{f.name}.part")
+            (dest / f"{f.name}.part").replace(dest / f.name)
+    return bool(files)
+
+
+def machine() -> str:
+    import torch
+
+    from bench.common import device_description
+
+    return device_description("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def score(summary: dict) -> dict:
+    """One row per method of a `pvp eval` summary.json, with the avatar's probes and clamped requests."""
+    rows = {}
+    for method in METHODS:
+        values = summary["methods"].get(method, {})
+        rows[method] = {c: round(values[c], 3) for c in COLUMNS if c in values}
+    probes = summary["sharpness"]
+    rows["avatar"].update(sharpness_sweeps=round(probes["slider_sweeps"], 3),
+                          sharpness_recombined=round(probes["recombined"], 3), worst_slider=probes["worst_slider"],
+                          clamped_frames=f"{summary['clamped']['frames']}/{summary['clamped']['of']}")
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--clips", nargs="+", default=["lp_d3", "lp_d12"])
+    ap.add_argument("--variants", nargs="+", default=["base"], choices=list(VARIANTS))
+    ap.add_argument("--label", default="", help="added to each row's variant name (e.g. 'before')")
+    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "prior")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a preset override for every fit")
+    ap.add_argument("--out", type=Path, help="results file (default bench/results/prior_<preset>.json)")
+    ap.add_argument("--prepare", action="store_true", help="only track the clips (for a machine without MediaPipe)")
+    args = ap.parse_args(argv)
+    if args.prepare:
+        for clip in args.clips:
+            track = args.work / args.preset / clip / "stages" / "track.safetensors"
+            if not track.is_file():
+                run_pvp(["track", str(DATA / f"{clip}.mp4"), "-o", str(track)], "bench/prior.py")
+        return
+
+    common = [a for item in args.set for a in ("--set", item)]
+    out_json = args.out or RESULTS / f"prior_{args.preset}.json"
+    rows = json.loads(out_json.read_text())["rows"] if out_json.is_file() else []
+    for clip in args.clips:
+        video = DATA / f"{clip}.mp4"
+        train, held_out = held_out_split(ROOT / video)
+        for variant in args.variants:
+            name = f"{variant}{args.label}"
+            if any(r["clip"] == clip and r["variant"] == name for r in rows):
+                continue
+            description, fit_args = VARIANTS[variant]
+            out = args.work / args.preset / clip / name
+            shutil.rmtree(out, ignore_errors=True)
+            reused = share_stages(args.work / args.preset / clip / "stages", out / "work")
+            t0 = time.perf_counter()
+            run_pvp(["fit", str(video), "-o", str(out), "--preset", args.preset, "--train-frames", train, *common,
+                     *fit_args, *(["--resume"] if reused else [])], "bench/prior.py")
+            share_stages(out / "work", args.work / args.preset / clip / "stages")
+            fit_seconds = time.perf_counter() - t0
+            run_pvp(["eval", str(out), "--video", str(video), "--frames", held_out, "-o", str(out / "eval")],
+                    "bench/prior.py")
+            stages = json.loads((out / "work" / "metrics.json").read_text()).get("stage_seconds", {})
+            scores = score(json.loads((out / "eval" / "summary.json").read_text()))
+            for method, values in scores.items():
+                rows.append({"clip": clip, "variant": name, "changes": description, "settings": args.set,
+                             "held_out": held_out, "method": method, **values,
+                             **({"fit_seconds": round(fit_seconds, 1), "stage_seconds": stages}
+                                if method == "avatar" else {})})
+            write_results(f"prior_{args.preset}", machine(), rows, out_json)
+            print(f"{clip} {name}: " + ", ".join(f"{c} {scores['avatar'].get(c)}" for c in COLUMNS), flush=True)
+    print_table(rows, ["clip", "variant", "method", *COLUMNS, "sharpness_sweeps", "sharpness_recombined",
+                       "fit_seconds"])
+
+
+if __name__ == "__main__":
+    main()
