@@ -5,7 +5,12 @@ import pytest
 import torch
 
 from pvp.fit.presets import PRESETS
-from pvp.fit.scratch_prior import POSE_COLUMNS, FrameLatents, inbetween_latents, train_scratch_prior
+from pvp.fit.scratch_prior import (
+    POSE_COLUMNS,
+    FrameLatents,
+    inbetween_latents,
+    train_scratch_prior,
+)
 from pvp.models.discriminator import (
     Discriminator,
     DiscriminatorConfig,
@@ -13,6 +18,7 @@ from pvp.models.discriminator import (
     discriminator_loss,
     generator_adversarial_loss,
 )
+from pvp.models.losses import laplacian_l1
 
 
 def _latents(controls: torch.Tensor, times=None) -> FrameLatents:
@@ -80,10 +86,20 @@ def test_discriminator_losses(resolution):
 def test_prior_terms_train_and_checkpoint_the_discriminator(tmp_path):
     frames = torch.rand(12, 3, 16, 16) * 2 - 1
     preset = PRESETS["tiny"].with_overrides(resolution=16, channels=(32, 32, 16), w_dim=32, prior_steps=3,
-                                            prior_batch=4, prior_inbetween=0.5, prior_adversarial=0.1,
+                                            prior_batch=4, prior_inbetween=0.5, prior_adversarial=0.1, prior_detail=1.0,
                                             checkpoint_every=2)
     _, _, metrics = train_scratch_prior(frames, torch.randn(12, 5), preset, tmp_path / "p.pt", "cpu", resume=False,
                                         progress=False, frame_numbers=np.arange(12) * 2)
     assert {"rec", "d_loss", "g_adv"} <= set(metrics) and all(np.isfinite(v) for v in metrics.values())
     saved = torch.load(tmp_path / "p.pt", weights_only=True)
     assert {"discriminator", "opt_d"} <= set(saved)
+
+
+def test_laplacian_l1_weighs_the_finest_detail_as_much_as_a_uniform_shift():
+    """A pixel-scale checkerboard of amplitude c and a uniform shift by c both cost c (L2 would weigh them
+    alike too, but MS-SSIM and the pooled scales see the checkerboard least); identical images cost 0."""
+    a = torch.rand(2, 3, 16, 16)
+    checker = (torch.arange(16)[:, None] + torch.arange(16)[None]) % 2 * 2 - 1.0
+    for difference in (0.1 * checker.expand(2, 3, 16, 16), torch.full((2, 3, 16, 16), 0.1)):
+        torch.testing.assert_close(laplacian_l1(a + difference, a), torch.full((2,), 0.1))
+    assert laplacian_l1(a, a).abs().max() == 0

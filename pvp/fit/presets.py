@@ -30,6 +30,7 @@ class Preset:
     prior_lr: float = 2e-3
     latent_lr: float = 1e-2
     residual_weight: float = 1e-2  # keeps per-frame latents near their controls' linear prediction
+    prior_detail: float = 0.0  # weight of a Laplacian-pyramid L1 term in the reconstruction loss (fine detail)
     prior_inbetween: float = 0.0  # share of each batch rendered from two neighbours' latents blended to its time
     prior_inbetween_gap: int = 8  # how many training frames away those neighbours are at most
     prior_adversarial: float = 0.0  # weight of the adversarial term on renders of blended latents (0: none)

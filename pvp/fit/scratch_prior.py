@@ -27,7 +27,7 @@ from pvp.models.discriminator import (
     generator_adversarial_loss,
 )
 from pvp.models.generator import Generator, GeneratorConfig
-from pvp.models.losses import PerceptualLoss
+from pvp.models.losses import PerceptualLoss, laplacian_l1
 
 POSE_COLUMNS = 2  # standardized_controls: yaw, pitch, then jaw and expression
 
@@ -80,8 +80,11 @@ def inbetween_latents(latents: FrameLatents, idx: torch.Tensor, gap: int, gen: t
     return torch.lerp(latents(before), latents(after), at.view(-1, 1, 1))
 
 
-def reconstruction_loss(perceptual: PerceptualLoss, img: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (img - target).square().mean() + perceptual(img, target).mean()
+def reconstruction_loss(perceptual: PerceptualLoss, img: torch.Tensor, target: torch.Tensor,
+                        detail: float = 0.0) -> torch.Tensor:
+    """L2 + the perceptual loss, + ``detail`` x the Laplacian-pyramid L1 when > 0."""
+    loss = (img - target).square().mean() + perceptual(img, target).mean()
+    return loss + detail * laplacian_l1(img, target).mean() if detail > 0 else loss
 
 
 def train_scratch_prior(frames: torch.Tensor, controls: torch.Tensor, preset: Preset, checkpoint: Path,
@@ -125,7 +128,7 @@ def train_scratch_prior(frames: torch.Tensor, controls: torch.Tensor, preset: Pr
             w = torch.cat([inbetween_latents(latents, idx[:n_between], preset.prior_inbetween_gap, gen),
                            w[n_between:]])
         img = G.synthesis(w, noise_mode="const")
-        rec = reconstruction_loss(perceptual, img, frames[idx])
+        rec = reconstruction_loss(perceptual, img, frames[idx], preset.prior_detail)
         loss = rec + preset.residual_weight * latents.residual[idx].square().mean()
         metrics = {"rec": rec.detach()}
         if D is not None:

@@ -101,6 +101,21 @@ def ms_ssim(a: torch.Tensor, b: torch.Tensor, scales: int | None = None) -> torc
     return result
 
 
+def laplacian_l1(a: torch.Tensor, b: torch.Tensor, levels: int = 3) -> torch.Tensor:
+    """Per image, the mean absolute difference in each band of a Laplacian pyramid (the finest first), summed
+    with the coarse rest's: fine detail, which L2 and MS-SSIM weigh least, weighs as much as the coarse
+    shapes (the GLO paper's Lap1 loss, equal band weights). The pyramid is linear: that of a - b."""
+    diff, total = a - b, a.new_zeros(a.shape[0])
+    for _ in range(levels):
+        if min(diff.shape[-2:]) < 2:
+            break
+        low = F.avg_pool2d(diff, 2)
+        total = total + (diff - F.interpolate(low, scale_factor=2, mode="bilinear", align_corners=False)).abs().mean(
+            (1, 2, 3))
+        diff = low
+    return total + diff.abs().mean((1, 2, 3))
+
+
 class PerceptualLoss(nn.Module):
     """'lpips-vgg' / 'lpips-alex': LPIPS at up to 512 px (antialiased downsampling above it, as PVP's code);
     'msssim': the fallback without downloaded weights, 1 - MS-SSIM (L2 is added by the callers)."""
