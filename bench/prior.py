@@ -28,6 +28,7 @@ DATA = Path("tests") / "data"  # relative to the repository (pvp runs there): a 
 INBETWEEN = ["--set", "prior_inbetween=0.5"]
 ADVERSARIAL = ["--set", "prior_adversarial=0.05"]
 TUNE = ["--set", "mapper_generator_lr=2e-4"]
+DETAIL = ["--set", "prior_detail=1.0"]
 VARIANTS = {
     "base": ("the preset as it is", []),
     "inbetween": ("half of each prior batch rendered from two neighbours' latents blended to its time", INBETWEEN),
@@ -37,6 +38,9 @@ VARIANTS = {
             INBETWEEN + ADVERSARIAL + TUNE),
     "all_adv0.2": ("in-betweens, the adversarial term at weight 0.2 and the generator trained with the mappers",
                    INBETWEEN + ["--set", "prior_adversarial=0.2"] + TUNE),
+    "inbetween_tune": ("in-betweens and the generator trained with the mappers", INBETWEEN + TUNE),
+    "inbetween_tune_detail": ("in-betweens, the Laplacian L1 term and the generator trained with the mappers",
+                              INBETWEEN + DETAIL + TUNE),
 }
 METHODS = ("avatar", "nearest_pivot", "nearest_frame", "nearest_pose_frame")
 COLUMNS = ("psnr", "psnr_worst10", "ssim", "sharpness", "yaw_err", "pitch_err", "jaw_err", "expr_err", "yaw_shift",
