@@ -4,11 +4,12 @@ its controls' linear prediction plus a small residual, so the latent space is or
 expression and blends of pivot latents stay meaningful.
 
 A generator fitted to a few hundred latents alone is a lookup table: between them (where the mappers' pivot
-blends and expression offsets land) its renders smear. Two terms train it there (bench/RESULTS.md, "The
-from-scratch prior away from its training frames"): in-betweens — a share of each batch rendered from two
-nearby frames' latents blended to the frame's own time, against the real frame; and an adversarial term —
-renders of training latents blended with independent pose and face weights, judged by a small
-discriminator against the real frames, both through differentiable augmentation."""
+blends and expression offsets land) its renders smear. Optional terms train it there (off in every preset:
+bench/RESULTS.md, "The from-scratch prior away from its training frames", measures them): in-betweens — a
+share of each batch rendered from two nearby frames' latents blended at the frame's own time, against the
+real frame; an adversarial term — renders of training latents blended with independent pose and face
+weights, judged by a small discriminator against the real frames, both through differentiable augmentation;
+and a Laplacian-pyramid L1 term for the finest detail."""
 from __future__ import annotations
 
 from pathlib import Path
