@@ -38,6 +38,7 @@ VARIANTS = {
             INBETWEEN + ADVERSARIAL + TUNE),
     "all_adv0.2": ("in-betweens, the adversarial term at weight 0.2 and the generator trained with the mappers",
                    INBETWEEN + ["--set", "prior_adversarial=0.2"] + TUNE),
+    "adversarial_detail": ("the adversarial term (0.05) and the Laplacian L1 term (weight 1)", ADVERSARIAL + DETAIL),
     "inbetween_tune": ("in-betweens and the generator trained with the mappers", INBETWEEN + TUNE),
     "inbetween_tune_detail": ("in-betweens, the Laplacian L1 term and the generator trained with the mappers",
                               INBETWEEN + DETAIL + TUNE),
