@@ -197,6 +197,7 @@ def test_set_overrides_nested_preset_fields():
     assert p.mapper_design.hull == "authors" and p.mapper_design.leaky_slope == tiny.mapper_design.leaky_slope
     assert p.objective.pose == tiny.objective.pose  # the rest of a nested field stays the preset's
     for bad, message in (("objective.nothing=1", "KEY one of"), ("objective.optimize_noise=maybe", "not a valid bool"),
-                         ("mapper_design.hull=convex", "hull 'convex'")):
+                         ("mapper_design.hull=convex", "hull 'convex'"), ("prior_adversarial=-1", "0 \\(off\\)"),
+                         ("prior_inbetween=2", "share of the batch")):
         with pytest.raises(UserError, match=message):
             _preset_overrides(tiny, [bad])

@@ -215,7 +215,7 @@ def test_noise_maps_train_with_the_mappers(parts, tmp_path, optimize_noise):
     assert ("noise" in saved) == optimize_noise
 
 
-def test_the_generator_trains_with_the_mappers_at_its_own_rate_when_asked(parts, tmp_path):
+def test_the_generator_trains_with_the_mappers_at_its_own_rate_when_asked(parts, tmp_path, monkeypatch):
     """A from-scratch prior's generator can go on learning where the mappers' latents land (generator_lr > 0):
     its synthesis weights change, at their own learning rate, and the checkpoint holds them."""
     G0, pivots, _, _, (pitch_yaw, jaw_expression) = parts
@@ -231,13 +231,10 @@ def test_the_generator_trains_with_the_mappers_at_its_own_rate_when_asked(parts,
         seen_rates.append(sorted({group["lr"] for group in opt.param_groups}))
         return original_step(opt, *args, **kwargs)
 
-    torch.optim.Adam.step = recording_step
-    try:
-        train_mappers(G, pivots, data, PerceptualLoss("msssim"), steps=2, batch=2, lr=5e-4,
-                      checkpoint=tmp_path / "c.pt", every=1, resume=False,
-                      objective=ObjectiveConfig(optimize_noise=False), progress=False, generator_lr=1e-5)
-    finally:
-        torch.optim.Adam.step = original_step
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    train_mappers(G, pivots, data, PerceptualLoss("msssim"), steps=2, batch=2, lr=5e-4, checkpoint=tmp_path / "c.pt",
+                  every=1, resume=False, objective=ObjectiveConfig(optimize_noise=False), progress=False,
+                  generator_lr=1e-5)
     assert seen_rates == [[1e-5, 5e-4]] * 2
     synthesis = {k for k in G.state_dict() if k.startswith("synthesis.") and not k.endswith("noise_const")}
     assert all(not torch.equal(G.state_dict()[k], G0.state_dict()[k]) for k in synthesis if k.endswith("weight"))

@@ -67,6 +67,9 @@ class Preset:
     def __post_init__(self):
         if self.pti_stop not in PTI_STOPS:
             raise ValueError(f"pti_stop {self.pti_stop!r}: expected one of {', '.join(PTI_STOPS)}")
+        for name in ("prior_detail", "prior_adversarial", "prior_r1", "mapper_generator_lr"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} {getattr(self, name)}: expected 0 (off) or more")
         if not 0.0 <= self.prior_inbetween <= 1.0:
             raise ValueError(f"prior_inbetween {self.prior_inbetween}: expected a share of the batch, 0 to 1")
         if self.prior_inbetween_gap < 1:

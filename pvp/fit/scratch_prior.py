@@ -53,7 +53,7 @@ class FrameLatents(nn.Module):
 
     def blended(self, i: torch.Tensor, j: torch.Tensor, pose: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
         """Latents between frames i and j: their controls' head pose blended by ``pose`` and jaw and expression
-        by ``face`` (each [B] in [0, 1]; 0 is frame i's), their residuals by the mean of the two."""
+        by ``face`` (each [B] in [0, 1]; 0 is frame i's), their residuals by the mean of the two weights."""
         c = self.controls
         weight = face[:, None].repeat(1, c.shape[1])
         weight[:, :POSE_COLUMNS] = pose[:, None]
@@ -106,7 +106,7 @@ def train_scratch_prior(frames: torch.Tensor, controls: torch.Tensor, preset: Pr
     schedule = [(opt_g, preset.prior_lr), (opt_l, preset.latent_lr)]
     frames = frames.to(device)
     n = len(frames)
-    n_between = round(preset.prior_batch * preset.prior_inbetween)
+    n_between = max(1, round(preset.prior_batch * preset.prior_inbetween)) if preset.prior_inbetween > 0 else 0
     D = None
     if preset.prior_adversarial > 0:
         D = Discriminator(DiscriminatorConfig(preset.resolution)).to(device).train()
@@ -142,7 +142,9 @@ def train_scratch_prior(frames: torch.Tensor, controls: torch.Tensor, preset: Pr
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_d.step()
+            D.requires_grad_(False)  # the generator's pass: no gradients for D (its step is done)
             g_adv = generator_adversarial_loss(D, diff_augment(fake, gen))
+            D.requires_grad_(True)
             loss = loss + preset.prior_adversarial * g_adv
             metrics.update(d_loss=d_loss.detach(), g_adv=g_adv.detach())
         opt_g.zero_grad(set_to_none=True)

@@ -37,7 +37,6 @@ class Discriminator(nn.Module):
             layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
         self.features = nn.Sequential(*layers)
         self.logit = nn.Linear(widths[-1] * 16, 1)
-        self.cfg = cfg
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.logit(self.features(images).flatten(1)).squeeze(1)
