@@ -19,6 +19,8 @@ if [ "${1:-}" = "--prepare" ]; then
     --platform manylinux_2_28_x86_64 -d .whl pyzmq==26.2.0  # pvp.cli imports the client side of the wire
   cp "$(.venv/bin/python -c 'from pvp.tracking.differentiable import mediapipe_landmark_model as m; print(m())')" \
      "$WORK/face_landmark.tflite"
+  cp "$(.venv/bin/python -c 'import mediapipe.python.solutions.face_mesh_connections as m; print(m.__file__)')" \
+     "$WORK/face_mesh_connections.py"
   ls -la "$WORK" .whl
   exit 0
 fi

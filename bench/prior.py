@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -36,9 +37,6 @@ VARIANTS = {
     "tune": ("the generator trained with the mappers (lr 2e-4)", TUNE),
     "all": ("in-betweens, the adversarial term and the generator trained with the mappers",
             INBETWEEN + ADVERSARIAL + TUNE),
-    "all_adv0.2": ("in-betweens, the adversarial term at weight 0.2 and the generator trained with the mappers",
-                   INBETWEEN + ["--set", "prior_adversarial=0.2"] + TUNE),
-    "adversarial_detail": ("the adversarial term (0.05) and the Laplacian L1 term (weight 1)", ADVERSARIAL + DETAIL),
     "inbetween_tune": ("in-betweens and the generator trained with the mappers", INBETWEEN + TUNE),
     "inbetween_tune_detail": ("in-betweens, the Laplacian L1 term and the generator trained with the mappers",
                               INBETWEEN + DETAIL + TUNE),
@@ -55,9 +53,10 @@ def share_stages(source: Path, dest: Path) -> bool:
              or f.name.startswith("frames_")] if source.is_dir() else []
     dest.mkdir(parents=True, exist_ok=True)
     for f in files:
-        if not (dest / f.name).is_file():  # through a temporary name: variants running beside it read it
-            shutil.copy2(f, dest / f"{f.name}.part")
-            (dest / f"{f.name}.part").replace(dest / f.name)
+        if not (dest / f.name).is_file():  # through a name of its own: variants running beside it read it
+            part = dest / f"{f.name}.{os.getpid()}.part"
+            shutil.copy2(f, part)
+            part.replace(dest / f.name)
     return bool(files)
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 20's variants of the from-scratch prior on a GPU, all at once: bench/prior.py, one process per
-# variant (each clip in turn), JSON per variant in $OUT (or bench/results), the logs' ends on stdout.
+# variant (each clip in turn), JSON per variant in $OUT (or bench/results), the logs' ends on stdout;
+# bench/results/prior_tiny_gpu.json holds such files' rows concatenated.
 #   here:            bash bench/fit_gpu.sh --prepare; python bench/prior.py --prepare
 #   on the GPU:      bash bench/prior_gpu.sh [VARIANT ...]   (carry bench/work/gpu, .whl and each
 #                    bench/work/prior/tiny/CLIP/stages)
