@@ -201,3 +201,21 @@ def test_set_overrides_nested_preset_fields():
                          ("prior_inbetween=2", "share of the batch")):
         with pytest.raises(UserError, match=message):
             _preset_overrides(tiny, [bad])
+
+
+def test_a_generator_trained_with_the_mappers_is_the_one_saved_for_a_resume(d3_track_file, tmp_path):
+    """With mapper_generator_lr the mappers are trained against a generator that changes with them: the
+    stage's generator file is rewritten with it (a fit resumed after the mapper stage pairs the two), and the
+    avatar holds the same one."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "avatar"
+    r = _fit([d3_track_file, "-o", out, "--train-frames", "0:40", "--device", "cpu", "--set", "prior_steps=3",
+              "--set", "pivots=6", "--set", "mapper_steps=3", "--set", "mapper_generator_lr=1e-2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    stage = load_file(str(out / "work" / "generator.safetensors"))
+    bundled = load_file(str(out / "generator.safetensors"))
+    assert stage.keys() == bundled.keys() and all(torch.equal(stage[k], bundled[k]) for k in stage)
+    prior = torch.load(out / "work" / "prior_checkpoint.pt", weights_only=True)["generator"]
+    name = next(k for k in stage if k.startswith("synthesis.") and k.endswith("weight"))
+    assert not torch.equal(stage[name], prior[name])  # the prior stage's generator was replaced
