@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import held_out_split, print_table, run_pvp, write_results  # noqa: E402
-from pvp.fit.presets import PRESETS  # noqa: E402
+from pvp.fit.presets import PRESETS, apply_settings  # noqa: E402
 
 SCALED = ("invert_w_steps", "invert_wplus_steps", "pti_steps_per_pivot", "mapper_steps")
 EVAL_COLUMNS = ("psnr", "ssim", "psnr_worst10", "yaw_err", "pitch_err", "expr_err")
@@ -31,11 +31,9 @@ EVAL_COLUMNS = ("psnr", "ssim", "psnr_worst10", "yaw_err", "pitch_err", "expr_er
 
 def scaled(name: str, scale: float, overrides: list[str]):
     """The preset with its step counts scaled, then the overrides (which may set a step count themselves)."""
-    from pvp.cli import _preset_overrides
-
     preset = PRESETS[name]
     items = [*(f"{f}={max(1, round(getattr(preset, f) * scale))}" for f in SCALED), *overrides]
-    return _preset_overrides(preset, items), [a for item in items for a in ("--set", item)]
+    return apply_settings(preset, items), [a for item in items for a in ("--set", item)]
 
 
 def evaluate(avatar: Path, video: Path, frames: str, name: str) -> dict:

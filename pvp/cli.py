@@ -84,38 +84,12 @@ def cmd_track(args) -> None:
 
 
 def _preset_overrides(preset, items):
-    from dataclasses import fields, is_dataclass
+    from pvp.fit.presets import apply_settings
 
-    current = {}  # KEY -> its value in the preset; a nested dataclass's fields as 'outer.inner'
-    for f in fields(preset):
-        value = getattr(preset, f.name)
-        if is_dataclass(value):
-            current.update({f"{f.name}.{g.name}": getattr(value, g.name) for g in fields(value)})
-        elif f.name != "name":
-            current[f.name] = value
-    values = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or key not in current:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(current)}")
-        try:
-            values[key] = _parse_value(raw, current[key])
-        except ValueError:
-            raise UserError(f"--set {item!r}: {raw!r} is not a valid {type(current[key]).__name__}") from None
     try:
-        return preset.with_overrides(**values)
+        return apply_settings(preset, items)
     except ValueError as e:
-        raise UserError(f"--set: {e}") from None
-
-
-def _parse_value(raw: str, like):
-    if isinstance(like, bool):
-        if raw.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(raw)
-        return raw.lower() in ("true", "1")
-    if isinstance(like, tuple):
-        return tuple(int(v) for v in raw.split(","))
-    return type(like)(raw)
+        raise UserError(f"--set {e}") from None
 
 
 def cmd_fit(args) -> None:

@@ -5,7 +5,7 @@ and override by name what bench/RESULTS.md's ablation chose for them."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 
 from pvp.fit.mapper_training import ObjectiveConfig
 from pvp.models.mappers import MapperDesign
@@ -106,6 +106,38 @@ class Preset:
         for outer, values in nested.items():
             flat[outer] = replace(flat.get(outer, getattr(self, outer)), **values)
         return replace(self, **flat)
+
+
+def apply_settings(preset: Preset, items: list[str] | None) -> Preset:
+    """The preset with 'KEY=VALUE' items applied (``--set``): KEY a field, or 'outer.inner' for a nested one.
+    A bad item raises ValueError naming it."""
+    current = {}  # KEY -> its value in the preset
+    for f in fields(preset):
+        value = getattr(preset, f.name)
+        if is_dataclass(value):
+            current.update({f"{f.name}.{g.name}": getattr(value, g.name) for g in fields(value)})
+        elif f.name != "name":
+            current[f.name] = value
+    values = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in current:
+            raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(current)}")
+        try:
+            values[key] = _parse_setting(raw, current[key])
+        except ValueError:
+            raise ValueError(f"{item!r}: {raw!r} is not a valid {type(current[key]).__name__}") from None
+    return preset.with_overrides(**values)
+
+
+def _parse_setting(raw: str, like):
+    if isinstance(like, bool):
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(raw)
+        return raw.lower() in ("true", "1")
+    if isinstance(like, tuple):
+        return tuple(int(v) for v in raw.split(","))
+    return type(like)(raw)
 
 
 # The CPU presets weigh pose consistency 100x the paper: their renders are small, and a degree of head
