@@ -117,3 +117,36 @@ def test_laplacian_l1_weighs_the_finest_detail_as_much_as_a_uniform_shift():
     for difference in (0.1 * checker.expand(2, 3, 16, 16), torch.full((2, 3, 16, 16), 0.1)):
         torch.testing.assert_close(laplacian_l1(a + difference, a), torch.full((2,), 0.1))
     assert laplacian_l1(a, a).abs().max() == 0
+
+
+def test_an_interrupted_adversarial_prior_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """Stopped after its step-2 checkpoint and resumed, the prior ends with the weights of a run never stopped:
+    the discriminator and its optimiser come back with the rest (a fresh one would judge differently)."""
+    import pvp.fit.scratch_prior as scratch_prior
+
+    frames = torch.rand(12, 3, 16, 16) * 2 - 1
+    controls = torch.randn(12, 5, generator=torch.Generator().manual_seed(0))
+    preset = PRESETS["tiny"].with_overrides(resolution=16, channels=(32, 32, 16), w_dim=32, prior_steps=4,
+                                            prior_batch=4, prior_adversarial=0.5, checkpoint_every=2)
+
+    def weights(G) -> torch.Tensor:
+        return torch.cat([p.flatten() for p in G.synthesis.parameters()])
+
+    whole, _, _ = train_scratch_prior(frames, controls, preset, tmp_path / "whole.pt", "cpu", resume=False,
+                                      progress=False)
+    run_steps = scratch_prior.run_steps
+
+    def stopped_at_step_3(name, steps, step_fn, *args, **kw):
+        def step(i):
+            if i == 3:
+                raise KeyboardInterrupt
+            return step_fn(i)
+        return run_steps(name, steps, step, *args, **kw)
+
+    monkeypatch.setattr(scratch_prior, "run_steps", stopped_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_scratch_prior(frames, controls, preset, tmp_path / "stopped.pt", "cpu", resume=False, progress=False)
+    monkeypatch.setattr(scratch_prior, "run_steps", run_steps)
+    resumed, _, _ = train_scratch_prior(frames, controls, preset, tmp_path / "stopped.pt", "cpu", resume=True,
+                                        progress=False)
+    assert torch.allclose(weights(resumed), weights(whole), atol=1e-6)
