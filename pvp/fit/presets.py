@@ -31,6 +31,7 @@ class Preset:
     latent_lr: float = 1e-2
     residual_weight: float = 1e-2  # keeps per-frame latents near their controls' linear prediction
     prior_detail: float = 0.0  # weight of a Laplacian-pyramid L1 term in the reconstruction loss (fine detail)
+    prior_detail_energy: float = 0.0  # weight of the fine-detail energy L1 (pvp.models.losses.detail_energy_l1)
     prior_inbetween: float = 0.0  # share of each batch rendered from two neighbours' latents blended to its time
     prior_inbetween_gap: int = 8  # how many training frames away those neighbours are at most
     prior_adversarial: float = 0.0  # weight of the adversarial term on renders of blended latents (0: none)
@@ -67,7 +68,7 @@ class Preset:
     def __post_init__(self):
         if self.pti_stop not in PTI_STOPS:
             raise ValueError(f"pti_stop {self.pti_stop!r}: expected one of {', '.join(PTI_STOPS)}")
-        for name in ("prior_detail", "prior_adversarial", "prior_r1", "mapper_generator_lr"):
+        for name in ("prior_detail", "prior_detail_energy", "prior_adversarial", "prior_r1", "mapper_generator_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} {getattr(self, name)}: expected 0 (off) or more")
         if not 0.0 <= self.prior_inbetween <= 1.0:

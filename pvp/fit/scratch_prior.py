@@ -9,7 +9,8 @@ bench/RESULTS.md, "The from-scratch prior away from its training frames", measur
 share of each batch rendered from two nearby frames' latents blended at the frame's own time, against the
 real frame; an adversarial term — renders of training latents blended with independent pose and face
 weights, judged by a small discriminator against the real frames, both through differentiable augmentation;
-and a Laplacian-pyramid L1 term for the finest detail."""
+a Laplacian-pyramid L1 term for the finest detail; and a fine-detail energy term, which asks each patch of a
+render for as much pixel-level detail as the real frame has there, in place or not."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,7 +29,7 @@ from pvp.models.discriminator import (
     generator_adversarial_loss,
 )
 from pvp.models.generator import Generator, GeneratorConfig
-from pvp.models.losses import PerceptualLoss, laplacian_l1
+from pvp.models.losses import PerceptualLoss, detail_energy_l1, laplacian_l1
 
 POSE_COLUMNS = 2  # standardized_controls: yaw, pitch, then jaw and expression
 
@@ -82,10 +83,15 @@ def inbetween_latents(latents: FrameLatents, idx: torch.Tensor, gap: int, gen: t
 
 
 def reconstruction_loss(perceptual: PerceptualLoss, img: torch.Tensor, target: torch.Tensor,
-                        detail: float = 0.0) -> torch.Tensor:
-    """L2 + the perceptual loss, + ``detail`` x the Laplacian-pyramid L1 when > 0."""
+                        detail: float = 0.0, detail_energy: float = 0.0) -> torch.Tensor:
+    """L2 + the perceptual loss, + ``detail`` x the Laplacian-pyramid L1 and ``detail_energy`` x the
+    fine-detail energy L1, each when > 0."""
     loss = (img - target).square().mean() + perceptual(img, target).mean()
-    return loss + detail * laplacian_l1(img, target).mean() if detail > 0 else loss
+    if detail > 0:
+        loss = loss + detail * laplacian_l1(img, target).mean()
+    if detail_energy > 0:
+        loss = loss + detail_energy * detail_energy_l1(img, target).mean()
+    return loss
 
 
 def train_scratch_prior(frames: torch.Tensor, controls: torch.Tensor, preset: Preset, checkpoint: Path,
@@ -129,7 +135,7 @@ def train_scratch_prior(frames: torch.Tensor, controls: torch.Tensor, preset: Pr
             w = torch.cat([inbetween_latents(latents, idx[:n_between], preset.prior_inbetween_gap, gen),
                            w[n_between:]])
         img = G.synthesis(w, noise_mode="const")
-        rec = reconstruction_loss(perceptual, img, frames[idx], preset.prior_detail)
+        rec = reconstruction_loss(perceptual, img, frames[idx], preset.prior_detail, preset.prior_detail_energy)
         loss = rec + preset.residual_weight * latents.residual[idx].square().mean()
         metrics = {"rec": rec.detach()}
         if D is not None:
