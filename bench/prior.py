@@ -30,6 +30,7 @@ INBETWEEN = ["--set", "prior_inbetween=0.5"]
 ADVERSARIAL = ["--set", "prior_adversarial=0.05"]
 TUNE = ["--set", "mapper_generator_lr=2e-4"]
 DETAIL = ["--set", "prior_detail=1.0"]
+DETAIL_ENERGY = ["--set", "prior_detail_energy=0.5"]
 VARIANTS = {
     "base": ("the preset as it is", []),
     "inbetween": ("half of each prior batch rendered from two neighbours' latents blended to its time", INBETWEEN),
@@ -40,6 +41,7 @@ VARIANTS = {
     "inbetween_tune": ("in-betweens and the generator trained with the mappers", INBETWEEN + TUNE),
     "inbetween_tune_detail": ("in-betweens, the Laplacian L1 term and the generator trained with the mappers",
                               INBETWEEN + DETAIL + TUNE),
+    "detail_energy": ("the fine-detail energy term (weight 0.5)", DETAIL_ENERGY),
 }
 METHODS = ("avatar", "nearest_pivot", "nearest_frame", "nearest_pose_frame")
 COLUMNS = ("psnr", "psnr_worst10", "ssim", "sharpness", "yaw_err", "pitch_err", "jaw_err", "expr_err", "yaw_shift",
