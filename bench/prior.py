@@ -42,6 +42,8 @@ VARIANTS = {
     "inbetween_tune_detail": ("in-betweens, the Laplacian L1 term and the generator trained with the mappers",
                               INBETWEEN + DETAIL + TUNE),
     "detail_energy": ("the fine-detail energy term (weight 0.5)", DETAIL_ENERGY),
+    "detail_energy_tune": ("the fine-detail energy term and the generator trained with the mappers",
+                           DETAIL_ENERGY + TUNE),
 }
 METHODS = ("avatar", "nearest_pivot", "nearest_frame", "nearest_pose_frame")
 COLUMNS = ("psnr", "psnr_worst10", "ssim", "sharpness", "yaw_err", "pitch_err", "jaw_err", "expr_err", "yaw_shift",
