@@ -42,6 +42,7 @@ VARIANTS = {
     "inbetween_tune_detail": ("in-betweens, the Laplacian L1 term and the generator trained with the mappers",
                               INBETWEEN + DETAIL + TUNE),
     "detail_energy": ("the fine-detail energy term (weight 0.5)", DETAIL_ENERGY),
+    "detail_energy_0.25": ("the fine-detail energy term (weight 0.25)", ["--set", "prior_detail_energy=0.25"]),
     "detail_energy_tune": ("the fine-detail energy term and the generator trained with the mappers",
                            DETAIL_ENERGY + TUNE),
 }
