@@ -119,16 +119,19 @@ def apply_settings(preset: Preset, items: list[str] | None) -> Preset:
             current.update({f"{f.name}.{g.name}": getattr(value, g.name) for g in fields(value)})
         elif f.name != "name":
             current[f.name] = value
-    values = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or key not in current:
             raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(current)}")
         try:
-            values[key] = _parse_setting(raw, current[key])
+            value = _parse_setting(raw, current[key])
         except ValueError:
             raise ValueError(f"{item!r}: {raw!r} is not a valid {type(current[key]).__name__}") from None
-    return preset.with_overrides(**values)
+        try:  # one item at a time: a value the preset refuses is reported with the item that set it
+            preset = preset.with_overrides(**{key: value})
+        except ValueError as e:
+            raise ValueError(f"{item!r}: {e}") from None
+    return preset
 
 
 def _parse_setting(raw: str, like):
