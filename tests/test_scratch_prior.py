@@ -9,6 +9,7 @@ from pvp.fit.scratch_prior import (
     POSE_COLUMNS,
     FrameLatents,
     inbetween_latents,
+    reconstruction_loss,
     train_scratch_prior,
 )
 from pvp.models.discriminator import (
@@ -18,7 +19,7 @@ from pvp.models.discriminator import (
     discriminator_loss,
     generator_adversarial_loss,
 )
-from pvp.models.losses import detail_energy_l1, laplacian_l1
+from pvp.models.losses import PerceptualLoss, detail_energy_l1, laplacian_l1
 
 
 def _latents(controls: torch.Tensor, times=None) -> FrameLatents:
@@ -83,16 +84,17 @@ def test_discriminator_losses(resolution):
     assert fake.grad.abs().sum() > 0
 
 
-def test_the_adversarial_term_reaches_the_generator(tmp_path):
+@pytest.mark.parametrize("term", ["prior_adversarial", "prior_detail", "prior_detail_energy"])
+def test_each_prior_term_reaches_the_generator(tmp_path, term):
     """One step from the same start, with and without the term: the generator's update differs (a detached
-    render would leave it as without)."""
+    render, or a term left out of the loss, would leave it as without)."""
     frames = torch.rand(12, 3, 16, 16) * 2 - 1
     weights = []
-    for adversarial in (0.0, 0.5):
+    for weight in (0.0, 0.5):
         preset = PRESETS["tiny"].with_overrides(resolution=16, channels=(32, 32, 16), w_dim=32, prior_steps=1,
-                                                prior_batch=4, prior_adversarial=adversarial)
+                                                prior_batch=4, **{term: weight})
         G, _, _ = train_scratch_prior(frames, torch.randn(12, 5, generator=torch.Generator().manual_seed(0)), preset,
-                                      tmp_path / f"p{adversarial}.pt", "cpu", resume=False, progress=False)
+                                      tmp_path / f"p{weight}.pt", "cpu", resume=False, progress=False)
         weights.append(torch.cat([p.flatten() for p in G.synthesis.parameters()]))
     assert not torch.equal(*weights)
 
@@ -162,3 +164,12 @@ def test_detail_energy_asks_for_detail_where_l2_settles_for_blur():
     assert (blurred - target).square().mean() < (shifted - target).square().mean()
     assert (detail_energy_l1(shifted, target) < 0.5 * detail_energy_l1(blurred, target)).all()
     assert torch.equal(detail_energy_l1(target, target), torch.zeros(2))
+
+
+def test_the_reconstruction_loss_adds_each_detail_term_at_its_own_weight():
+    a, b = (torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(k)) * 2 - 1 for k in (0, 1))
+    perceptual = PerceptualLoss("msssim")
+    plain = reconstruction_loss(perceptual, a, b)
+    both = reconstruction_loss(perceptual, a, b, detail=0.3, detail_energy=2.0)
+    expected = plain + 0.3 * laplacian_l1(a, b).mean() + 2.0 * detail_energy_l1(a, b).mean()
+    assert torch.allclose(both, expected)
