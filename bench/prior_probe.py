@@ -36,12 +36,11 @@ HELD_BACK_EVERY = 4
 
 
 def neighbour_blend(kept: np.ndarray, held: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For each held-back frame number, the positions in ``kept`` (sorted frame numbers) of the kept frames
-    just before and after it and the blend weight of the later one at its time."""
-    after = np.clip(np.searchsorted(kept, held), 1, len(kept) - 1)
+    """For each held-back frame number (each between two kept ones), the positions in ``kept`` (sorted frame
+    numbers) of the kept frames just before and after it and the blend weight of the later one at its time."""
+    after = np.searchsorted(kept, held)
     before = after - 1
-    at = np.clip((held - kept[before]) / (kept[after] - kept[before]), 0.0, 1.0)
-    return before, after, at
+    return before, after, (held - kept[before]) / (kept[after] - kept[before])
 
 
 def scores(renders: torch.Tensor, real: np.ndarray) -> dict:
@@ -49,6 +48,13 @@ def scores(renders: torch.Tensor, real: np.ndarray) -> dict:
     return {"psnr": round(float(psnr(renders, target).mean()), 2),
             "ssim": round(float(ssim(renders, target).mean()), 3),
             "sharpness": round(float(sharpness(to_uint8(renders).numpy()).mean() / sharpness(real).mean()), 3)}
+
+
+def commit() -> str:
+    import subprocess
+
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return git.stdout.strip()
 
 
 def main() -> None:
@@ -59,6 +65,7 @@ def main() -> None:
     ap.add_argument("--name", help="the row's name (default: the --set items)")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "prior")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true", help="continue the named run's prior from its checkpoint")
     args = ap.parse_args()
     try:
         preset = apply_settings(PRESETS[args.preset], args.set)
@@ -71,8 +78,9 @@ def main() -> None:
     track = Track.load(stages / "track.safetensors")
     data = build_frames(track, preset.resolution, stages / f"frames_{preset.resolution}.safetensors", progress=False)
     start, stop = parse_range(held_out_split(ROOT / DATA / f"{args.clip}.mp4")[0], len(track))
-    train = [r for r, i in enumerate(data["frame_index"]) if int(i) in set(track.frame_index[start:stop].tolist())]
-    held = np.array(train[HELD_BACK_EVERY // 2::HELD_BACK_EVERY])
+    wanted = set(track.frame_index[start:stop].tolist())
+    train = [r for r, i in enumerate(data["frame_index"]) if int(i) in wanted]
+    held = np.array(train[HELD_BACK_EVERY // 2:-1:HELD_BACK_EVERY])  # never the last: each lies between two kept
     kept = np.array(sorted(set(train) - set(held.tolist())))
     pos = {int(i): k for k, i in enumerate(track.frame_index)}
     tr = np.array([pos[int(data["frame_index"][r])] for r in kept])
@@ -82,7 +90,7 @@ def main() -> None:
     checkpoint = args.work / args.preset / args.clip / "probe" / name.replace(" ", "_") / "prior.pt"
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    G, latents, _ = train_scratch_prior(frames[kept], controls, preset, checkpoint, "cpu", resume=True,
+    G, latents, _ = train_scratch_prior(frames[kept], controls, preset, checkpoint, "cpu", resume=args.resume,
                                         seed=args.seed, frame_numbers=data["frame_index"][kept])
     seconds = time.perf_counter() - t0
     before, after, at = neighbour_blend(data["frame_index"][kept], data["frame_index"][held])
@@ -91,7 +99,8 @@ def main() -> None:
         w = torch.lerp(latents(torch.from_numpy(before)), latents(torch.from_numpy(after)),
                        torch.from_numpy(at).float().view(-1, 1, 1))
         between = G.synthesis(w, noise_mode="const")
-    row = {"clip": args.clip, "name": name, "settings": args.set, "prior_s": round(seconds),
+    row = {"clip": args.clip, "name": name, "settings": args.set, "seed": args.seed, "commit": commit(),
+           "prior_s": round(seconds),
            **{f"learned_{k}": v for k, v in scores(own, data["images"][kept]).items()},
            **{f"between_{k}": v for k, v in scores(between, data["images"][held]).items()},
            "frames_learned": len(kept), "frames_between": len(held)}
