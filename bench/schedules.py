@@ -65,7 +65,10 @@ def main(argv=None):
     jobs = {}
     args.work.mkdir(parents=True, exist_ok=True)
     for name in args.presets:
-        preset, sets = scaled(name, args.scale, reduced)
+        try:
+            preset, sets = scaled(name, args.scale, reduced)
+        except ValueError as e:
+            sys.exit(f"bench/schedules.py: --set {e}")
         out = args.work / name
         shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, "-m", "pvp.cli", "fit", str(args.video), "-o", str(out), "--preset", name,
