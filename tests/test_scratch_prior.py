@@ -22,6 +22,10 @@ from pvp.models.discriminator import (
 from pvp.models.losses import PerceptualLoss, detail_energy_l1, laplacian_l1
 
 
+def _synthesis_weights(G) -> torch.Tensor:
+    return torch.cat([p.flatten() for p in G.synthesis.parameters()])
+
+
 def _latents(controls: torch.Tensor, times=None) -> FrameLatents:
     torch.manual_seed(0)
     latents = FrameLatents(controls, num_ws=3, w_dim=4, times=times)
@@ -95,7 +99,7 @@ def test_each_prior_term_reaches_the_generator(tmp_path, term):
                                                 prior_batch=4, **{term: weight})
         G, _, _ = train_scratch_prior(frames, torch.randn(12, 5, generator=torch.Generator().manual_seed(0)), preset,
                                       tmp_path / f"p{weight}.pt", "cpu", resume=False, progress=False)
-        weights.append(torch.cat([p.flatten() for p in G.synthesis.parameters()]))
+        weights.append(_synthesis_weights(G))
     assert not torch.equal(*weights)
 
 
@@ -103,8 +107,7 @@ def test_prior_terms_train_and_checkpoint_the_discriminator(tmp_path):
     frames = torch.rand(12, 3, 16, 16) * 2 - 1
     preset = PRESETS["tiny"].with_overrides(resolution=16, channels=(32, 32, 16), w_dim=32, prior_steps=3,
                                             prior_batch=4, prior_inbetween=0.5, prior_adversarial=0.1, prior_detail=1.0,
-                                            prior_detail_energy=0.5,
-                                            checkpoint_every=2)
+                                            prior_detail_energy=0.5, checkpoint_every=2)
     _, _, metrics = train_scratch_prior(frames, torch.randn(12, 5), preset, tmp_path / "p.pt", "cpu", resume=False,
                                         progress=False, frame_numbers=np.arange(12) * 2)
     assert {"rec", "d_loss", "g_adv"} <= set(metrics) and all(np.isfinite(v) for v in metrics.values())
@@ -132,9 +135,6 @@ def test_an_interrupted_adversarial_prior_resumes_to_the_uninterrupted_result(tm
     preset = PRESETS["tiny"].with_overrides(resolution=16, channels=(32, 32, 16), w_dim=32, prior_steps=4,
                                             prior_batch=4, prior_adversarial=0.5, checkpoint_every=2)
 
-    def weights(G) -> torch.Tensor:
-        return torch.cat([p.flatten() for p in G.synthesis.parameters()])
-
     whole, _, _ = train_scratch_prior(frames, controls, preset, tmp_path / "whole.pt", "cpu", resume=False,
                                       progress=False)
     run_steps = scratch_prior.run_steps
@@ -152,7 +152,7 @@ def test_an_interrupted_adversarial_prior_resumes_to_the_uninterrupted_result(tm
     monkeypatch.setattr(scratch_prior, "run_steps", run_steps)
     resumed, _, _ = train_scratch_prior(frames, controls, preset, tmp_path / "stopped.pt", "cpu", resume=True,
                                         progress=False)
-    assert torch.allclose(weights(resumed), weights(whole), atol=1e-6)
+    assert torch.allclose(_synthesis_weights(resumed), _synthesis_weights(whole), atol=1e-6)
 
 
 def test_detail_energy_asks_for_detail_where_l2_settles_for_blur():
