@@ -67,24 +67,25 @@ def test_every_term_is_zero_when_the_renders_are_the_frames(parts):
     m = _mappers(G, pivots, controls, trained_expression=False)
     with torch.no_grad():
         frames = G.synthesis(m(*controls)[0], noise_mode="const")
-    weights = ObjectiveConfig(novel_pose=1.0, sigma=0.0, novel_pose_sigma_deg=0.0)
+    weights = ObjectiveConfig(novel_pose=1.0, detail_energy=1.0, sigma=0.0, novel_pose_sigma_deg=0.0)
     terms = _objective(parts, m, frames, weights).terms(m, torch.arange(N), torch.Generator().manual_seed(0))
     assert set(terms) == {"l2", "perceptual", "identity", "locality", "consistency", "pose", "expression",
-                          "novel_pose"}
+                          "novel_pose", "detail_energy"}
     for name, value in terms.items():
         assert value.item() == pytest.approx(0.0, abs=1e-5), name
 
 
 # term -> (reaches the pose mapper, reaches the expression mapper)
 REACH = {"l2": (True, True), "perceptual": (True, True), "identity": (True, True), "locality": (False, True),
-         "consistency": (True, True), "pose": (True, True), "expression": (True, True), "novel_pose": (True, True)}
+         "consistency": (True, True), "pose": (True, True), "expression": (True, True), "novel_pose": (True, True),
+         "detail_energy": (True, True)}
 
 
 def test_each_term_has_gradients_where_it_should(parts):
     G, pivots, _, _, controls = parts
     m = _mappers(G, pivots, controls, trained_expression=True)
     frames = torch.rand(N, 3, 64, 64) * 2 - 1
-    objective = _objective(parts, m, frames, ObjectiveConfig(novel_pose=1.0, perturb_jaw=True))
+    objective = _objective(parts, m, frames, ObjectiveConfig(novel_pose=1.0, detail_energy=1.0, perturb_jaw=True))
     terms = objective.terms(m, torch.arange(N), torch.Generator().manual_seed(0))
     assert set(terms) == set(REACH)
     for name, (pose, expression) in REACH.items():
@@ -121,6 +122,7 @@ def test_the_record_says_which_terms_ran():
     tiny = losses_record(PRESETS["tiny"].objective, "msssim", identity=False, tracker="mediapipe")
     assert tiny["identity"]["enabled"] is False and tiny["novel_pose"] == {"weight": 10.0, "enabled": True}
     assert tiny["novel_pose_sigma_deg"] == pytest.approx(4.0)
+    assert tiny["detail_energy"] == {"weight": 0.0, "enabled": False}
     untracked = losses_record(PRESETS["tiny"].objective, "msssim", identity=False, tracker=None)
     assert not any(untracked[k]["enabled"] for k in ("pose", "expression", "novel_pose"))
 

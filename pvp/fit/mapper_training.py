@@ -18,6 +18,11 @@ poses with their own expressions (+ small perturbations), so the mappers are fre
 and beyond them; with a personal prior learned from one short video (no FFHQ to fall back on) that is
 where new performances land: poses between the frames', expressions at the edge of the learned range
 (which the renderer clamps to) that must not tilt the head.
+
+Another, off in every preset: fine-detail energy (``pvp.models.losses.detail_energy_l1``) of I' and of I^e
+against the frame. L2 and the perceptual term settle for blur wherever detail cannot be placed exactly; a
+prior trained with that term loses its detail again when the generator trains on with the mappers unless
+their objective asks for it too (bench/RESULTS.md, issue 20).
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ import torch.nn.functional as F
 
 from pvp.fit.training import run_steps, schedule_lr, step_generator
 from pvp.models.generator import Generator
-from pvp.models.losses import PerceptualLoss
+from pvp.models.losses import PerceptualLoss, detail_energy_l1
 from pvp.models.mappers import JAW_AXES, MapperConfig, MapperDesign, Mappers, mapper_inputs
 from pvp.tracking import topology as topo
 from pvp_contract import controls
@@ -41,7 +46,8 @@ log = logging.getLogger(__name__)
 OUTER_LIPS = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185)
 
 
-TERMS = ("l2", "perceptual", "identity", "pose", "expression", "consistency", "locality", "novel_pose")
+TERMS = ("l2", "perceptual", "identity", "pose", "expression", "consistency", "locality", "novel_pose",
+         "detail_energy")
 CONSISTENCY_MASKS = ("soft", "hard")
 
 
@@ -57,6 +63,7 @@ class ObjectiveConfig:
     consistency: float = 1.0
     locality: float = 0.5
     novel_pose: float = 0.0  # beyond the paper (module docstring)
+    detail_energy: float = 0.0  # beyond the paper (module docstring)
     sigma: float = 0.5  # expression perturbation (sd)
     perturb_jaw: bool = False  # the authors perturb the expression only; the paper says jaw and expression
     novel_pose_sigma_deg: float = 4.0  # head-pose shift of the novel-pose renders
@@ -186,6 +193,8 @@ class MapperObjective:
         full_e, img_e, dw_e = self.render(mappers, py, je_pert)
         terms["locality"] = dw.square().mean() + dw_e.square().mean()
         terms["consistency"] = (d.masks[idx] * (img_e - img)).square().mean()
+        if cfg.detail_energy > 0:
+            terms["detail_energy"] = detail_energy_l1(img, target).mean() + detail_energy_l1(img_e, target).mean()
         if self.tracker is None:
             return terms
         ref = self.reference
@@ -281,4 +290,5 @@ def losses_record(objective: ObjectiveConfig, perceptual: str, identity: bool, t
     record["identity"]["enabled"] = identity
     record["pose"]["enabled"] = record["expression"]["enabled"] = tracker is not None
     record["novel_pose"]["enabled"] = tracker is not None and objective.novel_pose > 0
+    record["detail_energy"]["enabled"] = objective.detail_energy > 0
     return {**record, **settings, "tracker": tracker}
