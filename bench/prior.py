@@ -8,7 +8,9 @@ of recombined training controls, the clamped requests and the fit's time.
 
 Writes bench/results/prior_<preset>.json after every fit (a rerun skips the rows already there). The clips'
 track, aligned frames and pivots are made once per clip and shared by its variants (``--prepare`` makes the
-tracks alone, for bench/prior_gpu.sh).
+tracks alone, for bench/prior_gpu.sh). A variant in SHARED_PRIOR starts from another variant's prior stage
+when that fit trained the same prior and left its generator as the prior made it (the row says so, with that
+prior's seconds): variants that differ only in the mapper stage then cost a mapper stage each.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ ADVERSARIAL = ["--set", "prior_adversarial=0.05"]
 TUNE = ["--set", "mapper_generator_lr=2e-4"]
 DETAIL = ["--set", "prior_detail=1.0"]
 DETAIL_ENERGY = ["--set", "prior_detail_energy=0.5"]
+MAPPER_ENERGY = ["--set", "objective.detail_energy=5"]  # the objective's L2 and perceptual weigh 10: 10x the prior's
 VARIANTS = {
     "base": ("the preset as it is", []),
     "inbetween": ("half of each prior batch rendered from two neighbours' latents blended to its time", INBETWEEN),
@@ -45,7 +48,15 @@ VARIANTS = {
     "detail_energy_0.25": ("the fine-detail energy term (weight 0.25)", ["--set", "prior_detail_energy=0.25"]),
     "detail_energy_tune": ("the fine-detail energy term and the generator trained with the mappers",
                            DETAIL_ENERGY + TUNE),
+    "detail_energy_mappers": ("the fine-detail energy term in the prior (0.5) and the mappers' objective (5)",
+                              DETAIL_ENERGY + MAPPER_ENERGY),
+    "detail_energy_tune_mappers": ("the fine-detail energy term in the prior (0.5) and the mappers' objective (5), "
+                                   "the generator trained with the mappers", DETAIL_ENERGY + MAPPER_ENERGY + TUNE),
 }
+# variant -> the variant whose prior stage it may start from
+SHARED_PRIOR = {"detail_energy_tune": "detail_energy", "detail_energy_mappers": "detail_energy",
+                "detail_energy_tune_mappers": "detail_energy"}
+MAPPER_STAGE = ("objective", "standardize_mapper_inputs", "lr_schedule", "checkpoint_every")  # and mapper_*
 METHODS = ("avatar", "nearest_pivot", "nearest_frame", "nearest_pose_frame")
 COLUMNS = ("psnr", "psnr_worst10", "ssim", "sharpness", "yaw_err", "pitch_err", "jaw_err", "expr_err", "yaw_shift",
            "pitch_shift")
@@ -63,6 +74,36 @@ def share_stages(source: Path, dest: Path) -> bool:
             shutil.copy2(f, part)
             part.replace(dest / f.name)
     return bool(files)
+
+
+def share_prior(source: Path, dest: Path, settings: dict) -> float | None:
+    """Copy the prior stage of the fit whose work directory is ``source`` into ``dest`` when that fit's
+    settings.json matches ``settings`` (a fit's) but for the mapper stage's fields and its generator is still
+    the prior's (not trained with the mappers): that prior stage's seconds, or None."""
+    try:
+        previous = json.loads((source / "settings.json").read_text())
+        seconds = json.loads((source / "metrics.json").read_text())["stage_seconds"]["prior"]
+    except (OSError, KeyError, ValueError):
+        return None
+
+    def prior_part(s: dict) -> dict:
+        preset = {k: v for k, v in s["preset"].items() if k not in MAPPER_STAGE and not k.startswith("mapper_")}
+        return {**s, "preset": preset}
+
+    if previous["preset"]["mapper_generator_lr"] > 0 or prior_part(previous) != prior_part(settings):
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("generator.safetensors", "latents.safetensors", "metrics.json"):
+        shutil.copy2(source / name, dest / name)
+    return seconds
+
+
+def fit_settings(video: Path, preset: str, train: str, items: list[str]) -> dict:
+    """The settings.json a `pvp fit` of these arguments writes (the bench's defaults: no weights, seed 0)."""
+    from pvp.fit.presets import PRESETS, apply_settings
+
+    return {"source": str(video), "preset": apply_settings(PRESETS[preset], items).to_json(), "prior": None,
+            "deca": None, "e4e": None, "train_frames": train, "pivot_method": "kmeans", "seed": 0}
 
 
 def machine() -> str:
@@ -118,6 +159,11 @@ def main(argv=None):
             out = args.work / args.preset / clip / name
             shutil.rmtree(out, ignore_errors=True)
             reused = share_stages(args.work / args.preset / clip / "stages", out / "work")
+            shared_prior = None
+            if variant in SHARED_PRIOR:
+                items = [a for a in common + fit_args if a != "--set"]
+                shared_prior = share_prior(args.work / args.preset / clip / SHARED_PRIOR[variant] / "work",
+                                           out / "work", fit_settings(video, args.preset, train, items))
             t0 = time.perf_counter()
             run_pvp(["fit", str(video), "-o", str(out), "--preset", args.preset, "--train-frames", train, *common,
                      *fit_args, *(["--resume"] if reused else [])], "bench/prior.py")
@@ -126,12 +172,16 @@ def main(argv=None):
             run_pvp(["eval", str(out), "--video", str(video), "--frames", held_out, "-o", str(out / "eval")],
                     "bench/prior.py")
             stages = json.loads((out / "work" / "metrics.json").read_text()).get("stage_seconds", {})
+            if shared_prior is not None:  # this run's seconds and that prior's, as if it had trained it
+                stages["prior"] = shared_prior
+                fit_seconds += shared_prior
             scores = score(json.loads((out / "eval" / "summary.json").read_text()))
             for method, values in scores.items():
                 rows.append({"clip": clip, "variant": name, "changes": description, "settings": args.set,
                              "held_out": held_out, "method": method, **values,
                              **({"fit_seconds": round(fit_seconds, 1), "stage_seconds": stages}
-                                if method == "avatar" else {})})
+                                if method == "avatar" else {}),
+                             **({"prior_of": SHARED_PRIOR[variant]} if shared_prior is not None else {})})
             write_results(f"prior_{args.preset}", machine(), rows, out_json)
             print(f"{clip} {name}: " + ", ".join(f"{c} {scores['avatar'].get(c)}" for c in COLUMNS), flush=True)
     print_table(rows, ["clip", "variant", "method", *COLUMNS, "sharpness_sweeps", "sharpness_recombined",
