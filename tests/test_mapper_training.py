@@ -122,7 +122,8 @@ def test_the_record_says_which_terms_ran():
     tiny = losses_record(PRESETS["tiny"].objective, "msssim", identity=False, tracker="mediapipe")
     assert tiny["identity"]["enabled"] is False and tiny["novel_pose"] == {"weight": 10.0, "enabled": True}
     assert tiny["novel_pose_sigma_deg"] == pytest.approx(4.0)
-    assert tiny["detail_energy"] == {"weight": 0.0, "enabled": False}
+    assert tiny["detail_energy"] == {"weight": 5.0, "enabled": True}
+    assert paper["detail_energy"] == {"weight": 0.0, "enabled": False}
     untracked = losses_record(PRESETS["tiny"].objective, "msssim", identity=False, tracker=None)
     assert not any(untracked[k]["enabled"] for k in ("pose", "expression", "novel_pose"))
 
