@@ -27,15 +27,19 @@ sys.path.insert(0, str(ROOT))
 from bench.common import RESULTS, held_out_split, print_table, run_pvp, write_results  # noqa: E402
 
 DATA = Path("tests") / "data"  # relative to the repository (pvp runs there): a track made here reads its video there
-# variant -> (what it changes, `pvp fit` arguments)
-INBETWEEN = ["--set", "prior_inbetween=0.5"]
-ADVERSARIAL = ["--set", "prior_adversarial=0.05"]
-TUNE = ["--set", "mapper_generator_lr=2e-4"]
-DETAIL = ["--set", "prior_detail=1.0"]
-DETAIL_ENERGY = ["--set", "prior_detail_energy=0.5"]
-MAPPER_ENERGY = ["--set", "objective.detail_energy=5"]  # the objective's L2 and perceptual weigh 10: 10x the prior's
+# variant -> (what it changes, `--set` items). Each is measured against the preset before this issue's terms:
+# those tiny took on since (the energy terms, the generator trained with the mappers) are pinned off first,
+# and a variant's items override them ("preset": the preset as it is, nothing pinned).
+TERMS_OFF = ["prior_detail_energy=0", "objective.detail_energy=0", "mapper_generator_lr=0"]
+INBETWEEN = ["prior_inbetween=0.5"]
+ADVERSARIAL = ["prior_adversarial=0.05"]
+TUNE = ["mapper_generator_lr=2e-4"]
+DETAIL = ["prior_detail=1.0"]
+DETAIL_ENERGY = ["prior_detail_energy=0.5"]
+MAPPER_ENERGY = ["objective.detail_energy=5"]  # the objective's L2 and perceptual weigh 10: 10x the prior's
 VARIANTS = {
-    "base": ("the preset as it is", []),
+    "preset": ("the preset as it is", None),
+    "base": ("the preset before this issue's terms (tiny at b049af2)", []),
     "inbetween": ("half of each prior batch rendered from two neighbours' latents blended to its time", INBETWEEN),
     "adversarial": ("an adversarial term (weight 0.05) on renders of blended latents", ADVERSARIAL),
     "tune": ("the generator trained with the mappers (lr 2e-4)", TUNE),
@@ -45,17 +49,20 @@ VARIANTS = {
     "inbetween_tune_detail": ("in-betweens, the Laplacian L1 term and the generator trained with the mappers",
                               INBETWEEN + DETAIL + TUNE),
     "detail_energy": ("the fine-detail energy term (weight 0.5)", DETAIL_ENERGY),
-    "detail_energy_0.25": ("the fine-detail energy term (weight 0.25)", ["--set", "prior_detail_energy=0.25"]),
+    "detail_energy_0.25": ("the fine-detail energy term (weight 0.25)", ["prior_detail_energy=0.25"]),
     "detail_energy_tune": ("the fine-detail energy term and the generator trained with the mappers",
                            DETAIL_ENERGY + TUNE),
     "detail_energy_mappers": ("the fine-detail energy term in the prior (0.5) and the mappers' objective (5)",
                               DETAIL_ENERGY + MAPPER_ENERGY),
     "detail_energy_tune_mappers": ("the fine-detail energy term in the prior (0.5) and the mappers' objective (5), "
-                                   "the generator trained with the mappers", DETAIL_ENERGY + MAPPER_ENERGY + TUNE),
+                                   "the generator trained with the mappers (tiny as it is now)",
+                                   DETAIL_ENERGY + MAPPER_ENERGY + TUNE),
 }
 # variant -> the variant whose prior stage it may start from
 SHARED_PRIOR = {"detail_energy_tune": "detail_energy", "detail_energy_mappers": "detail_energy",
                 "detail_energy_tune_mappers": "detail_energy"}
+# preset fields that do not change a from-scratch prior (checkpoint_every: only where it stops; the bench
+# passes no --prior, so lr_schedule's pivotal tuning never runs)
 MAPPER_STAGE = ("objective", "standardize_mapper_inputs", "lr_schedule", "checkpoint_every")  # and mapper_*
 METHODS = ("avatar", "nearest_pivot", "nearest_frame", "nearest_pose_frame")
 COLUMNS = ("psnr", "psnr_worst10", "ssim", "sharpness", "yaw_err", "pitch_err", "jaw_err", "expr_err", "yaw_shift",
@@ -78,32 +85,39 @@ def share_stages(source: Path, dest: Path) -> bool:
 
 def share_prior(source: Path, dest: Path, settings: dict) -> float | None:
     """Copy the prior stage of the fit whose work directory is ``source`` into ``dest`` when that fit's
-    settings.json matches ``settings`` (a fit's) but for the mapper stage's fields and its generator is still
-    the prior's (not trained with the mappers): that prior stage's seconds, or None."""
-    try:
-        previous = json.loads((source / "settings.json").read_text())
-        seconds = json.loads((source / "metrics.json").read_text())["stage_seconds"]["prior"]
-    except (OSError, KeyError, ValueError):
-        return None
-
+    settings.json matches ``settings`` (a fit's) but for MAPPER_STAGE's fields and its generator is still the
+    prior's (not trained with the mappers): that prior stage's seconds, or None (and why, printed)."""
     def prior_part(s: dict) -> dict:
         preset = {k: v for k, v in s["preset"].items() if k not in MAPPER_STAGE and not k.startswith("mapper_")}
         return {**s, "preset": preset}
 
-    if previous["preset"]["mapper_generator_lr"] > 0 or prior_part(previous) != prior_part(settings):
+    try:
+        previous = json.loads((source / "settings.json").read_text())
+        seconds = json.loads((source / "metrics.json").read_text())["stage_seconds"]["prior"]
+        if previous["preset"].get("mapper_generator_lr", 0) > 0:
+            print(f"{source}: its generator was trained with the mappers; training the prior again", flush=True)
+            return None
+        if prior_part(previous) != prior_part(settings):
+            print(f"{source}: another prior's settings; training the prior again", flush=True)
+            return None
+    except (OSError, KeyError, ValueError) as e:
+        print(f"{source}: no finished fit to share a prior with ({e}); training the prior again", flush=True)
         return None
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("generator.safetensors", "latents.safetensors", "metrics.json"):
-        shutil.copy2(source / name, dest / name)
+        part = dest / f"{name}.part"
+        shutil.copy2(source / name, part)
+        part.replace(dest / name)
     return seconds
 
 
 def fit_settings(video: Path, preset: str, train: str, items: list[str]) -> dict:
-    """The settings.json a `pvp fit` of these arguments writes (the bench's defaults: no weights, seed 0)."""
+    """The settings.json a bench `pvp fit` with these `--set` items writes (no weights, seed 0)."""
+    from pvp.fit.pipeline import FitInputs
     from pvp.fit.presets import PRESETS, apply_settings
 
-    return {"source": str(video), "preset": apply_settings(PRESETS[preset], items).to_json(), "prior": None,
-            "deca": None, "e4e": None, "train_frames": train, "pivot_method": "kmeans", "seed": 0}
+    chosen = apply_settings(PRESETS[preset], items)
+    return FitInputs(video, Path(), chosen, train_frames=train, pivot_method=chosen.pivot_selection).settings()
 
 
 def machine() -> str:
@@ -145,7 +159,6 @@ def main(argv=None):
                 run_pvp(["track", str(DATA / f"{clip}.mp4"), "-o", str(track)], "bench/prior.py")
         return
 
-    common = [a for item in args.set for a in ("--set", item)]
     out_json = args.out or RESULTS / f"prior_{args.preset}.json"
     rows = json.loads(out_json.read_text())["rows"] if out_json.is_file() else []
     for clip in args.clips:
@@ -155,18 +168,19 @@ def main(argv=None):
             name = f"{variant}{args.label}"
             if any(r["clip"] == clip and r["variant"] == name for r in rows):
                 continue
-            description, fit_args = VARIANTS[variant]
+            description, items = VARIANTS[variant]
+            items = ([] if items is None else TERMS_OFF) + args.set + (items or [])
+            fit_args = [a for item in items for a in ("--set", item)]
             out = args.work / args.preset / clip / name
             shutil.rmtree(out, ignore_errors=True)
             reused = share_stages(args.work / args.preset / clip / "stages", out / "work")
             shared_prior = None
             if variant in SHARED_PRIOR:
-                items = [a for a in common + fit_args if a != "--set"]
-                shared_prior = share_prior(args.work / args.preset / clip / SHARED_PRIOR[variant] / "work",
-                                           out / "work", fit_settings(video, args.preset, train, items))
+                shared_prior = share_prior(args.work / args.preset / clip / f"{SHARED_PRIOR[variant]}{args.label}" /
+                                           "work", out / "work", fit_settings(video, args.preset, train, items))
             t0 = time.perf_counter()
-            run_pvp(["fit", str(video), "-o", str(out), "--preset", args.preset, "--train-frames", train, *common,
-                     *fit_args, *(["--resume"] if reused else [])], "bench/prior.py")
+            run_pvp(["fit", str(video), "-o", str(out), "--preset", args.preset, "--train-frames", train, *fit_args,
+                     *(["--resume"] if reused else [])], "bench/prior.py")
             share_stages(out / "work", args.work / args.preset / clip / "stages")
             fit_seconds = time.perf_counter() - t0
             run_pvp(["eval", str(out), "--video", str(video), "--frames", held_out, "-o", str(out / "eval")],

@@ -64,6 +64,13 @@ class FitInputs:
     progress: bool = True
     seed: int = 0
 
+    def settings(self) -> dict:
+        """What work/settings.json holds: a resumed fit must be given the same."""
+        return {"source": str(self.source), "preset": self.preset.to_json(),
+                "prior": str(self.prior) if self.prior else None, "deca": str(self.deca) if self.deca else None,
+                "e4e": str(self.e4e) if self.e4e else None, "train_frames": self.train_frames,
+                "pivot_method": self.pivot_method, "seed": self.seed}
+
 
 def _is_track_file(path: Path) -> bool:
     if path.suffix != ".safetensors" or not path.is_file():
@@ -91,10 +98,7 @@ class FitJob:
                            "stylegan2-ffhq-config-f.pt (NVlabs stylegan2-ada-pytorch or rosinality stylegan2-pytorch "
                            "downloads); the CPU presets 'tiny' and 'small' need none")
         settings_path = self.work / "settings.json"
-        settings = {"source": str(x.source), "preset": x.preset.to_json(), "prior": str(x.prior) if x.prior else None,
-                    "deca": str(x.deca) if x.deca else None,
-                    "e4e": str(x.e4e) if x.e4e else None, "train_frames": x.train_frames,
-                    "pivot_method": x.pivot_method, "seed": x.seed}
+        settings = x.settings()
         if (self.work / "track.safetensors").is_file():  # a stage finished: the fit has really started
             if not x.resume:
                 raise FitError(f"{x.avatar}: a fit already started there; pass --resume to continue it, "
