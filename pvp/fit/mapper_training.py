@@ -19,7 +19,7 @@ and beyond them; with a personal prior learned from one short video (no FFHQ to 
 where new performances land: poses between the frames', expressions at the edge of the learned range
 (which the renderer clamps to) that must not tilt the head.
 
-Another, off in every preset: fine-detail energy (``pvp.models.losses.detail_energy_l1``) of I' and of I^e
+Another, on in ``tiny`` only (weight 5): fine-detail energy (``pvp.models.losses.detail_energy_l1``) of I' and of I^e
 against the frame. L2 and the perceptual term settle for blur wherever detail cannot be placed exactly; a
 prior trained with that term loses its detail again when the generator trains on with the mappers unless
 their objective asks for it too (bench/RESULTS.md, issue 20).

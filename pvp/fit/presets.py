@@ -157,8 +157,9 @@ CPU_MAPPERS = dict(standardize_mapper_inputs=True, objective=CPU_OBJECTIVE,
 # tiny's renders as sharp as it can make them (bench/RESULTS.md, "The from-scratch prior away from its training
 # frames"): L2 and MS-SSIM alone leave a prior and its avatar at about half the real frames' fine detail. The
 # fine-detail energy term in the prior and in the mappers' objective, with the generator trained on with the
-# mappers: 0.33-0.49 -> 0.47-0.74 of it on held-out frames, within 0.2 dB, the head steadier under expression
-# changes, 6% more fit time (the mapper stage +23%). Not measured at small's size.
+# mappers: 0.49 / 0.33 -> 0.74 / 0.47 of it on the two clips' held-out frames, PSNR within 0.2 dB, control
+# errors and expression-only shifts within a seed's spread, about 11% more fit time (the mapper stage +23%).
+# Not measured at small's size.
 SHARP_DETAIL = dict(prior_detail_energy=0.5, mapper_generator_lr=2e-4,
                     objective=replace(CPU_OBJECTIVE, detail_energy=5.0))
 
