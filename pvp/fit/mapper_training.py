@@ -159,8 +159,10 @@ class MapperObjective:
     """The loss terms of one batch (a dict: name -> scalar tensor); ``loss`` weighs them."""
 
     def __init__(self, G: Generator, data: MapperData, perceptual: PerceptualLoss,
-                 config: ObjectiveConfig = ObjectiveConfig(), tracker=None, identity=None):
+                 config: ObjectiveConfig = ObjectiveConfig(), tracker=None, identity=None,
+                 dtype: torch.dtype = torch.float32):
         self.G = G.eval().requires_grad_(False)
+        self.dtype = dtype  # the generator's renders (training.render_dtype)
         self.data, self.perceptual, self.config = data, perceptual, config
         self.tracker, self.identity = tracker, identity
         scale = data.jaw_expression.std(0).clamp(min=1e-3)
@@ -179,7 +181,7 @@ class MapperObjective:
     def render(self, mappers: Mappers, pitch_yaw: torch.Tensor, jaw_expression: torch.Tensor):
         """(full-size render, render at the loss resolution, the expression mapper's predicted offsets)."""
         w, dw = mappers(pitch_yaw, jaw_expression)
-        img = self.G.synthesis(w, noise_mode="const")
+        img = self.G.synthesis(w, noise_mode="const", dtype=self.dtype)
         return img, downsample(img, self.config.loss_resolution), dw[:, :mappers.cfg.expr_layers]
 
     def terms(self, mappers: Mappers, idx: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -222,10 +224,10 @@ def train_mappers(G: Generator, pivots: torch.Tensor, data: MapperData, perceptu
                   batch: int, lr: float, checkpoint: Path, every: int, resume: bool, tracker=None, identity=None,
                   objective: ObjectiveConfig = ObjectiveConfig(), design: MapperDesign = MapperDesign(),
                   standardize_inputs: bool = False, lr_schedule: str = "constant", seed: int = 0,
-                  progress: bool = True, generator_lr: float = 0.0):
+                  progress: bool = True, generator_lr: float = 0.0, dtype: torch.dtype = torch.float32):
     """Returns (mappers, the last step's loss terms). With ``objective.optimize_noise`` the generator's noise
     maps are trained too, and with ``generator_lr`` > 0 its synthesis weights (at that rate): in place, save G
-    afterwards."""
+    afterwards. ``dtype``: the generator's renders (training.render_dtype)."""
     device = data.frames.device
     cfg = MapperConfig(num_pivots=len(pivots), num_ws=G.num_ws, w_dim=G.cfg.w_dim,
                        jaw_expression_dim=data.jaw_expression.shape[1], design=design)
@@ -234,7 +236,7 @@ def train_mappers(G: Generator, pivots: torch.Tensor, data: MapperData, perceptu
     if standardize_inputs:
         mappers.pose.inputs.fit(data.pitch_yaw)
         mappers.expression.inputs.fit(data.jaw_expression)
-    objective_fn = MapperObjective(G, data, perceptual, objective, tracker, identity)
+    objective_fn = MapperObjective(G, data, perceptual, objective, tracker, identity, dtype)
     params, state = [{"params": list(mappers.parameters())}], {"mappers": mappers}
     noise = NoiseMaps(G)
     if objective.optimize_noise and noise.maps:

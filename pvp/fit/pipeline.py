@@ -32,6 +32,7 @@ from pvp.fit.pivots import select_pivots
 from pvp.fit.presets import Preset
 from pvp.fit.pti import pivotal_tuning
 from pvp.fit.scratch_prior import standardized_controls, train_scratch_prior
+from pvp.fit.training import dtype_name, render_dtype
 from pvp.models.losses import PerceptualLoss, psnr
 from pvp.models.mappers import load_mappers, mapper_inputs, save_mappers
 from pvp.tracking.align import apply_affine, unit_transform
@@ -114,12 +115,16 @@ class FitJob:
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         logging.getLogger("pvp").addHandler(handler)
         logging.getLogger("pvp").setLevel(logging.INFO)
-        logging.getLogger("pvp").addHandler(handler)
 
     @cached_property
     def perceptual(self) -> PerceptualLoss:
         """The preset's perceptual loss, loaded once for every stage (LPIPS-VGG reads a 528 MB file)."""
         return PerceptualLoss(self.x.preset.perceptual, vgg=self.x.vgg).to(self.x.device)
+
+    @cached_property
+    def render_dtype(self) -> torch.dtype:
+        """The generator's renders while the prior and mappers train (the preset's precision on this device)."""
+        return render_dtype(self.x.preset.precision, self.x.device)
 
     def _metrics(self) -> dict:
         return json.loads(self.metrics_path.read_text()) if self.metrics_path.is_file() else {}
@@ -180,7 +185,7 @@ class FitJob:
             G, latents, prior_metrics = train_scratch_prior(frames[rows], controls, x.preset,
                                                             self.work / "prior_checkpoint.pt", device, x.resume,
                                                             x.seed, x.progress, frame_numbers=frame_index[rows])
-            self._record(prior_training=prior_metrics)
+            self._record(prior_training=prior_metrics, prior_render_dtype=dtype_name(self.render_dtype))
             with torch.no_grad():
                 frame_w = latents(torch.arange(len(rows), device=device))
             row_of = {int(r): k for k, r in enumerate(rows)}
@@ -276,9 +281,9 @@ class FitJob:
             x.preset.mapper_lr, self.work / "mappers_checkpoint.pt", x.preset.checkpoint_every, x.resume, tracker,
             identity, objective=objective, design=x.preset.mapper_design,
             standardize_inputs=x.preset.standardize_mapper_inputs, lr_schedule=x.preset.lr_schedule, seed=x.seed,
-            progress=x.progress, generator_lr=x.preset.mapper_generator_lr)
-        self._record(mapper_training=metrics, losses=losses_record(objective, perceptual.kind, identity is not None,
-                                                                   tracker and track.backend))
+            progress=x.progress, generator_lr=x.preset.mapper_generator_lr, dtype=self.render_dtype)
+        self._record(mapper_training=metrics, mapper_render_dtype=dtype_name(self.render_dtype),
+                     losses=losses_record(objective, perceptual.kind, identity is not None, tracker and track.backend))
         if x.preset.mapper_generator_lr > 0:  # the generator the mappers were trained with, before them
             save_generator(G, self.work / "generator.safetensors")
         if objective.optimize_noise:  # before the mappers: their file marks the stage done

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pvp.fit.presets import Preset
-from pvp.fit.training import run_steps, step_generator
+from pvp.fit.training import render_dtype, run_steps, step_generator
 from pvp.models.discriminator import (
     Discriminator,
     DiscriminatorConfig,
@@ -111,6 +111,7 @@ def train_scratch_prior(frames: torch.Tensor, controls: torch.Tensor, preset: Pr
     state = {"generator": G, "latents": latents, "opt_g": opt_g, "opt_l": opt_l}
     schedule = [(opt_g, preset.prior_lr), (opt_l, preset.latent_lr)]
     frames = frames.to(device)
+    dtype = render_dtype(preset.precision, device)
     n = len(frames)
     n_between = max(1, round(preset.prior_batch * preset.prior_inbetween)) if preset.prior_inbetween > 0 else 0
     D = None
@@ -134,7 +135,7 @@ def train_scratch_prior(frames: torch.Tensor, controls: torch.Tensor, preset: Pr
         if n_between:  # the first frames of the batch from two neighbours' latents
             w = torch.cat([inbetween_latents(latents, idx[:n_between], preset.prior_inbetween_gap, gen),
                            w[n_between:]])
-        img = G.synthesis(w, noise_mode="const")
+        img = G.synthesis(w, noise_mode="const", dtype=dtype)
         rec = reconstruction_loss(perceptual, img, frames[idx], preset.prior_detail, preset.prior_detail_energy)
         loss = rec + preset.residual_weight * latents.residual[idx].square().mean()
         metrics = {"rec": rec.detach()}
@@ -142,7 +143,7 @@ def train_scratch_prior(frames: torch.Tensor, controls: torch.Tensor, preset: Pr
             b = preset.prior_batch
             u = torch.rand(2, b, generator=gen, device=gen.device).to(device)
             fake = G.synthesis(latents.blended(draw(gen, b), draw(gen, b), u[0], u[1]).detach(),
-                               noise_mode="const")
+                               noise_mode="const", dtype=dtype)
             real = diff_augment(frames[draw(gen, b)], gen)
             d_loss = discriminator_loss(D, real, diff_augment(fake.detach(), gen), preset.prior_r1)
             opt_d.zero_grad(set_to_none=True)

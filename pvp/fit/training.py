@@ -18,6 +18,26 @@ from pvp_contract.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 LOG_EVERY = 25
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def render_dtype(precision: str, device: torch.device | str) -> torch.dtype:
+    """The dtype the generator renders in while the from-scratch prior and the mappers train (its weights,
+    the losses and the optimisers stay float32). 'auto': bfloat16 on CPUs that compute it natively (AVX512-BF16
+    or AMX: 1.4x the float32 step of tiny's prior on 2 cores, bench/RESULTS.md), float32 elsewhere — a CPU
+    without those emulates it slower than float32, and on GPUs these stages were measured in float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        native = torch.device(device).type == "cpu" and any(
+            getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
+                                                                      "_is_amx_tile_supported"))
+        return torch.bfloat16 if native else torch.float32
+    return getattr(torch, precision)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
