@@ -14,7 +14,7 @@ from pvp.checkpoints import load_generator
 from pvp.fit.pivots import select_pivots
 from pvp.fit.presets import PRESETS
 from pvp.fit.pti import locality_latents, pivotal_tuning
-from pvp.fit.training import step_generator
+from pvp.fit.training import dtype_name, render_dtype, step_generator
 from pvp.models.losses import PerceptualLoss
 from tests.official_layouts import random_generator, write_nvlabs_pkl, write_rosinality_pt
 
@@ -126,6 +126,9 @@ def test_fit_killed_during_training_resumes(d3_track_file, tmp_path):
     assert "resuming from step" in log
     assert torch.load(ckpt, weights_only=True)["step"] == 400
     assert (out / "work" / "generator.safetensors").is_file()
+    metrics = json.loads((out / "work" / "metrics.json").read_text())
+    used = dtype_name(render_dtype("auto", "cpu"))  # the preset's precision on this CPU
+    assert metrics["prior_render_dtype"] == metrics["mapper_render_dtype"] == used
     changed = _fit([*args[:-4], "--set", "pivots=7", "--set", "mapper_steps=5", "--resume"])
     assert changed.returncode == 2 and "different settings" in changed.stderr
 

@@ -2,6 +2,7 @@
 `paper-exact`, and PTI's per-pivot stop."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -9,7 +10,7 @@ from pvp.fit.inversion import optimize_latents
 from pvp.fit.mapper_training import MapperData, train_mappers
 from pvp.fit.presets import PRESETS
 from pvp.fit.pti import PivotDraw, pivotal_tuning
-from pvp.fit.training import run_steps, step_generator
+from pvp.fit.training import render_dtype, run_steps, step_generator
 from pvp.models.losses import PerceptualLoss
 from tests.official_layouts import random_generator, random_lpips_vgg
 
@@ -202,3 +203,17 @@ def test_inverting_pivots_in_a_batch_or_in_micro_batches_moves_each_latent_as_al
     alone = optimize_latents(G, targets[:1], loss, 4, 4, 0.01, batch=1, progress=False)
     torch.testing.assert_close(whole[:1], alone, rtol=0, atol=1e-4)
     assert not torch.allclose(whole[0], whole[1])  # each its own
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                                         (False, False, torch.float32)])
+def test_auto_precision_renders_in_bfloat16_only_on_cpus_that_compute_it(monkeypatch, avx512_bf16, amx, expected):
+    """A CPU without AVX512-BF16 or AMX emulates bfloat16 slower than float32; GPUs keep float32 (measured so)."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert render_dtype("auto", "cpu") == expected
+    assert render_dtype("auto", "cuda") == torch.float32
+    assert render_dtype("bfloat16", "cuda") == render_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert render_dtype("float32", "cpu") == torch.float32
+    with pytest.raises(ValueError, match="precision 'half'"):
+        render_dtype("half", "cpu")

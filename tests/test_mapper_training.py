@@ -52,13 +52,13 @@ def _mappers(G, pivots, controls, trained_expression: bool) -> Mappers:
     return m
 
 
-def _objective(parts, mappers, frames, weights):
+def _objective(parts, mappers, frames, weights, dtype=torch.float32):
     G, _, tracker, identity, (pitch_yaw, jaw_expression) = parts
     size = frames.shape[-1]
     data = MapperData(pitch_yaw, jaw_expression, frames, torch.ones(N, 1, size, size), jaw_expression.min(0).values,
                       jaw_expression.max(0).values)
     G.requires_grad_(True)  # the objective freezes it
-    return MapperObjective(G, data, PerceptualLoss("msssim"), weights, tracker, identity)
+    return MapperObjective(G, data, PerceptualLoss("msssim"), weights, tracker, identity, dtype)
 
 
 def test_every_term_is_zero_when_the_renders_are_the_frames(parts):
@@ -167,6 +167,19 @@ def test_the_perturbation_moves_the_jaw_only_when_asked(parts, perturb_jaw):
     moved = objective.perturbed(je, torch.Generator().manual_seed(0)) != je
     assert moved[:, 3:].all()
     assert bool(moved[:, 0].all()) == perturb_jaw and not moved[:, 2].any()  # the third jaw axis never varies
+
+
+def test_the_objective_renders_in_the_dtype_asked_and_scores_in_float32(parts):
+    G, pivots, _, _, controls = parts
+    mappers = _mappers(G, pivots, controls, trained_expression=True)
+    renders = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        objective = _objective(parts, mappers, torch.zeros(N, 3, 64, 64), ObjectiveConfig(), dtype)
+        full, _, _ = objective.render(mappers, *controls)
+        assert full.dtype == torch.float32
+        renders[dtype] = full.detach()
+    difference = (renders[torch.float32] - renders[torch.bfloat16]).abs()
+    assert 0 < difference.max() < 0.1  # the same image, rounded differently
 
 
 def test_image_terms_at_the_loss_resolution(parts):

@@ -125,15 +125,19 @@ def test_laplacian_l1_weighs_the_finest_detail_as_much_as_a_uniform_shift():
     assert laplacian_l1(a, a).abs().max() == 0
 
 
-def test_an_interrupted_adversarial_prior_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+def _small_prior_preset(**kw):
+    return PRESETS["tiny"].with_overrides(resolution=16, channels=(32, 32, 16), w_dim=32, prior_batch=4, **kw)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_an_interrupted_adversarial_prior_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, precision):
     """Stopped after its step-2 checkpoint and resumed, the prior ends with the weights of a run never stopped:
     the discriminator and its optimiser come back with the rest (a fresh one would judge differently)."""
     import pvp.fit.scratch_prior as scratch_prior
 
     frames = torch.rand(12, 3, 16, 16) * 2 - 1
     controls = torch.randn(12, 5, generator=torch.Generator().manual_seed(0))
-    preset = PRESETS["tiny"].with_overrides(resolution=16, channels=(32, 32, 16), w_dim=32, prior_steps=4,
-                                            prior_batch=4, prior_adversarial=0.5, checkpoint_every=2)
+    preset = _small_prior_preset(prior_steps=4, prior_adversarial=0.5, checkpoint_every=2, precision=precision)
 
     whole, _, _ = train_scratch_prior(frames, controls, preset, tmp_path / "whole.pt", "cpu", resume=False,
                                       progress=False)
@@ -153,6 +157,21 @@ def test_an_interrupted_adversarial_prior_resumes_to_the_uninterrupted_result(tm
     resumed, _, _ = train_scratch_prior(frames, controls, preset, tmp_path / "stopped.pt", "cpu", resume=True,
                                         progress=False)
     assert torch.allclose(_synthesis_weights(resumed), _synthesis_weights(whole), atol=1e-6)
+
+
+def test_the_prior_renders_in_its_presets_precision_and_keeps_float32_weights(tmp_path):
+    frames = torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    controls = torch.randn(12, 5, generator=torch.Generator().manual_seed(0))
+    trained = {}
+    for precision in ("float32", "bfloat16"):
+        preset = _small_prior_preset(prior_steps=3, precision=precision)
+        G, latents, metrics = train_scratch_prior(frames, controls, preset, tmp_path / f"{precision}.pt", "cpu",
+                                                  resume=False, progress=False)
+        assert {p.dtype for p in [*G.parameters(), *latents.parameters()]} == {torch.float32}
+        assert np.isfinite(metrics["rec"])
+        trained[precision] = _synthesis_weights(G)
+    difference = (trained["float32"] - trained["bfloat16"]).abs()
+    assert 0 < difference.max() < 0.05  # the same training, rounded differently
 
 
 def test_detail_energy_asks_for_detail_where_l2_settles_for_blur():
