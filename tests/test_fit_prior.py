@@ -127,7 +127,7 @@ def test_fit_killed_during_training_resumes(d3_track_file, tmp_path):
     assert torch.load(ckpt, weights_only=True)["step"] == 400
     assert (out / "work" / "generator.safetensors").is_file()
     metrics = json.loads((out / "work" / "metrics.json").read_text())
-    used = dtype_name(render_dtype("auto", "cpu"))  # the preset's precision on this CPU
+    used = dtype_name(render_dtype("auto", "cpu"))  # the preset's precisions on this CPU
     assert metrics["prior_render_dtype"] == metrics["mapper_render_dtype"] == used
     changed = _fit([*args[:-4], "--set", "pivots=7", "--set", "mapper_steps=5", "--resume"])
     assert changed.returncode == 2 and "different settings" in changed.stderr

@@ -137,7 +137,7 @@ def test_an_interrupted_adversarial_prior_resumes_to_the_uninterrupted_result(tm
 
     frames = torch.rand(12, 3, 16, 16) * 2 - 1
     controls = torch.randn(12, 5, generator=torch.Generator().manual_seed(0))
-    preset = _small_prior_preset(prior_steps=4, prior_adversarial=0.5, checkpoint_every=2, precision=precision)
+    preset = _small_prior_preset(prior_steps=4, prior_adversarial=0.5, checkpoint_every=2, prior_precision=precision)
 
     whole, _, _ = train_scratch_prior(frames, controls, preset, tmp_path / "whole.pt", "cpu", resume=False,
                                       progress=False)
@@ -164,7 +164,7 @@ def test_the_prior_renders_in_its_presets_precision_and_keeps_float32_weights(tm
     controls = torch.randn(12, 5, generator=torch.Generator().manual_seed(0))
     trained = {}
     for precision in ("float32", "bfloat16"):
-        preset = _small_prior_preset(prior_steps=3, precision=precision)
+        preset = _small_prior_preset(prior_steps=3, prior_precision=precision)
         G, latents, metrics = train_scratch_prior(frames, controls, preset, tmp_path / f"{precision}.pt", "cpu",
                                                   resume=False, progress=False)
         assert {p.dtype for p in [*G.parameters(), *latents.parameters()]} == {torch.float32}

@@ -121,11 +121,6 @@ class FitJob:
         """The preset's perceptual loss, loaded once for every stage (LPIPS-VGG reads a 528 MB file)."""
         return PerceptualLoss(self.x.preset.perceptual, vgg=self.x.vgg).to(self.x.device)
 
-    @cached_property
-    def render_dtype(self) -> torch.dtype:
-        """The generator's renders while the prior and mappers train (the preset's precision on this device)."""
-        return render_dtype(self.x.preset.precision, self.x.device)
-
     def _metrics(self) -> dict:
         return json.loads(self.metrics_path.read_text()) if self.metrics_path.is_file() else {}
 
@@ -185,7 +180,8 @@ class FitJob:
             G, latents, prior_metrics = train_scratch_prior(frames[rows], controls, x.preset,
                                                             self.work / "prior_checkpoint.pt", device, x.resume,
                                                             x.seed, x.progress, frame_numbers=frame_index[rows])
-            self._record(prior_training=prior_metrics, prior_render_dtype=dtype_name(self.render_dtype))
+            self._record(prior_training=prior_metrics,
+                         prior_render_dtype=dtype_name(render_dtype(x.preset.prior_precision, device)))
             with torch.no_grad():
                 frame_w = latents(torch.arange(len(rows), device=device))
             row_of = {int(r): k for k, r in enumerate(rows)}
@@ -269,6 +265,7 @@ class FitJob:
         else:
             log.warning("identity loss off: no --arcface given (allowed by preset %r)", x.preset.name)
         tracker = self.render_tracker(track, tr, size)
+        dtype = render_dtype(x.preset.mapper_precision, device)
         perceptual = self.perceptual
         log.info("stage mappers: %d steps on %d frames, %d expression coefficients", x.preset.mapper_steps,
                  len(rows), expression_dim)
@@ -281,8 +278,8 @@ class FitJob:
             x.preset.mapper_lr, self.work / "mappers_checkpoint.pt", x.preset.checkpoint_every, x.resume, tracker,
             identity, objective=objective, design=x.preset.mapper_design,
             standardize_inputs=x.preset.standardize_mapper_inputs, lr_schedule=x.preset.lr_schedule, seed=x.seed,
-            progress=x.progress, generator_lr=x.preset.mapper_generator_lr, dtype=self.render_dtype)
-        self._record(mapper_training=metrics, mapper_render_dtype=dtype_name(self.render_dtype),
+            progress=x.progress, generator_lr=x.preset.mapper_generator_lr, dtype=dtype)
+        self._record(mapper_training=metrics, mapper_render_dtype=dtype_name(dtype),
                      losses=losses_record(objective, perceptual.kind, identity is not None, tracker and track.backend))
         if x.preset.mapper_generator_lr > 0:  # the generator the mappers were trained with, before them
             save_generator(G, self.work / "generator.safetensors")

@@ -65,7 +65,9 @@ class Preset:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # Eq. 15
     lr_schedule: str = "constant"  # LR_SCHEDULES, of pivotal tuning and the mappers (pvp.fit.training.schedule_lr)
     checkpoint_every: int = 500
-    precision: str = "auto"  # PRECISIONS: the generator's renders while the prior and mappers train (render_dtype)
+    # PRECISIONS: the generator's renders while the from-scratch prior / the mappers train (training.render_dtype)
+    prior_precision: str = "auto"
+    mapper_precision: str = "auto"
 
     def __post_init__(self):
         if self.pti_stop not in PTI_STOPS:
@@ -77,8 +79,9 @@ class Preset:
             raise ValueError(f"prior_inbetween {self.prior_inbetween}: expected a share of the batch, 0 to 1")
         if self.prior_inbetween_gap < 1:
             raise ValueError(f"prior_inbetween_gap {self.prior_inbetween_gap}: expected at least 1 frame")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        for name in ("prior_precision", "mapper_precision"):
+            if getattr(self, name) not in PRECISIONS:
+                raise ValueError(f"{name} {getattr(self, name)!r}: expected one of {', '.join(PRECISIONS)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule {self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
 

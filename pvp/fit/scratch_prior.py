@@ -111,7 +111,7 @@ def train_scratch_prior(frames: torch.Tensor, controls: torch.Tensor, preset: Pr
     state = {"generator": G, "latents": latents, "opt_g": opt_g, "opt_l": opt_l}
     schedule = [(opt_g, preset.prior_lr), (opt_l, preset.latent_lr)]
     frames = frames.to(device)
-    dtype = render_dtype(preset.precision, device)
+    dtype = render_dtype(preset.prior_precision, device)
     n = len(frames)
     n_between = max(1, round(preset.prior_batch * preset.prior_inbetween)) if preset.prior_inbetween > 0 else 0
     D = None
