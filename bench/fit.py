@@ -3,7 +3,7 @@ stage by the fit itself (metrics.json), and each training stage's step loop extr
 preset's full step counts (its setup counted once). The paper's run: PTI 3 h (200 pivots, RTX 3080) + mappers
 4 h (A10); target <= 30 min.
 
-    python bench/fit.py [--video V] [--preset tiny] [--fraction 0.05] [--train-frames 0:150]
+    python bench/fit.py [--video V] [--preset tiny] [--fraction 0.05] [--train-frames 0:150] [--set KEY=VALUE ...]
     python bench/fit.py --preset paper --prior ffhq.pkl --vgg vgg16-397923af.pth --arcface model_ir_se50.pth \\
                         --device cuda
     python bench/fit.py --preset paper --random-weights DIR --device cuda
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import device_description, print_table, write_results  # noqa: E402
-from pvp.fit.presets import PRESETS  # noqa: E402
+from pvp.fit.presets import PRESETS, apply_settings  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
 # the fields that set each stage's length, shortened together by --fraction
@@ -70,19 +70,24 @@ def main(argv=None):
     ap.add_argument("--arcface", type=Path)
     ap.add_argument("--random-weights", type=Path, metavar="DIR")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a preset override (`pvp fit --set`), applied before the shortening")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
     missing = [k for k in ("prior", "vgg", "arcface") if getattr(args, k) is None]
     files = random_official_weights(args.random_weights, missing) if args.random_weights else {}
     prior, vgg, arcface = (getattr(args, k) or files.get(k) for k in ("prior", "vgg", "arcface"))
-    preset = PRESETS[args.preset]
+    try:
+        preset = apply_settings(PRESETS[args.preset], args.set)
+    except ValueError as e:
+        sys.exit(f"bench/fit.py: --set {e}")
     pretrained = prior is not None
     full = preset.optimiser_steps(pretrained)
     fields = [f for stage in full for f in SHORTENED[stage]]
     short_preset = preset.with_overrides(**{f: max(1, round(getattr(preset, f) * args.fraction)) for f in fields})
     short = short_preset.optimiser_steps(pretrained)
-    sets = [a for f in fields for a in ("--set", f"{f}={getattr(short_preset, f)}")]
+    sets = [a for item in [*args.set, *(f"{f}={getattr(short_preset, f)}" for f in fields)] for a in ("--set", item)]
     extra = [a for flag, value in (("--prior", prior), ("--vgg", vgg), ("--arcface", arcface)) if value
              for a in (flag, str(value))]
     with tempfile.TemporaryDirectory(prefix="pvp_bench_fit_") as tmp:
@@ -122,7 +127,7 @@ def main(argv=None):
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     print(write_results(f"fit_{args.preset}", f"{device_description(device)}; {args.video.name} frames "
-                        f"{args.train_frames}", rows, args.out))
+                        f"{args.train_frames}" + "".join(f"; --set {item}" for item in args.set), rows, args.out))
 
 
 if __name__ == "__main__":
