@@ -35,7 +35,10 @@ def device_description(device) -> str:
 
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    from pvp.fit.training import cpu_bfloat16_units
+
+    return (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+            + "".join(f", {name}" for name in cpu_bfloat16_units()))
 
 
 def median_time(fn, warmup: int, repeat: int, sync=lambda: None) -> float:

@@ -29,11 +29,15 @@ def render_dtype(precision: str, device: torch.device | str) -> torch.dtype:
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        native = torch.device(device).type == "cpu" and any(
-            getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
-                                                                      "_is_amx_tile_supported"))
+        native = torch.device(device).type == "cpu" and bool(cpu_bfloat16_units())
         return torch.bfloat16 if native else torch.float32
     return getattr(torch, precision)
+
+
+def cpu_bfloat16_units() -> list[str]:
+    """This CPU's units that compute bfloat16 natively (none: it would be emulated)."""
+    probes = (("AVX512-BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported"))
+    return [name for name, probe in probes if getattr(torch.cpu, probe, lambda: False)()]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
