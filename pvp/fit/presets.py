@@ -166,14 +166,16 @@ CPU_MAPPERS = dict(standardize_mapper_inputs=True, objective=CPU_OBJECTIVE,
 # fine-detail energy term in the prior and in the mappers' objective, with the generator trained on with the
 # mappers: 0.49 / 0.33 -> 0.74 / 0.47 of it on the two clips' held-out frames, PSNR within 0.2 dB, control
 # errors and expression-only shifts within a seed's spread, about 11% more fit time (the mapper stage +23%).
-# Not measured at small's size. 8000 prior steps sharpen a little more (0.78 / 0.53) but double the prior's
-# time: past the 20 minutes a tiny fit may take on 2 cores (issue 20) — `--set prior_steps=8000`.
+# Not measured at small's size. 6000 prior steps: the bfloat16 renders (training.render_dtype) fit them in less
+# time than 4000 took in float32 (held-out 0.80 / 0.54, +0.04 / +0.07 dB); a CPU without native bfloat16 takes
+# about 1.2x the fit time it took before. 8000 (`--set prior_steps=8000`) leaves no margin under issue 20's
+# 20 minutes on 2 cores.
 SHARP_DETAIL = dict(prior_detail_energy=0.5, mapper_generator_lr=2e-4,
                     objective=replace(CPU_OBJECTIVE, detail_energy=5.0))
 
 PRESETS = {
     "tiny": Preset("tiny", resolution=64, pivots=32, perceptual="msssim", needs_prior=False,
-                   channels=(128, 128, 128, 64, 32), w_dim=128, mapping_layers=2, prior_steps=4000, prior_batch=8,
+                   channels=(128, 128, 128, 64, 32), w_dim=128, mapping_layers=2, prior_steps=6000, prior_batch=8,
                    pti_steps_per_pivot=10, mapper_steps=1500, mapper_batch=8, checkpoint_every=250,
                    **{**CPU_MAPPERS, **SHARP_DETAIL}),
     "small": Preset("small", resolution=128, pivots=64, perceptual="msssim", needs_prior=False,
