@@ -126,7 +126,8 @@ def main(argv=None):
     import torch
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    print(write_results(f"fit_{args.preset}", f"{device_description(device)}; {args.video.name} frames "
+    name = f"fit_{args.preset}" + ("_set" if args.set else "")  # the preset's own file holds the preset as it is
+    print(write_results(name, f"{device_description(device)}; {args.video.name} frames "
                         f"{args.train_frames}" + "".join(f"; --set {item}" for item in args.set), rows, args.out))
 
 

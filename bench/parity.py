@@ -50,7 +50,7 @@ class FrozenRenderer(torch.nn.Module):
 
     num_ws = NUM_WS
 
-    def synthesis(self, w, noise_mode="const"):
+    def synthesis(self, w, noise_mode="const", dtype=None):  # renders in float32 whatever is asked
         return w[:, :3, :256].reshape(len(w), 3, 16, 16).tanh()
 
 

@@ -14,7 +14,7 @@ from pvp.checkpoints import load_generator
 from pvp.fit.pivots import select_pivots
 from pvp.fit.presets import PRESETS
 from pvp.fit.pti import locality_latents, pivotal_tuning
-from pvp.fit.training import dtype_name, render_dtype, step_generator
+from pvp.fit.training import step_generator
 from pvp.models.losses import PerceptualLoss
 from tests.official_layouts import random_generator, write_nvlabs_pkl, write_rosinality_pt
 
@@ -126,11 +126,40 @@ def test_fit_killed_during_training_resumes(d3_track_file, tmp_path):
     assert "resuming from step" in log
     assert torch.load(ckpt, weights_only=True)["step"] == 400
     assert (out / "work" / "generator.safetensors").is_file()
-    metrics = json.loads((out / "work" / "metrics.json").read_text())
-    used = dtype_name(render_dtype("auto", "cpu"))  # the preset's precisions on this CPU
-    assert metrics["prior_render_dtype"] == metrics["mapper_render_dtype"] == used
     changed = _fit([*args[:-4], "--set", "pivots=7", "--set", "mapper_steps=5", "--resume"])
     assert changed.returncode == 2 and "different settings" in changed.stderr
+
+
+def test_each_stage_renders_in_its_own_precision_and_the_fit_records_it(d3_track_file, tmp_path, monkeypatch):
+    import pvp.fit.pipeline as pipeline
+    from pvp.fit.pipeline import FitInputs, FitJob
+
+    given, train_mappers = [], pipeline.train_mappers
+
+    def recording(*args, **kwargs):
+        given.append(kwargs["dtype"])
+        return train_mappers(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_mappers", recording)
+    preset = PRESETS["tiny"].with_overrides(prior_steps=2, mapper_steps=1, pivots=4, prior_precision="float32",
+                                            mapper_precision="bfloat16")
+    FitJob(FitInputs(d3_track_file, tmp_path / "a", preset, train_frames="0:40", progress=False)).run()
+    assert given == [torch.bfloat16]
+    metrics = json.loads((tmp_path / "a" / "work" / "metrics.json").read_text())
+    assert (metrics["prior_render_dtype"], metrics["mapper_render_dtype"]) == ("float32", "bfloat16")
+
+
+def test_a_fit_started_before_a_preset_field_existed_resumes_with_its_default():
+    """New preset fields default to what fits ran with before them (the precisions: float32); a resume names
+    the preset fields given differently."""
+    from pvp.fit.pipeline import settings_changes
+
+    current = {"source": "clip.mp4", "seed": 0, "preset": PRESETS["small"].to_json()}
+    written_before = {**current, "preset": {k: v for k, v in current["preset"].items() if "precision" not in k}}
+    assert settings_changes(written_before, current) == []
+    tiny = {**current, "preset": PRESETS["tiny"].to_json(), "seed": 1}
+    tiny_before = {**tiny, "seed": 0, "preset": {**tiny["preset"], "prior_precision": "float32", "prior_steps": 4000}}
+    assert settings_changes(tiny_before, tiny) == ["preset.prior_precision", "preset.prior_steps", "seed"]
 
 
 def test_paper_preset_needs_a_prior_and_vgg(d3_track_file, tmp_path):

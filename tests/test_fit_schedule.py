@@ -130,7 +130,7 @@ def test_scratch_prior_and_inversion_read_nothing_from_the_device_between_loggin
 
     frames = torch.zeros(5, 3, 16, 16, device="meta")
     for terms in ({}, {"prior_inbetween": 0.5, "prior_adversarial": 0.1, "prior_detail": 1.0,
-                       "prior_detail_energy": 0.5}):
+                       "prior_detail_energy": 0.5, "prior_precision": "bfloat16"}):
         preset = PRESETS["tiny"].with_overrides(resolution=16, channels=(32, 32, 16), w_dim=32, prior_steps=12,
                                                 checkpoint_every=100, **terms)
         reads = _on_meta(monkeypatch, lambda: train_scratch_prior(frames, torch.zeros(5, 4), preset,

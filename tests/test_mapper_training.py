@@ -169,15 +169,15 @@ def test_the_perturbation_moves_the_jaw_only_when_asked(parts, perturb_jaw):
     assert bool(moved[:, 0].all()) == perturb_jaw and not moved[:, 2].any()  # the third jaw axis never varies
 
 
-def test_the_objective_renders_in_the_dtype_asked_and_scores_in_float32(parts):
+def test_the_objective_renders_in_the_dtype_asked_and_its_terms_stay_float32(parts):
     G, pivots, _, _, controls = parts
     mappers = _mappers(G, pivots, controls, trained_expression=True)
     renders = {}
     for dtype in (torch.float32, torch.bfloat16):
         objective = _objective(parts, mappers, torch.zeros(N, 3, 64, 64), ObjectiveConfig(), dtype)
-        full, _, _ = objective.render(mappers, *controls)
-        assert full.dtype == torch.float32
-        renders[dtype] = full.detach()
+        renders[dtype] = objective.render(mappers, *controls)[0].detach()
+        terms = objective.terms(mappers, torch.arange(2), torch.Generator().manual_seed(0))
+        assert {value.dtype for value in terms.values()} == {torch.float32}
     difference = (renders[torch.float32] - renders[torch.bfloat16]).abs()
     assert 0 < difference.max() < 0.1  # the same image, rounded differently
 

@@ -73,6 +73,16 @@ class FitInputs:
                 "pivot_method": self.pivot_method, "seed": self.seed}
 
 
+def settings_changes(previous: dict, current: dict) -> list[str]:
+    """The settings a resumed fit was given differently ('preset.FIELD' for a preset field). A preset field
+    that settings written before it existed lack counts as its default: new fields default to what fits ran
+    with before them."""
+    defaults = Preset(name="", resolution=0, pivots=0, perceptual="", needs_prior=False).to_json()  # the defaults
+    old_preset = {**defaults, **previous.get("preset", {})}
+    changed = [f"preset.{k}" for k, v in current["preset"].items() if old_preset.get(k) != v]
+    return sorted(changed + [k for k, v in current.items() if k != "preset" and previous.get(k) != v])
+
+
 def _is_track_file(path: Path) -> bool:
     if path.suffix != ".safetensors" or not path.is_file():
         return False
@@ -105,8 +115,8 @@ class FitJob:
                 raise FitError(f"{x.avatar}: a fit already started there; pass --resume to continue it, "
                                "or choose another output directory")
             previous = json.loads(settings_path.read_text()) if settings_path.is_file() else settings
-            if previous != settings:
-                changed = sorted(k for k in settings if previous.get(k) != settings[k])
+            changed = settings_changes(previous, settings)
+            if changed:
                 raise FitError(f"{x.avatar}: --resume with different settings ({', '.join(changed)}); "
                                "use the original ones or another output directory")
         self.work.mkdir(parents=True, exist_ok=True)

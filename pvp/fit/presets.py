@@ -65,9 +65,10 @@ class Preset:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # Eq. 15
     lr_schedule: str = "constant"  # LR_SCHEDULES, of pivotal tuning and the mappers (pvp.fit.training.schedule_lr)
     checkpoint_every: int = 500
-    # PRECISIONS: the generator's renders while the from-scratch prior / the mappers train (training.render_dtype)
-    prior_precision: str = "auto"
-    mapper_precision: str = "auto"
+    # PRECISIONS: the generator's renders while the from-scratch prior / the mappers train (training.render_dtype);
+    # float32 by default: a work dir written before these fields existed resumes with what it ran with
+    prior_precision: str = "float32"
+    mapper_precision: str = "float32"
 
     def __post_init__(self):
         if self.pti_stop not in PTI_STOPS:
@@ -166,10 +167,10 @@ CPU_MAPPERS = dict(standardize_mapper_inputs=True, objective=CPU_OBJECTIVE,
 # fine-detail energy term in the prior and in the mappers' objective, with the generator trained on with the
 # mappers: 0.49 / 0.33 -> 0.74 / 0.47 of it on the two clips' held-out frames, PSNR within 0.2 dB, control
 # errors and expression-only shifts within a seed's spread, about 11% more fit time (the mapper stage +23%).
-# Not measured at small's size. 6000 prior steps: the bfloat16 renders (training.render_dtype) fit them in less
-# time than 4000 took in float32 (held-out 0.80 / 0.54, +0.04 / +0.07 dB); a CPU without native bfloat16 takes
-# about 1.2x the fit time it took before. 8000 (`--set prior_steps=8000`) leaves no margin under issue 20's
-# 20 minutes on 2 cores.
+# Not measured at small's size. 6000 prior steps: with bfloat16 renders (training.render_dtype, 'auto' in tiny
+# only) the whole fit is still shorter than the float32 fit with 4000 (14.8 against 17.2 min estimated, alone on
+# 2 cores): held-out 0.80 / 0.54, +0.06 / +0.10 dB. A CPU without native bfloat16 runs it in float32, about
+# 20.6 min (over issue 20's 20; `--set prior_steps=4000` keeps under). 8000 leaves no margin even in bfloat16.
 SHARP_DETAIL = dict(prior_detail_energy=0.5, mapper_generator_lr=2e-4,
                     objective=replace(CPU_OBJECTIVE, detail_energy=5.0))
 
@@ -177,7 +178,7 @@ PRESETS = {
     "tiny": Preset("tiny", resolution=64, pivots=32, perceptual="msssim", needs_prior=False,
                    channels=(128, 128, 128, 64, 32), w_dim=128, mapping_layers=2, prior_steps=6000, prior_batch=8,
                    pti_steps_per_pivot=10, mapper_steps=1500, mapper_batch=8, checkpoint_every=250,
-                   **{**CPU_MAPPERS, **SHARP_DETAIL}),
+                   prior_precision="auto", mapper_precision="auto", **{**CPU_MAPPERS, **SHARP_DETAIL}),
     "small": Preset("small", resolution=128, pivots=64, perceptual="msssim", needs_prior=False,
                     channels=(256, 256, 256, 128, 64, 32), w_dim=256, mapping_layers=2, prior_steps=20000,
                     prior_batch=8, pti_steps_per_pivot=50, mapper_steps=10000, mapper_batch=8, checkpoint_every=500,

@@ -24,8 +24,9 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 def render_dtype(precision: str, device: torch.device | str) -> torch.dtype:
     """The dtype the generator renders in while the from-scratch prior and the mappers train (its weights,
     the losses and the optimisers stay float32). 'auto': bfloat16 on CPUs that compute it natively (AVX512-BF16
-    or AMX: 1.4x the float32 step of tiny's prior on 2 cores, bench/RESULTS.md), float32 elsewhere — a CPU
-    without those emulates it slower than float32, and on GPUs these stages were measured in float32."""
+    or AMX: tiny's prior step 1.5x and its mapper step 1.3x as fast as in float32 on 2 cores, bench/RESULTS.md),
+    float32 elsewhere — a CPU without those emulates it slower than float32, and on GPUs these stages were
+    measured in float32."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision == "auto":
@@ -35,12 +36,14 @@ def render_dtype(precision: str, device: torch.device | str) -> torch.dtype:
 
 
 def cpu_bfloat16_units() -> list[str]:
-    """This CPU's units that compute bfloat16 natively (none: it would be emulated)."""
+    """This CPU's units that compute bfloat16 natively (none: it would be emulated). AMX is probed by its tile
+    unit, which every AMX CPU ships with its bfloat16 instructions."""
     probes = (("AVX512-BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported"))
     return [name for name, probe in probes if getattr(torch.cpu, probe, lambda: False)()]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16 (as metrics.json records it)."""
     return str(dtype).removeprefix("torch.")
 
 

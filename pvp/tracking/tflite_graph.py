@@ -87,10 +87,10 @@ class TFLiteGraph(nn.Module):
                 ph, pw = _same_padding(shape_in[1], kh, stride[0]), _same_padding(shape_in[2], kw, stride[1])
                 pad = (pw[0], pw[1], ph[0], ph[1])
             bias = self._param(name, constants[ins[2]]) if len(ins) > 2 and ins[2] >= 0 else None
-            inside = (0, 0)  # a symmetric padding rides in the convolution: no padded copy of the activations
+            conv_padding = (0, 0)  # a symmetric padding rides in the convolution: no padded copy of the activations
             if pad[0] == pad[1] and pad[2] == pad[3]:
-                pad, inside = (0, 0, 0, 0), (pad[2], pad[0])
-            return ("conv", ins[0], out, self._param(name, weight), bias, stride, pad, inside, groups,
+                pad, conv_padding = (0, 0, 0, 0), (pad[2], pad[0])
+            return ("conv", ins[0], out, self._param(name, weight), bias, stride, pad, conv_padding, groups,
                     opts.FusedActivationFunction())
         if name == "PRELU":
             return ("prelu", ins[0], out, self._param(name, constants[ins[1]].reshape(-1)))
@@ -120,9 +120,9 @@ class TFLiteGraph(nn.Module):
         for op in self.ops:
             kind, src, out = op[0], values[op[1]], op[2]
             if kind == "conv":
-                _, _, _, w, b, stride, pad, inside, groups, act = op
+                _, _, _, w, b, stride, pad, conv_padding, groups, act = op
                 y = F.conv2d(F.pad(src, pad) if any(pad) else src, getattr(self, w),
-                             getattr(self, b) if b else None, stride=stride, padding=inside, groups=groups)
+                             getattr(self, b) if b else None, stride=stride, padding=conv_padding, groups=groups)
                 values[out] = _ACTIVATIONS[act](y)
             elif kind == "prelu":
                 values[out] = F.prelu(src, getattr(self, op[3]))
