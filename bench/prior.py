@@ -111,13 +111,14 @@ def share_prior(source: Path, dest: Path, settings: dict) -> float | None:
     return seconds
 
 
-def fit_settings(video: Path, preset: str, train: str, items: list[str]) -> dict:
-    """The settings.json a bench `pvp fit` with these `--set` items writes (no weights, seed 0)."""
+def fit_settings(video: Path, preset: str, train: str, items: list[str], seed: int) -> dict:
+    """The settings.json a bench `pvp fit` with these `--set` items and seed writes (no weights)."""
     from pvp.fit.pipeline import FitInputs
     from pvp.fit.presets import PRESETS, apply_settings
 
     chosen = apply_settings(PRESETS[preset], items)
-    return FitInputs(video, Path(), chosen, train_frames=train, pivot_method=chosen.pivot_selection).settings()
+    return FitInputs(video, Path(), chosen, train_frames=train, pivot_method=chosen.pivot_selection,
+                     seed=seed).settings()
 
 
 def machine() -> str:
@@ -149,6 +150,8 @@ def main(argv=None):
     ap.add_argument("--label", default="", help="added to each row's variant name (e.g. 'before')")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "prior")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a preset override for every fit")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="every fit's seed (the clip's pivots stay those of its first fit)")
     ap.add_argument("--out", type=Path, help="results file (default bench/results/prior_<preset>.json)")
     ap.add_argument("--prepare", action="store_true", help="only track the clips (for a machine without MediaPipe)")
     args = ap.parse_args(argv)
@@ -176,11 +179,12 @@ def main(argv=None):
             reused = share_stages(args.work / args.preset / clip / "stages", out / "work")
             shared_prior = None
             if variant in SHARED_PRIOR:
+                settings = fit_settings(video, args.preset, train, items, args.seed)
                 shared_prior = share_prior(args.work / args.preset / clip / f"{SHARED_PRIOR[variant]}{args.label}" /
-                                           "work", out / "work", fit_settings(video, args.preset, train, items))
+                                           "work", out / "work", settings)
             t0 = time.perf_counter()
             run_pvp(["fit", str(video), "-o", str(out), "--preset", args.preset, "--train-frames", train, *fit_args,
-                     *(["--resume"] if reused else [])], "bench/prior.py")
+                     "--seed", str(args.seed), *(["--resume"] if reused else [])], "bench/prior.py")
             share_stages(out / "work", args.work / args.preset / clip / "stages")
             fit_seconds = time.perf_counter() - t0
             run_pvp(["eval", str(out), "--video", str(video), "--frames", held_out, "-o", str(out / "eval")],
@@ -192,6 +196,7 @@ def main(argv=None):
             scores = score(json.loads((out / "eval" / "summary.json").read_text()))
             for method, values in scores.items():
                 rows.append({"clip": clip, "variant": name, "changes": description, "settings": args.set,
+                             **({"seed": args.seed} if args.seed else {}),
                              "held_out": held_out, "method": method, **values,
                              **({"fit_seconds": round(fit_seconds, 1), "stage_seconds": stages}
                                 if method == "avatar" else {}),

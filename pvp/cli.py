@@ -107,7 +107,7 @@ def cmd_fit(args) -> None:
             raise UserError(f"--{flag} {path}: no such file")
     inputs = dict(source=args.source, avatar=args.output, preset=preset, prior=args.prior, e4e=args.e4e,
                   arcface=args.arcface, vgg=args.vgg, deca=args.deca, train_frames=args.train_frames,
-                  pivot_method=pivots, resume=args.resume)
+                  pivot_method=pivots, resume=args.resume, seed=args.seed)
     if args.cluster:  # one task on the cluster, one GPU (its device is chosen there)
         from pvp.serve import cluster
 
@@ -318,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a preset field (repeatable); nested ones as objective.novel_pose=0, "
                    "mapper_design.hull=eq6, objective.optimize_noise=false")
     f.add_argument("--resume", action="store_true", help="continue an interrupted fit in the same directory")
+    f.add_argument("--seed", type=int, default=0, help="seeds the random initialisations and batches (default 0): "
+                   "another seed, another fit of the same video")
     f.add_argument("--device", default="auto")
     f.add_argument("--cluster", metavar="ADDRESS", help="run the fit as a job on Ray (one GPU; local, auto or "
                    "ray://HOST:PORT, docs/cluster.md); paths must be the same on the workers")

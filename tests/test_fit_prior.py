@@ -149,6 +149,19 @@ def test_each_stage_renders_in_its_own_precision_and_the_fit_records_it(d3_track
     assert (metrics["prior_render_dtype"], metrics["mapper_render_dtype"]) == ("float32", "bfloat16")
 
 
+def test_the_seed_given_to_pvp_fit_seeds_the_fit(d3_track_file, tmp_path):
+    """Two seeds, two fits: the seed reaches the prior's initialisation and is recorded for a resume."""
+    weights = {}
+    for seed in (0, 5):
+        out = tmp_path / f"seed{seed}"
+        r = _fit([d3_track_file, "-o", out, "--train-frames", "0:30", "--device", "cpu", "--seed", seed,
+                  "--set", "prior_steps=1", "--set", "pivots=4", "--set", "mapper_steps=1"])
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert json.loads((out / "work" / "settings.json").read_text())["seed"] == seed
+        weights[seed] = load_generator(out / "work" / "generator.safetensors").synthesis.b8.conv1.weight
+    assert not torch.equal(weights[0], weights[5])
+
+
 def test_a_fit_started_before_a_preset_field_existed_resumes_with_its_default():
     """New preset fields default to what fits ran with before them (the precisions: float32); a resume names
     the preset fields given differently."""
