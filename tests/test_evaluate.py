@@ -76,6 +76,15 @@ def test_eval_writes_csv_summary_and_report(fitted, real_data, tmp_path):
     assert "yaw_shift" not in summary["methods"]["nearest_frame"]  # a real crop takes no controls
     assert methods["nearest_pivot"][0]["yaw_shift"] == ""
     assert "training frame nearest in head pose" in r.stdout and "clamped requests:" in r.stdout
+    clamped = np.array([int(x["clamped"]) for x in methods["avatar"]], bool)
+    parts = summary["by_range"]
+    assert parts["beyond"]["frames"] == clamped.sum() == summary["clamped"]["frames"]
+    assert parts["within"]["frames"] + parts["beyond"]["frames"] == 20
+    for part, rows in (("within", ~clamped), ("beyond", clamped)):
+        if rows.any():
+            mean = np.mean([float(x["psnr"]) for x, c in zip(methods["avatar"], rows) if c])
+            assert parts[part]["methods"]["avatar"]["psnr"] == pytest.approx(mean, rel=1e-4)
+    assert "within the learned ranges: " in r.stdout
     header = r.stdout.splitlines()[1]
     assert "PSNR worst 10% ↑" in header and "  pitch shift" in header  # the headers stay apart
     page = (tmp_path / "eval" / "report.html").read_text()
@@ -85,6 +94,30 @@ def test_eval_writes_csv_summary_and_report(fitted, real_data, tmp_path):
     # the nearest training frame is a real crop of the same video: its pose error is near the tracker's floor
     floor = summary["methods"]["ground_truth_retracked"]["yaw_err"]
     assert summary["methods"]["nearest_frame"]["yaw_err"] < floor + 10
+
+
+def test_figures_are_split_between_requests_within_and_beyond_the_learned_ranges():
+    from pvp.evaluation.evaluate import Evaluation
+    from pvp.evaluation.report import console_lines
+
+    result = Evaluation("a", "v.mp4", ":", None, None, None, None, None)
+    result.per_frame = {"avatar": {"psnr": np.array([30.0, 20.0, 10.0, 12.0]), "ssim": np.full(4, 0.5),
+                                   "yaw_err": np.array([1.0, 2.0, 3.0, 5.0])},
+                        "nearest_frame": {"psnr": np.array([25.0, 21.0, 11.0, 11.0]), "ssim": np.full(4, 0.4)}}
+    result.beyond_range = np.array([False, False, True, True])
+    parts = result.summary_by_range()
+    assert (parts["within"]["frames"], parts["beyond"]["frames"]) == (2, 2)
+    assert parts["within"]["methods"]["avatar"]["psnr"] == 25.0 and parts["beyond"]["methods"]["avatar"]["psnr"] == 11.0
+    assert parts["within"]["methods"]["avatar"]["psnr_worst10"] == 20.0
+    assert parts["beyond"]["methods"]["avatar"]["yaw_err"] == 4.0  # errors: medians, as in the whole summary
+    assert parts["within"]["methods"]["nearest_frame"]["psnr"] == 23.0
+    summary = {"methods": result.summary(), "by_range": parts, "clamped": {"frames": 2, "of": 4, "max_excess": {}},
+               "sharpness": {"recombined": 0.9, "slider_sweeps": 0.9, "worst_slider": ["head_yaw", 0.8]}}
+    lines = console_lines(summary)
+    assert any(line.startswith("avatar (PVP)") and "25.00 (20.00) / 0.500" in line and "11.00 (10.00)" in line
+               for line in lines)
+    result.beyond_range[:] = False  # nothing clamped: the second part is empty, not an error
+    assert result.summary_by_range()["beyond"] == {"frames": 0, "methods": {}}
 
 
 def test_pose_shift_is_zero_only_for_a_disentangled_avatar(d3_track):

@@ -73,18 +73,31 @@ class Evaluation:
     samples: np.ndarray | None = None  # renders at recombined training controls: samples of the manifold
     probes: dict = field(default_factory=dict)  # sharpness of slider sweeps and recombined controls
     clamped: dict = field(default_factory=dict)  # requests beyond the learned ranges
+    beyond_range: np.ndarray | None = None  # [N] bool: the frame's request was clamped
 
-    def summary(self) -> dict:
+    def summary_by_range(self) -> dict:
+        """The summary over the frames whose requests lie within the learned ranges, and over the others:
+        what the avatar does where it learned, apart from where the renderer clamps."""
+        beyond = self.beyond_range
+        return {part: {"frames": int(rows.sum()), "methods": self.summary(rows) if rows.any() else {}}
+                for part, rows in (("within", ~beyond), ("beyond", beyond))}
+
+    def summary(self, rows: np.ndarray | None = None) -> dict:
+        """Per method: image metrics' means (and the worst 10% of PSNR), control errors' medians — over
+        ``rows`` of the evaluated frames (a boolean mask; default all)."""
         out = {}
         for method, metrics in self.per_frame.items():
             row = {}
             for name, values in metrics.items():
+                values = values if rows is None else values[rows]
                 finite = values[np.isfinite(values)]
                 if len(finite):
                     row[name] = float(np.median(finite) if name.endswith(("_err", "_shift")) else finite.mean())
-            if "psnr" in metrics:
-                row["psnr_worst10"] = worst_share_mean(metrics["psnr"])
+            if "psnr" in metrics and "psnr" in row:
+                row["psnr_worst10"] = worst_share_mean(metrics["psnr"] if rows is None else metrics["psnr"][rows])
             out[method] = row
+        if rows is not None:
+            return out
         floor = self.retracked.get("ground_truth")
         if floor is not None:  # the tracker's own error on the real frames: no render can score below it
             c = self.eval_set.controls
@@ -107,11 +120,17 @@ def sharpness(images: np.ndarray) -> np.ndarray:
     return np.array([cv2.Laplacian(g, cv2.CV_64F, ksize=3).var() for g in grey])
 
 
-def clamped_requests(ctrl: np.ndarray, schema: dict) -> dict:
-    """How many requests fall outside the learned ranges, and by how much at most per channel."""
+def range_excess(ctrl: np.ndarray, schema: dict) -> np.ndarray:
+    """[N, C]: how far each request lies outside its channel's learned range (0 inside it)."""
     lo, hi = controls.ranges(schema)
     excess = np.maximum(np.maximum(lo - ctrl, ctrl - hi), 0.0)
     excess[:, controls.ROLL] = 0.0  # roll rotates the image: never clamped
+    return excess
+
+
+def clamped_requests(ctrl: np.ndarray, schema: dict) -> dict:
+    """How many requests fall outside the learned ranges, and by how much at most per channel."""
+    excess = range_excess(ctrl, schema)
     names = [c["name"] for c in schema["channels"]]
     return {"frames": int((excess > 0).any(1).sum()), "of": int(len(ctrl)),
             "max_excess": {names[j]: round(float(excess[:, j].max()), 3) for j in np.flatnonzero(excess.max(0) > 0)}}
@@ -270,6 +289,7 @@ def evaluate(avatar_dir, video, frames: str | None = None, mask: str | None = No
     result.renders["avatar"] = _render(avatar, ev_set.controls)
     result.probes, result.samples = sharpness_probes(avatar, tr_set)
     result.clamped = clamped_requests(ev_set.controls, avatar.meta.schema)
+    result.beyond_range = range_excess(ev_set.controls, avatar.meta.schema).any(1)
     result.renders["nearest_frame"] = tr_set.images[nearest_frame]
     pose = [controls.YAW, controls.PITCH]
     nearest_pose = np.argmin(((ev_set.controls[:, None, pose] - tr_set.controls[None, :, pose]) ** 2).sum(-1), 1)
@@ -326,16 +346,17 @@ def write_outputs(result: Evaluation, out_dir, ground_truth: dict | None = None)
     with atomic_path(out / "metrics.csv") as tmp:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["frame", "method", *METRICS, "yaw", "pitch", "jaw_open"])
+            w.writerow(["frame", "method", *METRICS, "yaw", "pitch", "jaw_open", "clamped"])
             for method, metrics in result.per_frame.items():
                 for i, frame in enumerate(result.eval_set.frame_index):
                     values = [f"{metrics[m][i]:.6g}" if m in metrics else "" for m in METRICS]
                     c = result.eval_set.controls[i]
-                    w.writerow([int(frame), method, *values, f"{c[0]:.3f}", f"{c[1]:.3f}", f"{c[3]:.3f}"])
+                    w.writerow([int(frame), method, *values, f"{c[0]:.3f}", f"{c[1]:.3f}", f"{c[3]:.3f}",
+                                int(result.beyond_range[i])])
     summary = {"avatar": result.avatar, "video": result.video, "frames": result.frames,
                "evaluated_frames": int(len(result.eval_set.frame_index)), "mask": result.mask,
                "lpips": result.lpips, "methods": result.summary(), "sharpness": result.probes,
-               "clamped": result.clamped}
+               "clamped": result.clamped, "by_range": result.summary_by_range()}
     if ground_truth is not None:
         summary["ground_truth"] = {k: v for k, v in ground_truth.items() if k != "series"}
     write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")

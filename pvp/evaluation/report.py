@@ -137,6 +137,31 @@ def probes_html(summary: dict) -> str:
             f"frames; {excess}.</p>")
 
 
+def range_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows): each method's PSNR (worst 10%) and SSIM over the frames requested within the learned
+    ranges and over those the renderer clamped."""
+    parts = summary["by_range"]
+    titles = {"within": "within the learned ranges", "beyond": "beyond them (clamped)"}
+    headers = ["PSNR dB (worst 10%) / SSIM"] + [f"{titles[p]}: {parts[p]['frames']} frames" for p in titles]
+    rows = []
+    for method in summary["methods"]:
+        cells = []
+        for part in titles:
+            v = parts[part]["methods"].get(method, {})
+            cells.append(f"{v['psnr']:.2f} ({v['psnr_worst10']:.2f}) / {v['ssim']:.3f}" if "psnr" in v else "-")
+        if any(c != "-" for c in cells):
+            rows.append([LABELS.get(method, method), *cells])
+    return headers, rows
+
+
+def range_html(summary: dict) -> str:
+    headers, rows = range_table(summary)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + f"<th>{html.escape(r[0])}</th>" + "".join(f"<td>{c}</td>" for c in r[1:]) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
 def console_lines(summary: dict) -> list[str]:
     """The summary as an aligned text table, then the sharpness and clamping figures."""
     present = [(k, title, fmt) for k, title, fmt in COLUMNS if any(k in v for v in summary["methods"].values())]
@@ -152,6 +177,9 @@ def console_lines(summary: dict) -> list[str]:
                  f"{p['slider_sweeps']:.2f} (worst {p['worst_slider'][0]} {p['worst_slider'][1]:.2f})")
     lines.append(f"clamped requests: {c['frames']} of {c['of']} frames"
                  + "".join(f", {k} by up to {v:g}" for k, v in c["max_excess"].items()))
+    headers, rows = range_table(summary)
+    widths = [max(len(r[j]) for r in [headers, *rows]) + 2 for j in range(len(headers))]
+    lines += ["".join(f"{cell:<{w}}" for cell, w in zip(r, widths)).rstrip() for r in [headers, *rows]]
     return lines
 
 
@@ -208,6 +236,9 @@ re-tracked head pose moves when a frame is rendered again with only its jaw and 
 those of a random training frame.</p>
 {table_html(summary)}
 {probes_html(summary)}
+<p>The same figures over the frames whose requests lie within the learned ranges, and over those the renderer
+clamped (it cannot show what the avatar never learned):</p>
+{range_html(summary)}
 {body}
 </body></html>
 """

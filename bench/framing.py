@@ -1,0 +1,110 @@
+"""How much of a held-out frame's error is framing (issue 20): the FFHQ crop is set by the eyes and the mouth
+corners, so a mouth opened wider than in any training frame makes the crop larger and the face in it smaller
+and lower — a placement no render of the learned range (the renderer clamps the jaw) and no training frame
+has. Per clip, for a fitted avatar (bench/prior.py's fits):
+
+- the crop's side over the interocular distance, training frames against held-out ones, and how often the
+  mouth rather than the eyes set it (1.8 x eye-to-mouth > 2 x eye-to-eye, the FFHQ recipe);
+- each method's PSNR on the held-out frames as `pvp eval` measures it, and registered: after the best
+  scale and shift of the render onto the real frame (a grid search per frame) — what remains once the
+  placement is taken out. Within the learned ranges and beyond them (clamped) apart.
+
+    python bench/framing.py [--clips lp_d3 lp_d12] [--variant preset_bf16_6000]
+
+Writes bench/results/framing_<preset>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.common import device_description, held_out_split, print_table, write_results  # noqa: E402
+
+SCALES = np.arange(0.80, 1.081, 0.02)  # render magnified by this about the crop's centre
+SHIFTS = np.arange(-4, 5) / 64  # of the crop's side
+
+
+def crop_scale(track) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame: the crop's side over the interocular distance, and whether the mouth set the crop's size."""
+    from pvp.tracking import topology as topo
+
+    lm = track.landmarks_2d
+    eye_r, eye_l = lm[:, list(topo.RIGHT_EYE)].mean(1), lm[:, list(topo.LEFT_EYE)].mean(1)
+    eye_to_eye = np.linalg.norm(eye_l - eye_r, axis=1)
+    mouth = (lm[:, topo.MOUTH_RIGHT] + lm[:, topo.MOUTH_LEFT]) / 2
+    eye_to_mouth = np.linalg.norm(mouth - (eye_l + eye_r) / 2, axis=1)
+    side = np.linalg.norm(track.align_quad[:, 3] - track.align_quad[:, 0], axis=1)
+    return side / eye_to_eye, 1.8 * eye_to_mouth > 2.0 * eye_to_eye
+
+
+def registered_psnr(render: np.ndarray, real: np.ndarray) -> float:
+    """The best PSNR of the render [R, R, 3] uint8 against the real frame over SCALES x SHIFTS x SHIFTS."""
+    import cv2
+
+    res = render.shape[0]
+    target = real.astype(np.float32) / 255
+    best = -np.inf
+    for s in SCALES:
+        for dx in SHIFTS * res:
+            for dy in SHIFTS * res:
+                warp = np.array([[s, 0, (1 - s) * res / 2 + dx], [0, s, (1 - s) * res / 2 + dy]], np.float32)
+                moved = cv2.warpAffine(render, warp, (res, res), flags=cv2.INTER_LINEAR,
+                                       borderMode=cv2.BORDER_REFLECT).astype(np.float32) / 255
+                best = max(best, -10 * np.log10(np.mean((moved - target) ** 2) + 1e-12))
+    return float(best)
+
+
+def main(argv=None):
+    from pvp.evaluation.evaluate import METHODS, evaluate
+    from pvp.tracking.track import Track
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--clips", nargs="+", default=["lp_d3", "lp_d12"])
+    ap.add_argument("--variant", default="preset_bf16_6000", help="the bench/prior.py fit to measure")
+    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "prior")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+
+    rows = []
+    for clip in args.clips:
+        video = ROOT / "tests" / "data" / f"{clip}.mp4"
+        train, held_out = held_out_split(video)
+        avatar_dir = args.work / args.preset / clip / args.variant
+        track = Track.load(avatar_dir / "work" / "track.safetensors")
+        ratio, by_mouth = crop_scale(track)
+        cut = int(held_out.rstrip(":"))
+        crops = {"train_crop_over_eyes": float(np.median(ratio[:cut])),
+                 "held_out_crop_over_eyes": float(np.median(ratio[cut:])),
+                 "held_out_crop_over_eyes_max": float(ratio[cut:].max()),
+                 "train_crops_set_by_mouth": float(by_mouth[:cut].mean()),
+                 "held_out_crops_set_by_mouth": float(by_mouth[cut:].mean())}
+        result = evaluate(avatar_dir, video, held_out, progress=False)
+        beyond = result.beyond_range
+        for method in METHODS:
+            if method not in result.renders:
+                continue
+            plain = result.per_frame[method]["psnr"]
+            registered = np.array([registered_psnr(r, g) for r, g in zip(result.renders[method],
+                                                                         result.eval_set.images)])
+            row = {"clip": clip, "variant": args.variant, "held_out": held_out, "method": method,
+                   "psnr": round(float(plain.mean()), 3), "psnr_registered": round(float(registered.mean()), 3)}
+            for part, sel in (("within", ~beyond), ("beyond", beyond)):
+                if sel.any():
+                    row[f"psnr_{part}"] = round(float(plain[sel].mean()), 3)
+                    row[f"psnr_registered_{part}"] = round(float(registered[sel].mean()), 3)
+                    row[f"frames_{part}"] = int(sel.sum())
+            rows.append({**row, **(crops if method == "avatar" else {})})
+            print(clip, method, row, flush=True)
+        write_results(f"framing_{args.preset}", device_description("cpu"), rows, args.out)
+    print_table(rows, ["clip", "method", "psnr", "psnr_registered", "psnr_within", "psnr_registered_within",
+                       "psnr_beyond", "psnr_registered_beyond", "held_out_crop_over_eyes"])
+
+
+if __name__ == "__main__":
+    main()
