@@ -12,7 +12,8 @@ Sharpness: the variance of the Laplacian of a render over that of the real frame
 evaluated frames and for the controls an animator keys: each slider swept alone over its learned range
 (the others at the training frames' medians), and training controls recombined (one frame's head pose,
 another's jaw and expression) — these are also the report's samples of the manifold.
-Requests beyond the learned ranges are counted (the renderer clamps them; the server reports it per frame).
+Requests beyond the learned ranges are counted (the renderer clamps them; the server reports it per frame),
+and the figures are also given over the frames within those ranges and over the clamped ones apart.
 Writes metrics.csv (per frame and method), summary.json and report.html (see report.py).
 """
 from __future__ import annotations
