@@ -16,6 +16,7 @@ Writes bench/results/framing_<preset>.json.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,16 +31,12 @@ SHIFTS = np.arange(-4, 5) / 64  # of the crop's side
 
 
 def crop_scale(track) -> tuple[np.ndarray, np.ndarray]:
-    """Per frame: the crop's side over the interocular distance, and whether the mouth set the crop's size."""
-    from pvp.tracking import topology as topo
+    """Per track row: the crop's side over the interocular distance, and whether the mouth set the crop's size."""
+    from pvp.tracking.align import EYE_SPAN, MOUTH_SPAN, ffhq_anchors
 
-    lm = track.landmarks_2d
-    eye_r, eye_l = lm[:, list(topo.RIGHT_EYE)].mean(1), lm[:, list(topo.LEFT_EYE)].mean(1)
-    eye_to_eye = np.linalg.norm(eye_l - eye_r, axis=1)
-    mouth = (lm[:, topo.MOUTH_RIGHT] + lm[:, topo.MOUTH_LEFT]) / 2
-    eye_to_mouth = np.linalg.norm(mouth - (eye_l + eye_r) / 2, axis=1)
+    _, eye_to_eye, eye_to_mouth = (np.linalg.norm(v, axis=-1) for v in ffhq_anchors(track.landmarks_2d))
     side = np.linalg.norm(track.align_quad[:, 3] - track.align_quad[:, 0], axis=1)
-    return side / eye_to_eye, 1.8 * eye_to_mouth > 2.0 * eye_to_eye
+    return side / eye_to_eye, MOUTH_SPAN * eye_to_mouth > EYE_SPAN * eye_to_eye
 
 
 def registered_psnr(render: np.ndarray, real: np.ndarray) -> float:
@@ -71,34 +68,34 @@ def main(argv=None):
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
+    os.chdir(ROOT)  # the fits' tracks name their videos from here: evaluate() then reuses them
     rows = []
     for clip in args.clips:
-        video = ROOT / "tests" / "data" / f"{clip}.mp4"
+        video = Path("tests") / "data" / f"{clip}.mp4"
         train, held_out = held_out_split(video)
         avatar_dir = args.work / args.preset / clip / args.variant
         track = Track.load(avatar_dir / "work" / "track.safetensors")
         ratio, by_mouth = crop_scale(track)
         cut = int(held_out.rstrip(":"))
-        crops = {"train_crop_over_eyes": float(np.median(ratio[:cut])),
-                 "held_out_crop_over_eyes": float(np.median(ratio[cut:])),
-                 "held_out_crop_over_eyes_max": float(ratio[cut:].max()),
-                 "train_crops_set_by_mouth": float(by_mouth[:cut].mean()),
-                 "held_out_crops_set_by_mouth": float(by_mouth[cut:].mean())}
+        parts = {"train": track.valid & (track.frame_index < cut), "held_out": track.valid & (track.frame_index >= cut)}
+        crops = {**{f"{p}_crop_over_eyes": float(np.median(ratio[sel])) for p, sel in parts.items()},
+                 "held_out_crop_over_eyes_max": float(ratio[parts["held_out"]].max()),
+                 **{f"{p}_crops_set_by_mouth": float(by_mouth[sel].mean()) for p, sel in parts.items()}}
         result = evaluate(avatar_dir, video, held_out, progress=False)
-        beyond = result.beyond_range
+        plain, beyond = result.summary_by_range(), result.beyond_range
         for method in METHODS:
             if method not in result.renders:
                 continue
-            plain = result.per_frame[method]["psnr"]
             registered = np.array([registered_psnr(r, g) for r, g in zip(result.renders[method],
                                                                          result.eval_set.images)])
             row = {"clip": clip, "variant": args.variant, "held_out": held_out, "method": method,
-                   "psnr": round(float(plain.mean()), 3), "psnr_registered": round(float(registered.mean()), 3)}
+                   "psnr": round(result.summary()[method]["psnr"], 3),
+                   "psnr_registered": round(float(registered.mean()), 3)}
             for part, sel in (("within", ~beyond), ("beyond", beyond)):
                 if sel.any():
-                    row[f"psnr_{part}"] = round(float(plain[sel].mean()), 3)
+                    row[f"frames_{part}"] = plain[part]["frames"]
+                    row[f"psnr_{part}"] = round(plain[part]["methods"][method]["psnr"], 3)
                     row[f"psnr_registered_{part}"] = round(float(registered[sel].mean()), 3)
-                    row[f"frames_{part}"] = int(sel.sum())
             rows.append({**row, **(crops if method == "avatar" else {})})
             print(clip, method, row, flush=True)
         write_results(f"framing_{args.preset}", device_description("cpu"), rows, args.out)

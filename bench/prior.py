@@ -165,11 +165,12 @@ def main(argv=None):
 
     out_json = args.out or RESULTS / f"prior_{args.preset}.json"
     rows = json.loads(out_json.read_text())["rows"] if out_json.is_file() else []
+    suffix = args.label + (f"_seed{args.seed}" if args.seed else "")  # a fit's name: its variant and this
     for clip in args.clips:
         video = DATA / f"{clip}.mp4"
         train, held_out = held_out_split(ROOT / video)
         for variant in args.variants:
-            name = f"{variant}{args.label}"
+            name = f"{variant}{suffix}"
             if any(r["clip"] == clip and r["variant"] == name for r in rows):
                 continue
             description, items = VARIANTS[variant]
@@ -181,8 +182,8 @@ def main(argv=None):
             shared_prior = None
             if variant in SHARED_PRIOR:
                 settings = fit_settings(video, args.preset, train, items, args.seed)
-                shared_prior = share_prior(args.work / args.preset / clip / f"{SHARED_PRIOR[variant]}{args.label}" /
-                                           "work", out / "work", settings)
+                shared_prior = share_prior(args.work / args.preset / clip / f"{SHARED_PRIOR[variant]}{suffix}" / "work",
+                                           out / "work", settings)
             t0 = time.perf_counter()
             run_pvp(["fit", str(video), "-o", str(out), "--preset", args.preset, "--train-frames", train, *fit_args,
                      "--seed", str(args.seed), *(["--resume"] if reused else [])], "bench/prior.py")

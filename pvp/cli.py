@@ -99,6 +99,8 @@ def cmd_fit(args) -> None:
 
     preset = _preset_overrides(PRESETS[args.preset], args.set)
     pivots = args.pivots or preset.pivot_selection
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed {args.seed}: expected 0 to {2**32 - 1}")
     if pivots not in PIVOT_METHODS:
         raise UserError(f"--pivots {pivots!r}: expected one of {', '.join(PIVOT_METHODS)}")
     for flag in ("prior", "e4e", "arcface", "vgg", "deca"):

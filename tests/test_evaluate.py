@@ -80,14 +80,15 @@ def test_eval_writes_csv_summary_and_report(fitted, real_data, tmp_path):
     parts = summary["by_range"]
     assert parts["beyond"]["frames"] == clamped.sum() == summary["clamped"]["frames"]
     assert parts["within"]["frames"] + parts["beyond"]["frames"] == 20
+    assert 0 < clamped.sum() < 20  # frames 30:50 hold both kinds of request
     for part, rows in (("within", ~clamped), ("beyond", clamped)):
-        if rows.any():
-            mean = np.mean([float(x["psnr"]) for x, c in zip(methods["avatar"], rows) if c])
-            assert parts[part]["methods"]["avatar"]["psnr"] == pytest.approx(mean, rel=1e-4)
+        mean = np.mean([float(x["psnr"]) for x, c in zip(methods["avatar"], rows) if c])
+        assert parts[part]["methods"]["avatar"]["psnr"] == pytest.approx(mean, rel=1e-4)
     assert "within the learned ranges: " in r.stdout
     header = r.stdout.splitlines()[1]
     assert "PSNR worst 10% ↑" in header and "  pitch shift" in header  # the headers stay apart
     page = (tmp_path / "eval" / "report.html").read_text()
+    assert "beyond the learned ranges (clamped): " in page
     assert page.count("<img src='data:image/png;base64,") == 5 and "nearest pivot" in page
     for name in ("coverage", "manifold", "metrics", "retrack", "strips"):
         assert (tmp_path / "eval" / f"{name}.png").stat().st_size > 5000
@@ -117,7 +118,24 @@ def test_figures_are_split_between_requests_within_and_beyond_the_learned_ranges
     assert any(line.startswith("avatar (PVP)") and "25.00 (20.00) / 0.500" in line and "11.00 (10.00)" in line
                for line in lines)
     result.beyond_range[:] = False  # nothing clamped: the second part is empty, not an error
-    assert result.summary_by_range()["beyond"] == {"frames": 0, "methods": {}}
+    parts = result.summary_by_range()
+    assert parts["beyond"] == {"frames": 0, "methods": {}}
+    assert console_lines({**summary, "by_range": parts})[-1] == "all 4 frames requested within the learned ranges"
+
+
+def test_the_tracker_floor_is_given_for_each_part_of_the_frames():
+    from pvp.evaluation.evaluate import Evaluation, FrameSet
+    from pvp_contract import controls
+
+    ctrl = np.zeros((4, controls.EXPRESSION_COLUMNS.start + 2), np.float32)
+    result = Evaluation("a", "v.mp4", ":", None, None, FrameSet(np.arange(4), None, ctrl, None), None, None)
+    result.per_frame = {"avatar": {"psnr": np.array([30.0, 20.0, 10.0, 12.0])}}
+    result.retracked = {"ground_truth": {"yaw": np.array([1.0, 1.0, 4.0, 4.0]), "pitch": np.zeros(4),
+                                         "jaw": np.zeros(4)}}
+    result.beyond_range = np.array([False, False, True, True])
+    parts = result.summary_by_range()
+    assert parts["within"]["methods"]["ground_truth_retracked"]["yaw_err"] == 1.0
+    assert parts["beyond"]["methods"]["ground_truth_retracked"]["yaw_err"] == 4.0
 
 
 def test_pose_shift_is_zero_only_for_a_disentangled_avatar(d3_track):
@@ -167,7 +185,7 @@ def test_sharpness_falls_with_blur():
 
 
 def test_clamped_requests_and_probes_of_the_learned_ranges():
-    from pvp.evaluation.evaluate import clamped_requests, recombined_controls, slider_sweeps
+    from pvp.evaluation.evaluate import clamped_requests, range_excess, recombined_controls, slider_sweeps
     from pvp_contract import controls
 
     schema = controls.schema(2, (-20, 20), (-10, 10), (0.0, 9.0), expression_ranges=[(-1.5, 2.5), (-3.0, 0.5)])
@@ -175,7 +193,7 @@ def test_clamped_requests_and_probes_of_the_learned_ranges():
     ctrl[1, controls.YAW] = 26.0
     ctrl[2, controls.EXPRESSION_COLUMNS.start + 1] = 1.5
     ctrl[3, controls.ROLL] = 40.0  # roll is an image rotation, never clamped
-    report = clamped_requests(ctrl, schema)
+    report = clamped_requests(range_excess(ctrl, schema), schema)
     assert report["frames"] == 2 and report["of"] == 4
     assert report["max_excess"] == {"head_yaw": 6.0, "exp_01": 1.0}
     names, sweeps = slider_sweeps(schema, ctrl[0])

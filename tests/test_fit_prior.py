@@ -160,6 +160,9 @@ def test_the_seed_given_to_pvp_fit_seeds_the_fit(d3_track_file, tmp_path):
         assert json.loads((out / "work" / "settings.json").read_text())["seed"] == seed
         weights[seed] = load_generator(out / "work" / "generator.safetensors").synthesis.b8.conv1.weight
     assert not torch.equal(weights[0], weights[5])
+    r = _fit([d3_track_file, "-o", tmp_path / "bad", "--seed", -1])
+    assert r.returncode == 2 and "--seed -1: expected 0 to" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "bad" / "work" / "settings.json").exists()
 
 
 def test_a_fit_started_before_a_preset_field_existed_resumes_with_its_default():

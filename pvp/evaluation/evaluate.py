@@ -86,24 +86,22 @@ class Evaluation:
     def summary(self, rows: np.ndarray | None = None) -> dict:
         """Per method: image metrics' means (and the worst 10% of PSNR), control errors' medians — over
         ``rows`` of the evaluated frames (a boolean mask; default all)."""
+        pick = slice(None) if rows is None else rows
         out = {}
         for method, metrics in self.per_frame.items():
             row = {}
             for name, values in metrics.items():
-                values = values if rows is None else values[rows]
-                finite = values[np.isfinite(values)]
+                finite = values[pick][np.isfinite(values[pick])]
                 if len(finite):
                     row[name] = float(np.median(finite) if name.endswith(("_err", "_shift")) else finite.mean())
-            if "psnr" in metrics and "psnr" in row:
-                row["psnr_worst10"] = worst_share_mean(metrics["psnr"] if rows is None else metrics["psnr"][rows])
+            if "psnr" in row:
+                row["psnr_worst10"] = worst_share_mean(metrics["psnr"][pick])
             out[method] = row
-        if rows is not None:
-            return out
         floor = self.retracked.get("ground_truth")
         if floor is not None:  # the tracker's own error on the real frames: no render can score below it
-            c = self.eval_set.controls
+            c = self.eval_set.controls[pick]
             out["ground_truth_retracked"] = {
-                f"{name}_err": float(np.median(np.abs(floor[name] - c[:, column])))
+                f"{name}_err": float(np.median(np.abs(floor[name][pick] - c[:, column])))
                 for name, column in (("yaw", controls.YAW), ("pitch", controls.PITCH), ("jaw", controls.JAW_OPEN))}
         return out
 
@@ -129,11 +127,11 @@ def range_excess(ctrl: np.ndarray, schema: dict) -> np.ndarray:
     return excess
 
 
-def clamped_requests(ctrl: np.ndarray, schema: dict) -> dict:
-    """How many requests fall outside the learned ranges, and by how much at most per channel."""
-    excess = range_excess(ctrl, schema)
+def clamped_requests(excess: np.ndarray, schema: dict) -> dict:
+    """How many requests fall outside the learned ranges (``excess``: range_excess's), and by how much at most
+    per channel."""
     names = [c["name"] for c in schema["channels"]]
-    return {"frames": int((excess > 0).any(1).sum()), "of": int(len(ctrl)),
+    return {"frames": int((excess > 0).any(1).sum()), "of": int(len(excess)),
             "max_excess": {names[j]: round(float(excess[:, j].max()), 3) for j in np.flatnonzero(excess.max(0) > 0)}}
 
 
@@ -289,8 +287,8 @@ def evaluate(avatar_dir, video, frames: str | None = None, mask: str | None = No
     nearest_frame = np.argmin(((eval_f[:, None] - train_f[None]) ** 2).sum(-1), 1)
     result.renders["avatar"] = _render(avatar, ev_set.controls)
     result.probes, result.samples = sharpness_probes(avatar, tr_set)
-    result.clamped = clamped_requests(ev_set.controls, avatar.meta.schema)
-    result.beyond_range = range_excess(ev_set.controls, avatar.meta.schema).any(1)
+    excess = range_excess(ev_set.controls, avatar.meta.schema)
+    result.clamped, result.beyond_range = clamped_requests(excess, avatar.meta.schema), (excess > 0).any(1)
     result.renders["nearest_frame"] = tr_set.images[nearest_frame]
     pose = [controls.YAW, controls.PITCH]
     nearest_pose = np.argmin(((ev_set.controls[:, None, pose] - tr_set.controls[None, :, pose]) ** 2).sum(-1), 1)

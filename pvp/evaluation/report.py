@@ -137,25 +137,32 @@ def probes_html(summary: dict) -> str:
             f"frames; {excess}.</p>")
 
 
-def range_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+RANGE_PARTS = {"within": "within the learned ranges", "beyond": "beyond the learned ranges (clamped)"}
+
+
+def range_table(summary: dict) -> tuple[list[str], list[list[str]]] | str:
     """(headers, rows): each method's PSNR (worst 10%) and SSIM over the frames requested within the learned
-    ranges and over those the renderer clamped."""
+    ranges and over those the renderer clamped; or one line when all frames fall in one part."""
     parts = summary["by_range"]
-    titles = {"within": "within the learned ranges", "beyond": "beyond them (clamped)"}
-    headers = ["PSNR dB (worst 10%) / SSIM"] + [f"{titles[p]}: {parts[p]['frames']} frames" for p in titles]
+    for part, title in RANGE_PARTS.items():
+        if parts[part]["frames"] == sum(p["frames"] for p in parts.values()):
+            return f"all {parts[part]['frames']} frames requested {title}"
+    headers = ["PSNR dB (worst 10%) / SSIM"] + [f"{t}: {parts[p]['frames']} frames" for p, t in RANGE_PARTS.items()]
     rows = []
     for method in summary["methods"]:
-        cells = []
-        for part in titles:
-            v = parts[part]["methods"].get(method, {})
-            cells.append(f"{v['psnr']:.2f} ({v['psnr_worst10']:.2f}) / {v['ssim']:.3f}" if "psnr" in v else "-")
-        if any(c != "-" for c in cells):
-            rows.append([LABELS.get(method, method), *cells])
+        cells = [parts[p]["methods"].get(method, {}) for p in RANGE_PARTS]
+        if all("psnr" in v for v in cells):
+            rows.append([LABELS.get(method, method),
+                         *(f"{v['psnr']:.2f} ({v['psnr_worst10']:.2f}) / {v.get('ssim', float('nan')):.3f}"
+                           for v in cells)])
     return headers, rows
 
 
 def range_html(summary: dict) -> str:
-    headers, rows = range_table(summary)
+    table = range_table(summary)
+    if isinstance(table, str):
+        return f"<p>{html.escape(table)}.</p>"
+    headers, rows = table
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + f"<th>{html.escape(r[0])}</th>" + "".join(f"<td>{c}</td>" for c in r[1:]) + "</tr>"
                    for r in rows)
@@ -163,7 +170,8 @@ def range_html(summary: dict) -> str:
 
 
 def console_lines(summary: dict) -> list[str]:
-    """The summary as an aligned text table, then the sharpness and clamping figures."""
+    """The summary as an aligned text table, the sharpness and clamping figures, then the image figures
+    within and beyond the learned ranges."""
     present = [(k, title, fmt) for k, title, fmt in COLUMNS if any(k in v for v in summary["methods"].values())]
     label = max(len(LABELS.get(m, m)) for m in summary["methods"]) + 2
     widths = [max(len(title), 6) + 2 for _, title, _ in present]
@@ -177,10 +185,11 @@ def console_lines(summary: dict) -> list[str]:
                  f"{p['slider_sweeps']:.2f} (worst {p['worst_slider'][0]} {p['worst_slider'][1]:.2f})")
     lines.append(f"clamped requests: {c['frames']} of {c['of']} frames"
                  + "".join(f", {k} by up to {v:g}" for k, v in c["max_excess"].items()))
-    headers, rows = range_table(summary)
-    widths = [max(len(r[j]) for r in [headers, *rows]) + 2 for j in range(len(headers))]
-    lines += ["".join(f"{cell:<{w}}" for cell, w in zip(r, widths)).rstrip() for r in [headers, *rows]]
-    return lines
+    table = range_table(summary)
+    if isinstance(table, str):
+        return [*lines, table]
+    widths = [max(len(r[j]) for r in [table[0], *table[1]]) + 2 for j in range(len(table[0]))]
+    return lines + ["".join(f"{cell:<{w}}" for cell, w in zip(r, widths)).rstrip() for r in [table[0], *table[1]]]
 
 
 def ground_truth_plot(gt: dict, out: Path) -> str:

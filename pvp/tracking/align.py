@@ -12,17 +12,26 @@ from pvp.tracking import topology as topo
 SIZES = (256, 512, 1024)
 
 
-def ffhq_quad_params(lm2d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[N, L, 2] pixel landmarks -> (centre c [N, 2], half-axis x [N, 2]) of the FFHQ crop square."""
+EYE_SPAN, MOUTH_SPAN = 2.0, 1.8  # the crop's half-side: the larger of these times eye-to-eye and eye-to-mouth
+
+
+def ffhq_anchors(lm2d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[N, L, 2] pixel landmarks -> the eyes' midpoint, eye-to-eye and eye-to-mouth vectors [N, 2] (the mouth:
+    its corners' midpoint)."""
     eye_r = lm2d[:, list(topo.RIGHT_EYE)].mean(1)  # subject's right eye: image left
     eye_l = lm2d[:, list(topo.LEFT_EYE)].mean(1)
     eye_avg = (eye_l + eye_r) / 2
-    eye_to_eye = eye_l - eye_r
     mouth_avg = (lm2d[:, topo.MOUTH_RIGHT] + lm2d[:, topo.MOUTH_LEFT]) / 2
-    eye_to_mouth = mouth_avg - eye_avg
+    return eye_avg, eye_l - eye_r, mouth_avg - eye_avg
+
+
+def ffhq_quad_params(lm2d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[N, L, 2] pixel landmarks -> (centre c [N, 2], half-axis x [N, 2]) of the FFHQ crop square."""
+    eye_avg, eye_to_eye, eye_to_mouth = ffhq_anchors(lm2d)
     x = eye_to_eye - eye_to_mouth[:, ::-1] * np.array([-1, 1])
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    x *= np.maximum(np.linalg.norm(eye_to_eye, axis=1) * 2.0, np.linalg.norm(eye_to_mouth, axis=1) * 1.8)[:, None]
+    x *= np.maximum(np.linalg.norm(eye_to_eye, axis=1) * EYE_SPAN,
+                    np.linalg.norm(eye_to_mouth, axis=1) * MOUTH_SPAN)[:, None]
     return eye_avg + eye_to_mouth * 0.1, x
 
 
