@@ -39,21 +39,24 @@ def crop_scale(track) -> tuple[np.ndarray, np.ndarray]:
     return side / eye_to_eye, MOUTH_SPAN * eye_to_mouth > EYE_SPAN * eye_to_eye
 
 
-def registered_psnr(render: np.ndarray, real: np.ndarray) -> float:
-    """The best PSNR of the render [R, R, 3] uint8 against the real frame over SCALES x SHIFTS x SHIFTS."""
+def registered_psnr(render: np.ndarray, real: np.ndarray) -> tuple[float, float]:
+    """The best PSNR of the render [R, R, 3] uint8 against the real frame over SCALES x SHIFTS x SHIFTS, and
+    the scale that gave it."""
     import cv2
 
     res = render.shape[0]
     target = real.astype(np.float32) / 255
-    best = -np.inf
+    best, best_scale = -np.inf, 1.0
     for s in SCALES:
         for dx in SHIFTS * res:
             for dy in SHIFTS * res:
                 warp = np.array([[s, 0, (1 - s) * res / 2 + dx], [0, s, (1 - s) * res / 2 + dy]], np.float32)
                 moved = cv2.warpAffine(render, warp, (res, res), flags=cv2.INTER_LINEAR,
                                        borderMode=cv2.BORDER_REFLECT).astype(np.float32) / 255
-                best = max(best, -10 * np.log10(np.mean((moved - target) ** 2) + 1e-12))
-    return float(best)
+                value = -10 * np.log10(np.mean((moved - target) ** 2) + 1e-12)
+                if value > best:
+                    best, best_scale = value, s
+    return float(best), float(best_scale)
 
 
 def main(argv=None):
@@ -86,8 +89,8 @@ def main(argv=None):
         for method in METHODS:
             if method not in result.renders:
                 continue
-            registered = np.array([registered_psnr(r, g) for r, g in zip(result.renders[method],
-                                                                         result.eval_set.images)])
+            registered, scale = np.array([registered_psnr(r, g) for r, g in zip(result.renders[method],
+                                                                                result.eval_set.images)]).T
             row = {"clip": clip, "variant": args.variant, "held_out": held_out, "method": method,
                    "psnr": round(result.summary()[method]["psnr"], 3),
                    "psnr_registered": round(float(registered.mean()), 3)}
@@ -96,6 +99,7 @@ def main(argv=None):
                     row[f"frames_{part}"] = plain[part]["frames"]
                     row[f"psnr_{part}"] = round(plain[part]["methods"][method]["psnr"], 3)
                     row[f"psnr_registered_{part}"] = round(float(registered[sel].mean()), 3)
+                    row[f"registered_scale_{part}"] = round(float(np.median(scale[sel])), 3)
             rows.append({**row, **(crops if method == "avatar" else {})})
             print(clip, method, row, flush=True)
         write_results(f"framing_{args.preset}", device_description("cpu"), rows, args.out)
