@@ -165,8 +165,9 @@ CPU_MAPPERS = dict(standardize_mapper_inputs=True, objective=CPU_OBJECTIVE,
 # tiny's renders as sharp as it can make them (bench/RESULTS.md, "The from-scratch prior away from its training
 # frames"): L2 and MS-SSIM alone leave a prior and its avatar at about half the real frames' fine detail. The
 # fine-detail energy term in the prior and in the mappers' objective, with the generator trained on with the
-# mappers: 0.49 / 0.33 -> 0.74 / 0.47 of it on the two clips' held-out frames, PSNR within 0.2 dB, control
-# errors and expression-only shifts within a seed's spread, about 11% more fit time (the mapper stage +23%).
+# mappers: 0.49 / 0.33 -> 0.74 / 0.47 of it on the two clips' held-out frames, PSNR within 0.2 dB, head-pose
+# errors and expression-only shifts within a seed's spread (two seeds), the jaw's error 0.3 / 0.6 degrees worse,
+# about 11% more fit time (the mapper stage +23%).
 # Not measured at small's size. 6000 prior steps: with bfloat16 renders (training.render_dtype, 'auto' in tiny
 # only) the whole fit is still shorter than the float32 fit with 4000 (14.8 against 17.2 min estimated, alone on
 # 2 cores): held-out 0.80 / 0.54, +0.06 / +0.10 dB. A CPU without native bfloat16 runs it in float32, about
