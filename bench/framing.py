@@ -85,14 +85,14 @@ def main(argv=None):
                  "held_out_crop_over_eyes_max": float(ratio[parts["held_out"]].max()),
                  **{f"{p}_crops_set_by_mouth": float(by_mouth[sel].mean()) for p, sel in parts.items()}}
         result = evaluate(avatar_dir, video, held_out, progress=False)
-        plain, beyond = result.summary_by_range(), result.beyond_range
+        whole, plain, beyond = result.summary(), result.summary_by_range(), result.beyond_range
         for method in METHODS:
             if method not in result.renders:
                 continue
             registered, scale = np.array([registered_psnr(r, g) for r, g in zip(result.renders[method],
                                                                                 result.eval_set.images)]).T
             row = {"clip": clip, "variant": args.variant, "held_out": held_out, "method": method,
-                   "psnr": round(result.summary()[method]["psnr"], 3),
+                   "psnr": round(whole[method]["psnr"], 3),
                    "psnr_registered": round(float(registered.mean()), 3)}
             for part, sel in (("within", ~beyond), ("beyond", beyond)):
                 if sel.any():

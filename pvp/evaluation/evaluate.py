@@ -91,7 +91,8 @@ class Evaluation:
         for method, metrics in self.per_frame.items():
             row = {}
             for name, values in metrics.items():
-                finite = values[pick][np.isfinite(values[pick])]
+                picked = values[pick]
+                finite = picked[np.isfinite(picked)]
                 if len(finite):
                     row[name] = float(np.median(finite) if name.endswith(("_err", "_shift")) else finite.mean())
             if "psnr" in row:
