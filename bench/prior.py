@@ -131,11 +131,17 @@ def machine() -> str:
 
 
 def score(summary: dict) -> dict:
-    """One row per method of a `pvp eval` summary.json, with the avatar's probes and clamped requests."""
+    """One row per method of a `pvp eval` summary.json, with the avatar's probes and clamped requests, and the
+    same figures over the frames requested within the learned ranges and beyond them ('within', 'beyond')."""
+    def figures(values: dict) -> dict:
+        return {c: round(values[c], 3) for c in COLUMNS if c in values}
+
     rows = {}
     for method in METHODS:
-        values = summary["methods"].get(method, {})
-        rows[method] = {c: round(values[c], 3) for c in COLUMNS if c in values}
+        rows[method] = figures(summary["methods"].get(method, {}))
+        for part, split in summary.get("by_range", {}).items():
+            if method in split["methods"]:
+                rows[method][part] = {"frames": split["frames"], **figures(split["methods"][method])}
     probes = summary["sharpness"]
     rows["avatar"].update(sharpness_sweeps=round(probes["slider_sweeps"], 3),
                           sharpness_recombined=round(probes["recombined"], 3), worst_slider=probes["worst_slider"],
@@ -204,7 +210,10 @@ def main(argv=None):
                                 if method == "avatar" else {}),
                              **({"prior_of": SHARED_PRIOR[variant]} if shared_prior is not None else {})})
             write_results(f"prior_{args.preset}", machine(), rows, out_json)
-            print(f"{clip} {name}: " + ", ".join(f"{c} {scores['avatar'].get(c)}" for c in COLUMNS), flush=True)
+            for part in ("", "within", "beyond"):
+                values = scores["avatar"].get(part, {}) if part else scores["avatar"]
+                print(f"{clip} {name} {part or 'all'}: " + ", ".join(f"{c} {values.get(c)}" for c in COLUMNS),
+                      flush=True)
     print_table(rows, ["clip", "variant", "method", *COLUMNS, "sharpness_sweeps", "sharpness_recombined",
                        "fit_seconds"])
 
