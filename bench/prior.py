@@ -40,6 +40,7 @@ DETAIL_ENERGY = ["prior_detail_energy=0.5"]
 MAPPER_ENERGY = ["objective.detail_energy=5"]  # the objective's L2 and perceptual weigh 10: 10x the prior's
 VARIANTS = {
     "preset": ("the preset as it is", None),
+    "frozen": ("the preset with its generator frozen in the mapper stage", None, ["mapper_generator_lr=0"]),
     "base": ("the preset before this issue's terms (tiny at b049af2)", []),
     "inbetween": ("half of each prior batch rendered from two neighbours' latents blended to its time", INBETWEEN),
     "adversarial": ("an adversarial term (weight 0.05) on renders of blended latents", ADVERSARIAL),
@@ -59,9 +60,10 @@ VARIANTS = {
                                    "the generator trained with the mappers (tiny as it is now)",
                                    DETAIL_ENERGY + MAPPER_ENERGY + TUNE),
 }
+# (a third item: `--set` items on the preset as it is, nothing pinned back)
 # variant -> the variant whose prior stage it may start from
 SHARED_PRIOR = {"detail_energy_tune": "detail_energy", "detail_energy_mappers": "detail_energy",
-                "detail_energy_tune_mappers": "detail_energy"}
+                "detail_energy_tune_mappers": "detail_energy", "frozen": "preset"}
 # preset fields that do not change a from-scratch prior (checkpoint_every: only where it stops; the bench
 # passes no --prior, so lr_schedule's pivotal tuning never runs)
 MAPPER_STAGE = ("objective", "standardize_mapper_inputs", "lr_schedule", "checkpoint_every")  # and mapper_*
@@ -86,8 +88,9 @@ def share_stages(source: Path, dest: Path) -> bool:
 
 def share_prior(source: Path, dest: Path, settings: dict) -> float | None:
     """Copy the prior stage of the fit whose work directory is ``source`` into ``dest`` when that fit's
-    settings.json matches ``settings`` (a fit's) but for MAPPER_STAGE's fields and its generator is still the
-    prior's (not trained with the mappers): that prior stage's seconds, or None (and why, printed)."""
+    settings.json matches ``settings`` (a fit's) but for MAPPER_STAGE's fields: its generator and latents when
+    the generator is still the prior's, else the prior's last checkpoint (the fit, resumed, takes the prior from
+    it). That prior stage's seconds, or None (and why, printed)."""
     def prior_part(s: dict) -> dict:
         preset = {k: v for k, v in s["preset"].items() if k not in MAPPER_STAGE and not k.startswith("mapper_")}
         return {**s, "preset": preset}
@@ -95,17 +98,18 @@ def share_prior(source: Path, dest: Path, settings: dict) -> float | None:
     try:
         previous = json.loads((source / "settings.json").read_text())
         seconds = json.loads((source / "metrics.json").read_text())["stage_seconds"]["prior"]
-        if previous["preset"].get("mapper_generator_lr", 0) > 0:
-            print(f"{source}: its generator was trained with the mappers; training the prior again", flush=True)
-            return None
         if prior_part(previous) != prior_part(settings):
             print(f"{source}: another prior's settings; training the prior again", flush=True)
             return None
+        names = ["generator.safetensors", "latents.safetensors", "metrics.json"]
+        if previous["preset"].get("mapper_generator_lr", 0) > 0:  # the generator moved on: the prior's checkpoint
+            names = ["prior_checkpoint.pt"]
+            (source / names[0]).stat()
     except (OSError, KeyError, ValueError) as e:
         print(f"{source}: no finished fit to share a prior with ({e}); training the prior again", flush=True)
         return None
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("generator.safetensors", "latents.safetensors", "metrics.json"):
+    for name in names:
         part = dest / f"{name}.part"
         shutil.copy2(source / name, part)
         part.replace(dest / name)
@@ -179,8 +183,8 @@ def main(argv=None):
             name = f"{variant}{suffix}"
             if any(r["clip"] == clip and r["variant"] == name for r in rows):
                 continue
-            description, items = VARIANTS[variant]
-            items = ([] if items is None else TERMS_OFF) + args.set + (items or [])
+            description, items, *on_preset = VARIANTS[variant]
+            items = ([] if items is None else TERMS_OFF) + args.set + (items or []) + [i for x in on_preset for i in x]
             fit_args = [a for item in items for a in ("--set", item)]
             out = args.work / args.preset / clip / name
             shutil.rmtree(out, ignore_errors=True)
