@@ -9,8 +9,9 @@ of recombined training controls, the clamped requests and the fit's time.
 Writes bench/results/prior_<preset>.json after every fit (a rerun skips the rows already there). The clips'
 track, aligned frames and pivots are made once per clip and shared by its variants (``--prepare`` makes the
 tracks alone, for bench/prior_gpu.sh). A variant in SHARED_PRIOR starts from another variant's prior stage
-when that fit trained the same prior and left its generator as the prior made it (the row says so, with that
-prior's seconds): variants that differ only in the mapper stage then cost a mapper stage each.
+when that fit trained the same prior — its generator and latents, or its prior checkpoint where the generator
+trained on with the mappers (the row says so, with that prior's seconds): variants that differ only in the
+mapper stage then cost a mapper stage each.
 """
 from __future__ import annotations
 
@@ -196,7 +197,8 @@ def main(argv=None):
                                            out / "work", settings)
             t0 = time.perf_counter()
             run_pvp(["fit", str(video), "-o", str(out), "--preset", args.preset, "--train-frames", train, *fit_args,
-                     "--seed", str(args.seed), *(["--resume"] if reused else [])], "bench/prior.py")
+                     "--seed", str(args.seed), *(["--resume"] if reused or shared_prior is not None else [])],
+                    "bench/prior.py")
             share_stages(out / "work", args.work / args.preset / clip / "stages")
             fit_seconds = time.perf_counter() - t0
             run_pvp(["eval", str(out), "--video", str(video), "--frames", held_out, "-o", str(out / "eval")],

@@ -166,11 +166,11 @@ CPU_MAPPERS = dict(standardize_mapper_inputs=True, objective=CPU_OBJECTIVE,
 # frames"): L2 and MS-SSIM alone leave a prior and its avatar at about half the real frames' fine detail. The
 # fine-detail energy term in the prior and in the mappers' objective, with the generator trained on with the
 # mappers: 0.49 / 0.33 -> 0.74 / 0.47 of it on the two clips' held-out frames, PSNR within 0.2 dB, head-pose
-# errors and expression-only shifts within a seed's spread (two seeds), the jaw's error 0.3 / 0.6 degrees worse,
-# about 11% more fit time (the mapper stage +23%). Three seeds on lp_d12: pitch and jaw 0.3-0.6 degrees worse; the
-# pitch from the prior's term (not the bfloat16 renders, nor the generator trained with the mappers), the jaw not
-# isolated. Without the prior's term lp_d12 keeps its detail and its pitch, but lp_d3 loses 0.2 dB and its worst
-# 10% falls under the best baseline's: the term stays.
+# errors and expression-only shifts within a seed's spread on two seeds, the jaw's error 0.3 / 0.6 degrees worse,
+# about 11% more fit time (the mapper stage +23%). A third seed on lp_d12: on the three seeds' mean the jaw 0.6 and
+# the pitch 0.4 degrees worse; the pitch most likely from the prior's term (not the bfloat16 renders, nor the
+# generator trained with the mappers, on two seeds), the jaw not isolated. Without the prior's term lp_d12 keeps
+# its detail and a lower pitch error, but lp_d3 loses 0.2 dB: the term stays.
 # Not measured at small's size. 6000 prior steps: with bfloat16 renders (training.render_dtype, 'auto' in tiny
 # only) the whole fit is still shorter than the float32 fit with 4000 (14.8 against 17.2 min estimated, alone on
 # 2 cores): held-out 0.80 / 0.54, +0.06 / +0.10 dB. A CPU without native bfloat16 runs it in float32, about
