@@ -30,7 +30,8 @@ from bench.common import RESULTS, held_out_split, print_table, run_pvp, write_re
 DATA = Path("tests") / "data"  # relative to the repository (pvp runs there): a track made here reads its video there
 # variant -> (what it changes, `--set` items). Each is measured against the preset before this terms:
 # what tiny took on since (the energy terms, the generator trained with the mappers, 6000 prior steps,
-# bfloat16 renders) is pinned back first, and a variant's items override it ("preset": the preset as it is).
+# bfloat16 renders) is pinned back first, and a variant's items override it ("preset": the preset as it is;
+# a third item: `--set` items on the preset as it is, nothing pinned back).
 TERMS_OFF = ["prior_detail_energy=0", "objective.detail_energy=0", "mapper_generator_lr=0", "prior_steps=4000",
              "prior_precision=float32", "mapper_precision=float32"]
 INBETWEEN = ["prior_inbetween=0.5"]
@@ -61,7 +62,6 @@ VARIANTS = {
                                    "the generator trained with the mappers (tiny as it is now)",
                                    DETAIL_ENERGY + MAPPER_ENERGY + TUNE),
 }
-# (a third item: `--set` items on the preset as it is, nothing pinned back)
 # variant -> the variant whose prior stage it may start from
 SHARED_PRIOR = {"detail_energy_tune": "detail_energy", "detail_energy_mappers": "detail_energy",
                 "detail_energy_tune_mappers": "detail_energy", "frozen": "preset"}
@@ -105,7 +105,9 @@ def share_prior(source: Path, dest: Path, settings: dict) -> float | None:
         names = ["generator.safetensors", "latents.safetensors", "metrics.json"]
         if previous["preset"].get("mapper_generator_lr", 0) > 0:  # the generator moved on: the prior's checkpoint
             names = ["prior_checkpoint.pt"]
-            (source / names[0]).stat()
+        missing = [n for n in names if not (source / n).is_file()]
+        if missing:
+            raise OSError(f"no {', '.join(missing)}")
     except (OSError, KeyError, ValueError) as e:
         print(f"{source}: no finished fit to share a prior with ({e}); training the prior again", flush=True)
         return None
