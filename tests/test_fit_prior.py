@@ -166,13 +166,17 @@ def test_the_seed_given_to_pvp_fit_seeds_the_fit(d3_track_file, tmp_path):
 
 
 def test_a_fit_started_before_a_preset_field_existed_resumes_with_its_default():
-    """New preset fields default to what fits ran with before them (the precisions: float32); a resume names
-    the preset fields given differently."""
+    """New preset fields default to what fits ran with before them (the precisions: float32; the objective's
+    adversarial term: off), nested ones too; a resume names the preset fields given differently."""
     from pvp.fit.pipeline import settings_changes
 
     current = {"source": "clip.mp4", "seed": 0, "preset": PRESETS["small"].to_json()}
-    written_before = {**current, "preset": {k: v for k, v in current["preset"].items() if "precision" not in k}}
+    objective_before = {k: v for k, v in current["preset"]["objective"].items() if not k.startswith("adversarial")}
+    written_before = {**current, "preset": {**{k: v for k, v in current["preset"].items() if "precision" not in k},
+                                            "objective": objective_before}}
     assert settings_changes(written_before, current) == []
+    adversarial = {**current, "preset": {**current["preset"], "objective": {**objective_before, "adversarial": 0.5}}}
+    assert settings_changes(written_before, adversarial) == ["preset.objective"]
     tiny = {**current, "preset": PRESETS["tiny"].to_json(), "seed": 1}
     tiny_before = {**tiny, "seed": 0, "preset": {**tiny["preset"], "prior_precision": "float32", "prior_steps": 4000}}
     assert settings_changes(tiny_before, tiny) == ["preset.prior_precision", "preset.prior_steps", "seed"]
