@@ -19,6 +19,7 @@ from pvp.fit.mapper_training import (
     train_mappers,
 )
 from pvp.models.arcface import ArcFace, IdentityLoss
+from pvp.models.discriminator import Discriminator, DiscriminatorConfig
 from pvp.models.losses import PerceptualLoss
 from pvp.models.mappers import MapperConfig, MapperDesign, Mappers
 from pvp.tracking.differentiable import DifferentiableTracker
@@ -124,6 +125,7 @@ def test_the_record_says_which_terms_ran():
     assert tiny["novel_pose_sigma_deg"] == pytest.approx(4.0)
     assert tiny["detail_energy"] == {"weight": 5.0, "enabled": True}
     assert paper["detail_energy"] == {"weight": 0.0, "enabled": False}
+    assert tiny["adversarial"] == paper["adversarial"] == {"weight": 0.0, "enabled": False}
     untracked = losses_record(PRESETS["tiny"].objective, "msssim", identity=False, tracker=None)
     assert not any(untracked[k]["enabled"] for k in ("pose", "expression", "novel_pose"))
 
@@ -258,3 +260,30 @@ def test_the_generator_trains_with_the_mappers_at_its_own_rate_when_asked(parts,
     saved = torch.load(tmp_path / "c.pt", weights_only=True)["generator"]
     assert all(torch.equal(saved[k], v) for k, v in G.state_dict().items())
     assert not any(p.requires_grad for p in G.parameters())
+
+
+def test_the_adversarial_term_trains_the_renders_and_a_checkpointed_discriminator(parts, tmp_path):
+    """Asked for, the term judges the renders between and beyond the frames (I^e, I^p): its gradients reach both
+    mappers and not the discriminator, which train_mappers updates after every step and checkpoints."""
+    G0, pivots, _, _, (pitch_yaw, jaw_expression) = parts
+    m = _mappers(G0, pivots, (pitch_yaw, jaw_expression), trained_expression=True)
+    frames = torch.rand(N, 3, 64, 64) * 2 - 1
+    objective = _objective(parts, m, frames, ObjectiveConfig(novel_pose=1.0, adversarial=1.0))
+    objective.discriminator = Discriminator(DiscriminatorConfig(64))
+    terms = objective.terms(m, torch.arange(N), torch.Generator().manual_seed(0))
+    assert len(objective.fakes) == 2 * N
+    terms["adversarial"].backward()
+    for mapper in (m.pose.net, m.expression):
+        assert sum(p.grad.abs().sum() for p in mapper.parameters() if p.grad is not None) > 0
+    assert all(p.grad is None for p in objective.discriminator.parameters())
+
+    G = G0.__class__(G0.cfg)
+    G.load_state_dict(G0.state_dict())
+    data = MapperData(pitch_yaw, jaw_expression, frames, torch.ones(N, 1, 64, 64), jaw_expression.min(0).values,
+                      jaw_expression.max(0).values)
+    _, metrics = train_mappers(G, pivots, data, PerceptualLoss("msssim"), steps=2, batch=2, lr=5e-4,
+                               checkpoint=tmp_path / "c.pt", every=1, resume=False, progress=False,
+                               objective=ObjectiveConfig(optimize_noise=False, adversarial=0.5))
+    assert {"adversarial", "d_loss"} <= set(metrics) and all(np.isfinite(v) for v in metrics.values())
+    saved = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert {"discriminator", "opt_d"} <= set(saved)

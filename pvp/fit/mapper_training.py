@@ -23,6 +23,11 @@ Another, on in ``tiny`` only (weight 5): fine-detail energy (``pvp.models.losses
 against the frame. L2 and the perceptual term settle for blur wherever detail cannot be placed exactly; a
 prior trained with that term loses its detail again when the generator trains on with the mappers unless
 their objective asks for it too (bench/RESULTS.md, issue 20).
+
+And one off in every preset: adversarial. A small discriminator (``pvp.models.discriminator``, differentiable
+augmentation, R1), trained beside the mappers on the training frames against I^e and I^p — the renders between
+and beyond the frames, where no frame says what the detail is and the image terms settle for blur; the mappers
+(and the generator, when it trains with them) are asked to make those renders pass for frames.
 """
 from __future__ import annotations
 
@@ -36,6 +41,13 @@ import torch
 import torch.nn.functional as F
 
 from pvp.fit.training import run_steps, schedule_lr, step_generator
+from pvp.models.discriminator import (
+    Discriminator,
+    DiscriminatorConfig,
+    diff_augment,
+    discriminator_loss,
+    generator_adversarial_loss,
+)
 from pvp.models.generator import Generator
 from pvp.models.losses import PerceptualLoss, detail_energy_l1
 from pvp.models.mappers import JAW_AXES, MapperConfig, MapperDesign, Mappers, mapper_inputs
@@ -47,7 +59,8 @@ OUTER_LIPS = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 
 
 
 TERMS = ("l2", "perceptual", "identity", "pose", "expression", "consistency", "locality", "novel_pose",
-         "detail_energy")
+         "detail_energy", "adversarial")
+DISCRIMINATOR_LR = 2e-3  # the from-scratch prior's discriminator's (tiny's prior_lr)
 CONSISTENCY_MASKS = ("soft", "hard")
 
 
@@ -64,6 +77,8 @@ class ObjectiveConfig:
     locality: float = 0.5
     novel_pose: float = 0.0  # beyond the paper (module docstring)
     detail_energy: float = 0.0  # beyond the paper (module docstring)
+    adversarial: float = 0.0  # beyond the paper (module docstring)
+    adversarial_r1: float = 0.1  # the discriminator's R1 penalty
     sigma: float = 0.5  # expression perturbation (sd)
     perturb_jaw: bool = False  # the authors perturb the expression only; the paper says jaw and expression
     novel_pose_sigma_deg: float = 4.0  # head-pose shift of the novel-pose renders
@@ -172,6 +187,8 @@ class MapperObjective:
             scale[:JAW_AXES] = 0.0
         self.noise_scale = scale
         self.reference = _tracker_reference(tracker, data.frames) if tracker is not None else None
+        self.discriminator: Discriminator | None = None  # set for the adversarial term (train_mappers)
+        self.fakes: torch.Tensor | None = None  # the last batch's renders the discriminator judged
 
     def perturbed(self, jaw_expression: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """(jaw, expression) + N(0, sigma): the expression coefficients, and the jaw when ``perturb_jaw``."""
@@ -197,24 +214,41 @@ class MapperObjective:
         terms["consistency"] = (d.masks[idx] * (img_e - img)).square().mean()
         if cfg.detail_energy > 0:
             terms["detail_energy"] = detail_energy_l1(img, target).mean() + detail_energy_l1(img_e, target).mean()
-        if self.tracker is None:
-            return terms
-        ref = self.reference
-        out = self.tracker(full_e)
-        terms["pose"] = (_head_pose(out) - ref["head_pose"][idx]).square().mean()
-        k = je.shape[1] - JAW_AXES
-        jaw = slice(0, 2 if cfg.perturb_jaw else 0)  # the tracked jaw counts where it was perturbed
-        predicted = torch.cat([out["jaw"][:, jaw], out["expression"][:, :k]], 1)
-        shift = torch.cat([je_pert[:, jaw] - je[:, jaw], je_pert[:, JAW_AXES:] - je[:, JAW_AXES:]], 1)
-        reference = torch.cat([ref["jaw"][idx, jaw], ref["expression"][idx, :k]], 1)
-        terms["expression"] = (predicted - reference - shift).square().mean()
-        if cfg.novel_pose > 0:
+        fakes = [img_e]
+        if self.tracker is not None:
+            ref = self.reference
+            out = self.tracker(full_e)
+            terms["pose"] = (_head_pose(out) - ref["head_pose"][idx]).square().mean()
+            k = je.shape[1] - JAW_AXES
+            jaw = slice(0, 2 if cfg.perturb_jaw else 0)  # the tracked jaw counts where it was perturbed
+            predicted = torch.cat([out["jaw"][:, jaw], out["expression"][:, :k]], 1)
+            shift = torch.cat([je_pert[:, jaw] - je[:, jaw], je_pert[:, JAW_AXES:] - je[:, JAW_AXES:]], 1)
+            reference = torch.cat([ref["jaw"][idx, jaw], ref["expression"][idx, :k]], 1)
+            terms["expression"] = (predicted - reference - shift).square().mean()
+        if self.tracker is not None and cfg.novel_pose > 0:
             py_shift = torch.randn(py.shape, generator=gen, device=gen.device).to(device) * np.radians(
                 cfg.novel_pose_sigma_deg)
             u = torch.rand(je.shape, generator=gen, device=gen.device).to(device)
-            img_p, _, _ = self.render(mappers, py + py_shift, d.drive_min + u * (d.drive_max - d.drive_min))
+            img_p, small_p, _ = self.render(mappers, py + py_shift, d.drive_min + u * (d.drive_max - d.drive_min))
             terms["novel_pose"] = (_pitch_yaw(self.tracker(img_p)) - ref["pitch_yaw"][idx] - py_shift).square().mean()
+            fakes.append(small_p)
+        if self.discriminator is not None:
+            self.fakes = torch.cat(fakes).float()
+            self.discriminator.requires_grad_(False)  # this pass trains the renders, not the judge
+            terms["adversarial"] = generator_adversarial_loss(self.discriminator, diff_augment(self.fakes, gen))
+            self.discriminator.requires_grad_(True)
         return terms
+
+    def discriminator_step(self, opt: torch.optim.Optimizer, gen: torch.Generator) -> torch.Tensor:
+        """One update of the discriminator: random training frames against the last batch's renders."""
+        d = self.data
+        idx = torch.randint(len(d.frames), (len(self.fakes),), generator=gen, device=gen.device).to(d.frames.device)
+        loss = discriminator_loss(self.discriminator, diff_augment(d.frames[idx], gen),
+                                  diff_augment(self.fakes.detach(), gen), self.config.adversarial_r1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
 
     def loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(getattr(self.config, name) * value for name, value in terms.items())
@@ -248,6 +282,11 @@ def train_mappers(G: Generator, pivots: torch.Tensor, data: MapperData, perceptu
         G.synthesis.requires_grad_(True)
         state["generator"] = G
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+    opt_d = None
+    if objective.adversarial > 0:
+        objective_fn.discriminator = Discriminator(DiscriminatorConfig(data.frames.shape[-1])).to(device).train()
+        opt_d = torch.optim.Adam(objective_fn.discriminator.parameters(), lr=DISCRIMINATOR_LR, betas=(0.0, 0.99))
+        state.update(discriminator=objective_fn.discriminator, opt_d=opt_d)
 
     def step(i: int) -> dict[str, torch.Tensor]:
         schedule_lr(opt, lr, lr_schedule, i, steps)
@@ -258,7 +297,8 @@ def train_mappers(G: Generator, pivots: torch.Tensor, data: MapperData, perceptu
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
+        judged = {"d_loss": objective_fn.discriminator_step(opt_d, gen)} if opt_d is not None else {}
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}, **judged}
 
     metrics = run_steps("mappers", steps, step, {**state, "opt": opt}, checkpoint, every, resume, progress)
     noise.freeze()
@@ -293,4 +333,5 @@ def losses_record(objective: ObjectiveConfig, perceptual: str, identity: bool, t
     record["pose"]["enabled"] = record["expression"]["enabled"] = tracker is not None
     record["novel_pose"]["enabled"] = tracker is not None and objective.novel_pose > 0
     record["detail_energy"]["enabled"] = objective.detail_energy > 0
+    record["adversarial"]["enabled"] = objective.adversarial > 0
     return {**record, **settings, "tracker": tracker}
