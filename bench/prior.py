@@ -9,9 +9,9 @@ of recombined training controls, the clamped requests and the fit's time.
 Writes bench/results/prior_<preset>.json after every fit (a rerun skips the rows already there). The clips'
 track, aligned frames and pivots are made once per clip and shared by its variants (``--prepare`` makes the
 tracks alone, for bench/prior_gpu.sh). A variant in SHARED_PRIOR starts from another variant's prior stage
-when that fit trained the same prior — its generator and latents, or its prior checkpoint where the generator
-trained on with the mappers (the row says so, with that prior's seconds): variants that differ only in the
-mapper stage then cost a mapper stage each.
+(its fit with the same label and seed, else the same seed) when that fit trained the same prior — its
+generator and latents, or its prior checkpoint where the generator trained on with the mappers (the row says
+so, with that prior's seconds): variants that differ only in the mapper stage then cost a mapper stage each.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ MAPPER_ENERGY = ["objective.detail_energy=5"]  # the objective's L2 and perceptu
 VARIANTS = {
     "preset": ("the preset as it is", None),
     "frozen": ("the preset with its generator frozen in the mapper stage", None, ["mapper_generator_lr=0"]),
+    "mappers": ("the preset with --set items in the mapper stage (its prior shared)", None, []),
     "base": ("the preset before this issue's terms (tiny at b049af2)", []),
     "inbetween": ("half of each prior batch rendered from two neighbours' latents blended to its time", INBETWEEN),
     "adversarial": ("an adversarial term (weight 0.05) on renders of blended latents", ADVERSARIAL),
@@ -64,7 +65,7 @@ VARIANTS = {
 }
 # variant -> the variant whose prior stage it may start from
 SHARED_PRIOR = {"detail_energy_tune": "detail_energy", "detail_energy_mappers": "detail_energy",
-                "detail_energy_tune_mappers": "detail_energy", "frozen": "preset"}
+                "detail_energy_tune_mappers": "detail_energy", "frozen": "preset", "mappers": "preset"}
 # preset fields that do not change a from-scratch prior (checkpoint_every: only where it stops; the bench
 # passes no --prior, so lr_schedule's pivotal tuning never runs)
 MAPPER_STAGE = ("objective", "standardize_mapper_inputs", "lr_schedule", "checkpoint_every")  # and mapper_*
@@ -87,11 +88,11 @@ def share_stages(source: Path, dest: Path) -> bool:
     return bool(files)
 
 
-def share_prior(source: Path, dest: Path, settings: dict) -> float | None:
+def share_prior(source: Path, dest: Path, settings: dict) -> float | str:
     """Copy the prior stage of the fit whose work directory is ``source`` into ``dest`` when that fit's
     settings.json matches ``settings`` (a fit's) but for MAPPER_STAGE's fields: its generator and latents when
     the generator is still the prior's, else the prior's last checkpoint (the fit, resumed, takes the prior from
-    it). That prior stage's seconds, or None (and why, printed)."""
+    it). That prior stage's seconds, or why not."""
     def prior_part(s: dict) -> dict:
         preset = {k: v for k, v in s["preset"].items() if k not in MAPPER_STAGE and not k.startswith("mapper_")}
         return {**s, "preset": preset}
@@ -100,8 +101,7 @@ def share_prior(source: Path, dest: Path, settings: dict) -> float | None:
         previous = json.loads((source / "settings.json").read_text())
         seconds = json.loads((source / "metrics.json").read_text())["stage_seconds"]["prior"]
         if prior_part(previous) != prior_part(settings):
-            print(f"{source}: another prior's settings; training the prior again", flush=True)
-            return None
+            return f"{source}: another prior's settings"
         names = ["generator.safetensors", "latents.safetensors", "metrics.json"]
         if previous["preset"].get("mapper_generator_lr", 0) > 0:  # the generator moved on: the prior's checkpoint
             names = ["prior_checkpoint.pt"]
@@ -109,8 +109,7 @@ def share_prior(source: Path, dest: Path, settings: dict) -> float | None:
         if missing:
             raise OSError(f"no {', '.join(missing)}")
     except (OSError, KeyError, ValueError) as e:
-        print(f"{source}: no finished fit to share a prior with ({e}); training the prior again", flush=True)
-        return None
+        return f"{source}: no finished fit to share a prior with ({e})"
     dest.mkdir(parents=True, exist_ok=True)
     for name in names:
         part = dest / f"{name}.part"
@@ -178,7 +177,8 @@ def main(argv=None):
 
     out_json = args.out or RESULTS / f"prior_{args.preset}.json"
     rows = json.loads(out_json.read_text())["rows"] if out_json.is_file() else []
-    suffix = args.label + (f"_seed{args.seed}" if args.seed else "")  # a fit's name: its variant and this
+    seed_suffix = f"_seed{args.seed}" if args.seed else ""
+    suffix = args.label + seed_suffix  # a fit's name: its variant and this
     for clip in args.clips:
         video = DATA / f"{clip}.mp4"
         train, held_out = held_out_split(ROOT / video)
@@ -195,8 +195,16 @@ def main(argv=None):
             shared_prior = None
             if variant in SHARED_PRIOR:
                 settings = fit_settings(video, args.preset, train, items, args.seed)
-                shared_prior = share_prior(args.work / args.preset / clip / f"{SHARED_PRIOR[variant]}{suffix}" / "work",
-                                           out / "work", settings)
+                reasons = []
+                for source_suffix in dict.fromkeys([suffix, seed_suffix]):  # the labelled source first
+                    source = args.work / args.preset / clip / f"{SHARED_PRIOR[variant]}{source_suffix}" / "work"
+                    shared = share_prior(source, out / "work", settings)
+                    if not isinstance(shared, str):
+                        shared_prior = shared
+                        break
+                    reasons.append(shared)
+                else:
+                    print("; ".join(reasons) + ": training the prior again", flush=True)
             t0 = time.perf_counter()
             run_pvp(["fit", str(video), "-o", str(out), "--preset", args.preset, "--train-frames", train, *fit_args,
                      "--seed", str(args.seed), *(["--resume"] if reused or shared_prior is not None else [])],
