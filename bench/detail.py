@@ -104,7 +104,7 @@ def main(argv=None):
         avatar = Avatar.load(avatar_dir)
         track = Track.load(avatar_dir / "work" / "track.safetensors")
         cut = int(held_out.rstrip(":"))
-        row = {"clip": clip, "variant": args.variant, "held_out": held_out,
+        row = {"clip": clip, "variant": args.variant, "held_out_frames": held_out,
                "prior_on_training_frames": prior_reconstructions(avatar_dir)}
         for part, rows_of_part in (("training", track.frame_index < cut), ("held_out", track.frame_index >= cut)):
             row[part] = blends(avatar, load_frames(track, np.flatnonzero(track.valid & rows_of_part), avatar))
