@@ -27,7 +27,8 @@ their objective asks for it too (bench/RESULTS.md, issue 20).
 And one off in every preset: adversarial. A small discriminator (``pvp.models.discriminator``, differentiable
 augmentation, R1), trained beside the mappers on the training frames against I^e and I^p — the renders between
 and beyond the frames, where no frame says what the detail is and the image terms settle for blur; the mappers
-(and the generator, when it trains with them) are asked to make those renders pass for frames.
+(and the generator, when it trains with them) are asked to make those renders pass for frames. Measured on
+tiny (bench/RESULTS.md, issue 20): its effect on PSNR and sharpness changes sign with the seed; not adopted.
 """
 from __future__ import annotations
 
