@@ -175,6 +175,9 @@ def test_a_fit_started_before_a_preset_field_existed_resumes_with_its_default():
     written_before = {**current, "preset": {**{k: v for k, v in current["preset"].items() if "precision" not in k},
                                             "objective": objective_before}}
     assert settings_changes(written_before, current) == []
+    removed_since = {**written_before, "preset": {**written_before["preset"],
+                                                  "objective": {**objective_before, "a_removed_term": 1.0}}}
+    assert settings_changes(removed_since, current) == []
     adversarial = {**current, "preset": {**current["preset"], "objective": {**objective_before, "adversarial": 0.5}}}
     assert settings_changes(written_before, adversarial) == ["preset.objective"]
     tiny = {**current, "preset": PRESETS["tiny"].to_json(), "seed": 1}

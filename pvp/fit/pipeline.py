@@ -76,14 +76,22 @@ class FitInputs:
 def settings_changes(previous: dict, current: dict) -> list[str]:
     """The settings a resumed fit was given differently ('preset.FIELD' for a preset field). A preset field
     that settings written before it existed lack counts as its default: new fields default to what fits ran
-    with before them, in a nested field (the objective, the mapper design) as well."""
+    with before them, in a nested field (the objective, the mapper design) as well; fields removed since
+    count for nothing."""
     defaults = Preset(name="", resolution=0, pivots=0, perceptual="", needs_prior=False).to_json()  # the defaults
     written = previous.get("preset", {})
     old_preset = {**defaults, **written}
     for key, value in defaults.items():
         if isinstance(value, dict) and isinstance(written.get(key), dict):
             old_preset[key] = {**value, **written[key]}
-    changed = [f"preset.{k}" for k, v in current["preset"].items() if old_preset.get(k) != v]
+
+    def differs(key: str, value) -> bool:
+        old = old_preset.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):  # a nested field since removed changes nothing
+            return any(old.get(k) != v for k, v in value.items())
+        return old != value
+
+    changed = [f"preset.{k}" for k, v in current["preset"].items() if differs(k, v)]
     return sorted(changed + [k for k, v in current.items() if k != "preset" and previous.get(k) != v])
 
 
