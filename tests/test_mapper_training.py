@@ -262,9 +262,10 @@ def test_the_generator_trains_with_the_mappers_at_its_own_rate_when_asked(parts,
     assert not any(p.requires_grad for p in G.parameters())
 
 
-def test_the_adversarial_term_trains_the_renders_and_a_checkpointed_discriminator(parts, tmp_path):
+def test_the_adversarial_term_trains_the_renders_and_a_checkpointed_discriminator(parts, tmp_path, monkeypatch):
     """Asked for, the term judges the renders between and beyond the frames (I^e, I^p): its gradients reach both
-    mappers and not the discriminator, which train_mappers updates after every step and checkpoints."""
+    mappers and not the discriminator, which train_mappers updates after every step, checkpoints and, resumed,
+    goes on with."""
     G0, pivots, _, _, (pitch_yaw, jaw_expression) = parts
     m = _mappers(G0, pivots, (pitch_yaw, jaw_expression), trained_expression=True)
     frames = torch.rand(N, 3, 64, 64) * 2 - 1
@@ -281,9 +282,26 @@ def test_the_adversarial_term_trains_the_renders_and_a_checkpointed_discriminato
     G.load_state_dict(G0.state_dict())
     data = MapperData(pitch_yaw, jaw_expression, frames, torch.ones(N, 1, 64, 64), jaw_expression.min(0).values,
                       jaw_expression.max(0).values)
-    _, metrics = train_mappers(G, pivots, data, PerceptualLoss("msssim"), steps=2, batch=2, lr=5e-4,
-                               checkpoint=tmp_path / "c.pt", every=1, resume=False, progress=False,
-                               objective=ObjectiveConfig(optimize_noise=False, adversarial=0.5))
+    adversarial = ObjectiveConfig(optimize_noise=False, adversarial=0.5)
+
+    def train(steps: int, resume: bool) -> dict:
+        return train_mappers(G, pivots, data, PerceptualLoss("msssim"), steps=steps, batch=2, lr=5e-4,
+                             checkpoint=tmp_path / "c.pt", every=1, resume=resume, progress=False,
+                             objective=adversarial)[1]
+
+    metrics = train(1, resume=False)
     assert {"adversarial", "d_loss"} <= set(metrics) and all(np.isfinite(v) for v in metrics.values())
-    saved = torch.load(tmp_path / "c.pt", weights_only=True)
-    assert {"discriminator", "opt_d"} <= set(saved)
+    first = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert {"discriminator", "opt_d"} <= set(first)
+    loaded = []
+    original_load = Discriminator.load_state_dict
+
+    def recording_load(self, state, *args, **kwargs):
+        loaded.append(state)
+        return original_load(self, state, *args, **kwargs)
+
+    monkeypatch.setattr(Discriminator, "load_state_dict", recording_load)
+    train(2, resume=True)
+    assert len(loaded) == 1 and all(torch.equal(v, first["discriminator"][k]) for k, v in loaded[0].items())
+    second = torch.load(tmp_path / "c.pt", weights_only=True)["discriminator"]
+    assert any(not torch.equal(v, first["discriminator"][k]) for k, v in second.items())  # step 2 trained it

@@ -25,10 +25,11 @@ prior trained with that term loses its detail again when the generator trains on
 their objective asks for it too (bench/RESULTS.md, issue 20).
 
 And one off in every preset: adversarial. A small discriminator (``pvp.models.discriminator``, differentiable
-augmentation, R1), trained beside the mappers on the training frames against I^e and I^p — the renders between
-and beyond the frames, where no frame says what the detail is and the image terms settle for blur; the mappers
-(and the generator, when it trains with them) are asked to make those renders pass for frames. Measured on
-tiny (bench/RESULTS.md, issue 20): its effect on PSNR and sharpness changes sign with the seed; not adopted.
+augmentation, R1), trained beside the mappers on the training frames against I^e (and I^p where the novel-pose
+term is on) — the renders between and beyond the frames, where no frame says what the detail is and the image
+terms settle for blur; the mappers (and the generator, when it trains with them) are asked to make those renders
+pass for frames. Measured on tiny (bench/RESULTS.md, issue 20): its effect on PSNR and sharpness changes sign
+with the seed; not adopted.
 """
 from __future__ import annotations
 
@@ -61,13 +62,14 @@ OUTER_LIPS = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 
 
 TERMS = ("l2", "perceptual", "identity", "pose", "expression", "consistency", "locality", "novel_pose",
          "detail_energy", "adversarial")
-DISCRIMINATOR_LR = 2e-3  # the from-scratch prior's discriminator's (tiny's prior_lr)
+DISCRIMINATOR_LR = 2e-3  # the from-scratch prior discriminator's starting rate (Preset.prior_lr's default); constant
 CONSISTENCY_MASKS = ("soft", "hard")
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """Eq. 15's weights and how its terms are computed. The defaults are the authors' code (ken2576/pvp)."""
+    """Eq. 15's weights and how its terms are computed. The defaults are the authors' code (ken2576/pvp); the
+    terms beyond the paper default to off."""
 
     l2: float = 10.0
     perceptual: float = 10.0
@@ -189,7 +191,7 @@ class MapperObjective:
         self.noise_scale = scale
         self.reference = _tracker_reference(tracker, data.frames) if tracker is not None else None
         self.discriminator: Discriminator | None = None  # set for the adversarial term (train_mappers)
-        self.fakes: torch.Tensor | None = None  # the last batch's renders the discriminator judged
+        self.fakes: torch.Tensor | None = None  # the last batch's renders the discriminator judged (detached)
 
     def perturbed(self, jaw_expression: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """(jaw, expression) + N(0, sigma): the expression coefficients, and the jaw when ``perturb_jaw``."""
@@ -234,9 +236,10 @@ class MapperObjective:
             terms["novel_pose"] = (_pitch_yaw(self.tracker(img_p)) - ref["pitch_yaw"][idx] - py_shift).square().mean()
             fakes.append(small_p)
         if self.discriminator is not None:
-            self.fakes = torch.cat(fakes).float()
+            judged = torch.cat(fakes).float()
+            self.fakes = judged.detach()
             self.discriminator.requires_grad_(False)  # this pass trains the renders, not the judge
-            terms["adversarial"] = generator_adversarial_loss(self.discriminator, diff_augment(self.fakes, gen))
+            terms["adversarial"] = generator_adversarial_loss(self.discriminator, diff_augment(judged, gen))
             self.discriminator.requires_grad_(True)
         return terms
 
@@ -245,7 +248,7 @@ class MapperObjective:
         d = self.data
         idx = torch.randint(len(d.frames), (len(self.fakes),), generator=gen, device=gen.device).to(d.frames.device)
         loss = discriminator_loss(self.discriminator, diff_augment(d.frames[idx], gen),
-                                  diff_augment(self.fakes.detach(), gen), self.config.adversarial_r1)
+                                  diff_augment(self.fakes, gen), self.config.adversarial_r1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
