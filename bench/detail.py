@@ -3,9 +3,10 @@
 - the prior: its generator, as the prior stage left it (work/prior_checkpoint.pt), at the training frames'
   own latents, against those frames — what the prior learned before any mapper;
 - the avatar on its training frames (their tracked controls through the mappers) and on the held-out ones;
-- the same held-out controls with the pose mapper's blend over the pivots made sharper (weights raised to a
-  power and renormalised; the heaviest pivot alone), the expression offsets kept: whether the blend of many
-  pivots' latents is what blurs. And how many pivots the blend spreads over (1 / sum of squared weights).
+- the same controls with the pose mapper's blend over the pivots made sharper (its negative weights set to 0,
+  the rest raised to a power and renormalised; the heaviest pivot alone), the expression offsets kept: whether
+  the blend of many pivots' latents is what blurs; and each blend without the expression offsets. And how many
+  pivots the blend spreads over (1 / sum of squared weights).
 
 PSNR and the sharpness ratio (variance of the Laplacian, render over real frame) as `pvp eval` computes them.
 
@@ -76,10 +77,11 @@ def blends(avatar, frame_set) -> dict:
         sharper[f"weights^{p}"] = raised / raised.sum(1, keepdim=True)
     out = {"effective_pivots": round(float((1 / (weights ** 2).sum(1)).median()), 2)}
     for name, blend in sharper.items():
-        w = torch.einsum("bk,kld->bld", blend, avatar.mappers.pose.pivots) + offsets
-        with torch.no_grad():
-            renders = to_uint8(avatar.generator.synthesis(w, noise_mode="const")).numpy()
-        out[name] = figures(renders, frame_set.images)
+        w = torch.einsum("bk,kld->bld", blend, avatar.mappers.pose.pivots)
+        for label, latents in ((name, w + offsets), (f"{name}, no offsets", w)):
+            with torch.no_grad():
+                renders = to_uint8(avatar.generator.synthesis(latents, noise_mode="const")).numpy()
+            out[label] = figures(renders, frame_set.images)
     return out
 
 
@@ -103,16 +105,18 @@ def main(argv=None):
         avatar_dir = args.work / args.preset / clip / args.variant
         avatar = Avatar.load(avatar_dir)
         track = Track.load(avatar_dir / "work" / "track.safetensors")
-        cut = int(held_out.rstrip(":"))
+        cut = int(held_out.rstrip(":"))  # a track position, as `pvp fit --train-frames` counts them
+        position = np.arange(len(track))
         row = {"clip": clip, "variant": args.variant, "held_out_frames": held_out,
                "prior_on_training_frames": prior_reconstructions(avatar_dir)}
-        for part, rows_of_part in (("training", track.frame_index < cut), ("held_out", track.frame_index >= cut)):
+        for part, rows_of_part in (("training", position < cut), ("held_out", position >= cut)):
             row[part] = blends(avatar, load_frames(track, np.flatnonzero(track.valid & rows_of_part), avatar))
         rows.append(row)
         print(clip, row, flush=True)
     write_results(f"detail_{args.preset}", device_description("cpu"), rows, args.out)
     table = [{"clip": r["clip"], "stage": stage, "blend": blend, **r[stage][blend]}
-             for r in rows for stage in ("training", "held_out") for blend in ("avatar", "weights^4", "argmax")]
+             for r in rows for stage in ("training", "held_out")
+             for blend in ("avatar", "weights^4", "argmax", "avatar, no offsets", "argmax, no offsets")]
     table += [{"clip": r["clip"], "stage": "training", "blend": "prior, frame latents",
                **r["prior_on_training_frames"]} for r in rows]
     print_table(table, ["clip", "stage", "blend", "psnr", "sharpness"])

@@ -224,7 +224,7 @@ def main(argv=None):
                              "held_out": held_out, "method": method, **values,
                              **({"fit_seconds": round(fit_seconds, 1), "stage_seconds": stages}
                                 if method == "avatar" else {}),
-                             **({"prior_of": SHARED_PRIOR[variant]} if shared_prior is not None else {})})
+                             **({"prior_of": source.parent.name} if shared_prior is not None else {})})
             write_results(f"prior_{args.preset}", machine(), rows, out_json)
             for part in ("", "within", "beyond"):
                 values = scores["avatar"].get(part, {}) if part else scores["avatar"]
