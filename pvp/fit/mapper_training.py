@@ -47,7 +47,7 @@ from pvp.models.discriminator import (
     Discriminator,
     DiscriminatorConfig,
     diff_augment,
-    discriminator_loss,
+    discriminator_step,
     generator_adversarial_loss,
 )
 from pvp.models.generator import Generator
@@ -238,21 +238,15 @@ class MapperObjective:
         if self.discriminator is not None:
             judged = torch.cat(fakes).float()
             self.fakes = judged.detach()
-            self.discriminator.requires_grad_(False)  # this pass trains the renders, not the judge
             terms["adversarial"] = generator_adversarial_loss(self.discriminator, diff_augment(judged, gen))
-            self.discriminator.requires_grad_(True)
         return terms
 
     def discriminator_step(self, opt: torch.optim.Optimizer, gen: torch.Generator) -> torch.Tensor:
         """One update of the discriminator: random training frames against the last batch's renders."""
         d = self.data
         idx = torch.randint(len(d.frames), (len(self.fakes),), generator=gen, device=gen.device).to(d.frames.device)
-        loss = discriminator_loss(self.discriminator, diff_augment(d.frames[idx], gen),
+        return discriminator_step(self.discriminator, opt, diff_augment(d.frames[idx], gen),
                                   diff_augment(self.fakes, gen), self.config.adversarial_r1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.detach()
 
     def loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(getattr(self.config, name) * value for name, value in terms.items())

@@ -25,7 +25,7 @@ from pvp.models.discriminator import (
     Discriminator,
     DiscriminatorConfig,
     diff_augment,
-    discriminator_loss,
+    discriminator_step,
     generator_adversarial_loss,
 )
 from pvp.models.generator import Generator, GeneratorConfig
@@ -145,15 +145,10 @@ def train_scratch_prior(frames: torch.Tensor, controls: torch.Tensor, preset: Pr
             fake = G.synthesis(latents.blended(draw(gen, b), draw(gen, b), u[0], u[1]).detach(),
                                noise_mode="const", dtype=dtype)
             real = diff_augment(frames[draw(gen, b)], gen)
-            d_loss = discriminator_loss(D, real, diff_augment(fake.detach(), gen), preset.prior_r1)
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-            D.requires_grad_(False)  # the generator's pass: no gradients for D (its step is done)
+            d_loss = discriminator_step(D, opt_d, real, diff_augment(fake.detach(), gen), preset.prior_r1)
             g_adv = generator_adversarial_loss(D, diff_augment(fake, gen))
-            D.requires_grad_(True)
             loss = loss + preset.prior_adversarial * g_adv
-            metrics.update(d_loss=d_loss.detach(), g_adv=g_adv.detach())
+            metrics.update(d_loss=d_loss, g_adv=g_adv.detach())
         opt_g.zero_grad(set_to_none=True)
         opt_l.zero_grad(set_to_none=True)
         loss.backward()

@@ -83,5 +83,23 @@ def discriminator_loss(D: Discriminator, real: torch.Tensor, fake: torch.Tensor,
     return loss
 
 
+def discriminator_step(D: Discriminator, opt: torch.optim.Optimizer, real: torch.Tensor, fake: torch.Tensor,
+                       r1_gamma: float) -> torch.Tensor:
+    """One update of D on (augmented) real and rendered images; its loss, detached."""
+    loss = discriminator_loss(D, real, fake, r1_gamma)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 def generator_adversarial_loss(D: Discriminator, fake: torch.Tensor) -> torch.Tensor:
-    return F.softplus(-D(fake)).mean()
+    """The renders' non-saturating loss; its gradients reach the renders, never D's parameters."""
+    trainable = [p for p in D.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        return F.softplus(-D(fake)).mean()
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
