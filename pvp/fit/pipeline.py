@@ -80,15 +80,12 @@ def settings_changes(previous: dict, current: dict) -> list[str]:
     count for nothing."""
     defaults = Preset(name="", resolution=0, pivots=0, perceptual="", needs_prior=False).to_json()  # the defaults
     written = previous.get("preset", {})
-    old_preset = {**defaults, **written}
-    for key, value in defaults.items():
-        if isinstance(value, dict) and isinstance(written.get(key), dict):
-            old_preset[key] = {**value, **written[key]}
 
     def differs(key: str, value) -> bool:
-        old = old_preset.get(key)
-        if isinstance(value, dict) and isinstance(old, dict):  # a nested field since removed changes nothing
-            return any(old.get(k) != v for k, v in value.items())
+        old = written.get(key, defaults.get(key))
+        if isinstance(value, dict) and isinstance(old, dict):  # compared on the current fields only
+            default = defaults.get(key, {})
+            return any(old.get(k, default.get(k)) != v for k, v in value.items())
         return old != value
 
     changed = [f"preset.{k}" for k, v in current["preset"].items() if differs(k, v)]
