@@ -1,6 +1,7 @@
 """Shared helpers of the bench scripts: timing, the machine's description, JSON results."""
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -28,6 +29,17 @@ def held_out_split(video: Path) -> tuple[str, str]:
     n = int(cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT))
     cut = int(round(n * 0.8))
     return f"0:{cut}", f"{cut}:"
+
+
+def fitted_avatar_args(doc: str, variant: str, argv=None) -> argparse.Namespace:
+    """The arguments of a bench that measures bench/prior.py's fits: --preset, --clips, --variant, --work, --out."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--clips", nargs="+", default=["lp_d3", "lp_d12"])
+    ap.add_argument("--variant", default=variant, help="the bench/prior.py fit to measure")
+    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "prior")
+    ap.add_argument("--out", type=Path)
+    return ap.parse_args(argv)
 
 
 def device_description(device) -> str:

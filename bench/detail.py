@@ -16,7 +16,6 @@ Writes bench/results/detail_<preset>.json.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -25,7 +24,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import device_description, held_out_split, print_table, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    device_description,
+    fitted_avatar_args,
+    held_out_split,
+    print_table,
+    write_results,
+)
 
 POWERS = (2, 4)  # the pose blend's weights raised to these powers
 
@@ -90,13 +95,7 @@ def main(argv=None):
     from pvp.evaluation.evaluate import load_frames
     from pvp.tracking.track import Track
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--clips", nargs="+", default=["lp_d3", "lp_d12"])
-    ap.add_argument("--variant", default="preset", help="the bench/prior.py fit to measure")
-    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "prior")
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args(argv)
+    args = fitted_avatar_args(__doc__, "preset", argv)
 
     os.chdir(ROOT)
     rows = []

@@ -15,7 +15,6 @@ Writes bench/results/framing_<preset>.json.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -24,7 +23,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import device_description, held_out_split, print_table, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    device_description,
+    fitted_avatar_args,
+    held_out_split,
+    print_table,
+    write_results,
+)
 
 SCALES = np.arange(0.80, 1.081, 0.02)  # render magnified by this about the crop's centre
 SHIFTS = np.arange(-4, 5) / 64  # of the crop's side
@@ -63,13 +68,7 @@ def main(argv=None):
     from pvp.evaluation.evaluate import METHODS, evaluate
     from pvp.tracking.track import Track
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--clips", nargs="+", default=["lp_d3", "lp_d12"])
-    ap.add_argument("--variant", default="preset_bf16_6000", help="the bench/prior.py fit to measure")
-    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "prior")
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args(argv)
+    args = fitted_avatar_args(__doc__, "preset_bf16_6000", argv)
 
     os.chdir(ROOT)  # the fits' tracks name their videos from here: evaluate() then reuses them
     rows = []
