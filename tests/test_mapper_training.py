@@ -305,25 +305,3 @@ def test_the_adversarial_term_trains_the_renders_and_a_checkpointed_discriminato
     assert len(loaded) == 1 and all(torch.equal(v, first["discriminator"][k]) for k, v in loaded[0].items())
     second = torch.load(tmp_path / "c.pt", weights_only=True)["discriminator"]
     assert any(not torch.equal(v, first["discriminator"][k]) for k, v in second.items())  # step 2 trained it
-
-
-def test_the_latent_term_draws_the_mappers_to_each_frames_own_latent(parts):
-    """From scratch, every training frame has a latent: zero where the mappers give it, gradients to both mappers
-    where they do not; without frame latents (a pretrained prior) the term is absent."""
-    G, pivots, _, _, controls = parts
-    m = _mappers(G, pivots, controls, trained_expression=True)
-    objective = _objective(parts, m, torch.zeros(N, 3, 64, 64), ObjectiveConfig(latent=1.0))
-    gen = torch.Generator().manual_seed(0)
-    assert "latent" not in objective.terms(m, torch.arange(N), gen)
-    with torch.no_grad():
-        own = m(*controls)[0]
-    objective.data.latents = own
-    assert objective.terms(m, torch.arange(N), gen)["latent"].item() == pytest.approx(0.0, abs=1e-12)
-    objective.data.latents = own + 0.1
-    term = objective.terms(m, torch.arange(N), gen)["latent"]
-    assert term.item() == pytest.approx(0.01, rel=1e-4)
-    term.backward()
-    for weight in (m.pose.net[2].weight, m.expression.nets[0][2].weight):
-        assert weight.grad is not None and weight.grad.abs().sum() > 0
-    assert losses_record(ObjectiveConfig(latent=1.0), "msssim", False, None, frame_latents=True)["latent"]["enabled"]
-    assert not losses_record(ObjectiveConfig(latent=1.0), "msssim", False, None)["latent"]["enabled"]

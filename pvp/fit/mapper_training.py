@@ -30,10 +30,6 @@ term is on) — the renders between and beyond the frames, where no frame says w
 terms settle for blur; the mappers (and the generator, when it trains with them) are asked to make those renders
 pass for frames. Measured on tiny (bench/RESULTS.md, issue 20): its effect on PSNR and sharpness changes sign
 with the seed; not adopted.
-
-And one more, off in every preset: latent. A from-scratch prior has a latent per training frame (its GLO code);
-the mappers' W+ at a frame's controls is drawn towards it (mean squared difference), the prior's own answer to
-what the frame is, where the image terms settle for the pixel mean of what the controls do not say.
 """
 from __future__ import annotations
 
@@ -65,7 +61,7 @@ OUTER_LIPS = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 
 
 
 TERMS = ("l2", "perceptual", "identity", "pose", "expression", "consistency", "locality", "novel_pose",
-         "detail_energy", "adversarial", "latent")
+         "detail_energy", "adversarial")
 DISCRIMINATOR_LR = 2e-3  # the from-scratch prior discriminator's starting rate (Preset.prior_lr's default); constant
 CONSISTENCY_MASKS = ("soft", "hard")
 
@@ -86,7 +82,6 @@ class ObjectiveConfig:
     detail_energy: float = 0.0  # beyond the paper (module docstring)
     adversarial: float = 0.0  # beyond the paper (module docstring)
     adversarial_r1: float = 0.1  # the discriminator's R1 penalty
-    latent: float = 0.0  # beyond the paper (module docstring)
     sigma: float = 0.5  # expression perturbation (sd)
     perturb_jaw: bool = False  # the authors perturb the expression only; the paper says jaw and expression
     novel_pose_sigma_deg: float = 4.0  # head-pose shift of the novel-pose renders
@@ -109,7 +104,6 @@ class MapperData:
     masks: torch.Tensor  # [N, 1, S, S], 0 on the eyes and the mouth
     drive_min: torch.Tensor  # [3 + K] the renderer's range of (jaw, expression): where the novel-pose
     drive_max: torch.Tensor  # renders draw their jaw and expression from
-    latents: torch.Tensor | None = None  # [N, num_ws, w_dim] each frame's own latent in the prior (from scratch)
 
 
 def drive_range(schema: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,22 +199,20 @@ class MapperObjective:
         return jaw_expression + noise * self.config.sigma * self.noise_scale
 
     def render(self, mappers: Mappers, pitch_yaw: torch.Tensor, jaw_expression: torch.Tensor):
-        """(full-size render, render at the loss resolution, its W+ latent, the expression mapper's offsets)."""
+        """(full-size render, render at the loss resolution, the expression mapper's predicted offsets)."""
         w, dw = mappers(pitch_yaw, jaw_expression)
         img = self.G.synthesis(w, noise_mode="const", dtype=self.dtype)
-        return img, downsample(img, self.config.loss_resolution), w, dw[:, :mappers.cfg.expr_layers]
+        return img, downsample(img, self.config.loss_resolution), dw[:, :mappers.cfg.expr_layers]
 
     def terms(self, mappers: Mappers, idx: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
         d, cfg, device = self.data, self.config, self.data.frames.device
         py, je, target = d.pitch_yaw[idx], d.jaw_expression[idx], d.frames[idx]
-        _, img, w, dw = self.render(mappers, py, je)
+        _, img, dw = self.render(mappers, py, je)
         terms = {"l2": (img - target).square().mean(), "perceptual": self.perceptual(img, target).mean()}
-        if cfg.latent > 0 and d.latents is not None:
-            terms["latent"] = (w - d.latents[idx]).square().mean()
         if self.identity is not None:
             terms["identity"] = self.identity(img, target).mean()
         je_pert = self.perturbed(je, gen)
-        full_e, img_e, _, dw_e = self.render(mappers, py, je_pert)
+        full_e, img_e, dw_e = self.render(mappers, py, je_pert)
         terms["locality"] = dw.square().mean() + dw_e.square().mean()
         terms["consistency"] = (d.masks[idx] * (img_e - img)).square().mean()
         if cfg.detail_energy > 0:
@@ -240,7 +232,7 @@ class MapperObjective:
             py_shift = torch.randn(py.shape, generator=gen, device=gen.device).to(device) * np.radians(
                 cfg.novel_pose_sigma_deg)
             u = torch.rand(je.shape, generator=gen, device=gen.device).to(device)
-            img_p, small_p, _, _ = self.render(mappers, py + py_shift, d.drive_min + u * (d.drive_max - d.drive_min))
+            img_p, small_p, _ = self.render(mappers, py + py_shift, d.drive_min + u * (d.drive_max - d.drive_min))
             terms["novel_pose"] = (_pitch_yaw(self.tracker(img_p)) - ref["pitch_yaw"][idx] - py_shift).square().mean()
             fakes.append(small_p)
         if self.discriminator is not None:
@@ -330,10 +322,8 @@ def _tracker_reference(tracker, frames: torch.Tensor, batch: int = 32) -> dict[s
             "jaw": torch.cat([o["jaw"] for o in outs]), "expression": torch.cat([o["expression"] for o in outs])}
 
 
-def losses_record(objective: ObjectiveConfig, perceptual: str, identity: bool, tracker: str | None,
-                  frame_latents: bool = False) -> dict:
-    """What avatar.json says of the objective actually used (``tracker``: the one reading renders, or None;
-    ``frame_latents``: whether the prior has a latent per training frame, for the latent term)."""
+def losses_record(objective: ObjectiveConfig, perceptual: str, identity: bool, tracker: str | None) -> dict:
+    """What avatar.json says of the objective actually used (``tracker``: the one reading renders, or None)."""
     settings = asdict(objective)
     record = {k: {"weight": settings.pop(k), "enabled": True} for k in TERMS}
     record["perceptual"]["kind"] = perceptual
@@ -342,5 +332,4 @@ def losses_record(objective: ObjectiveConfig, perceptual: str, identity: bool, t
     record["novel_pose"]["enabled"] = tracker is not None and objective.novel_pose > 0
     record["detail_energy"]["enabled"] = objective.detail_energy > 0
     record["adversarial"]["enabled"] = objective.adversarial > 0
-    record["latent"]["enabled"] = objective.latent > 0 and frame_latents
     return {**record, **settings, "tracker": tracker}

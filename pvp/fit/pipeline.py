@@ -290,9 +290,8 @@ class FitJob:
                  len(rows), expression_dim)
         drive_min, drive_max = drive_range(schema)
         targets = torch.cat([downsample(frames[rows[i:i + 32]], size) for i in range(0, len(rows), 32)])
-        frame_w = latents["frame_w"].to(device) if x.prior is None else None  # a pretrained prior: the pivots' only
         data = MapperData(pitch_yaw.to(device), jaw_expr.to(device), targets.to(device), masks.to(device),
-                          drive_min.to(device), drive_max.to(device), frame_w)
+                          drive_min.to(device), drive_max.to(device))
         mappers, metrics = train_mappers(
             G, latents["pivot_w"].to(device), data, perceptual, x.preset.mapper_steps, x.preset.mapper_batch,
             x.preset.mapper_lr, self.work / "mappers_checkpoint.pt", x.preset.checkpoint_every, x.resume, tracker,
@@ -300,8 +299,7 @@ class FitJob:
             standardize_inputs=x.preset.standardize_mapper_inputs, lr_schedule=x.preset.lr_schedule, seed=x.seed,
             progress=x.progress, generator_lr=x.preset.mapper_generator_lr, dtype=dtype)
         self._record(mapper_training=metrics, mapper_render_dtype=dtype_name(dtype),
-                     losses=losses_record(objective, perceptual.kind, identity is not None, tracker and track.backend,
-                                         frame_w is not None))
+                     losses=losses_record(objective, perceptual.kind, identity is not None, tracker and track.backend))
         if x.preset.mapper_generator_lr > 0:  # the generator the mappers were trained with, before them
             save_generator(G, self.work / "generator.safetensors")
         if objective.optimize_noise:  # before the mappers: their file marks the stage done
