@@ -63,8 +63,13 @@ class FrameLatents(nn.Module):
         return self.base + pred + torch.lerp(self.residual[i], self.residual[j], ((pose + face) / 2)[:, None, None])
 
 
+def control_columns(yaw_pitch: np.ndarray, jaw: np.ndarray, expression: np.ndarray, n_expr: int = 16) -> np.ndarray:
+    """The controls a frame's latent is predicted from: yaw, pitch, the jaw's opening and the first expressions."""
+    return np.concatenate([yaw_pitch, jaw[:, :1], expression[:, :n_expr]], 1).astype(np.float64)
+
+
 def standardized_controls(yaw_pitch: np.ndarray, jaw: np.ndarray, expression: np.ndarray, n_expr: int = 16):
-    c = np.concatenate([yaw_pitch, jaw[:, :1], expression[:, :n_expr]], 1).astype(np.float64)
+    c = control_columns(yaw_pitch, jaw, expression, n_expr)
     std = c.std(0)
     return torch.from_numpy((c - c.mean(0)) / np.where(std > 1e-8, std, 1.0))
 
