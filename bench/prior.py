@@ -68,7 +68,8 @@ SHARED_PRIOR = {"detail_energy_tune": "detail_energy", "detail_energy_mappers": 
                 "detail_energy_tune_mappers": "detail_energy", "frozen": "preset", "mappers": "preset"}
 # preset fields that do not change a from-scratch prior (checkpoint_every: only where it stops; the bench
 # passes no --prior, so lr_schedule's pivotal tuning never runs)
-MAPPER_STAGE = ("objective", "standardize_mapper_inputs", "lr_schedule", "checkpoint_every")  # and mapper_*
+MAPPER_STAGE = ("objective", "standardize_mapper_inputs", "lr_schedule", "checkpoint_every",
+                "expression_variance")  # and mapper_*; the prior reads a fixed count of expressions
 METHODS = ("avatar", "nearest_pivot", "nearest_frame", "nearest_pose_frame")
 COLUMNS = ("psnr", "psnr_worst10", "ssim", "sharpness", "yaw_err", "pitch_err", "jaw_err", "expr_err", "yaw_shift",
            "pitch_shift")

@@ -275,3 +275,22 @@ def test_a_generator_trained_with_the_mappers_is_the_one_saved_for_a_resume(d3_t
     prior = torch.load(out / "work" / "prior_checkpoint.pt", weights_only=True)["generator"]
     name = next(k for k in stage if k.startswith("synthesis.") and k.endswith("weight"))
     assert not torch.equal(stage[name], prior[name])  # the prior stage's generator was replaced
+
+
+def test_the_preset_sets_the_share_of_expression_variance_the_avatar_controls(d3_track_file, tmp_path):
+    from pvp.cli import UserError, _preset_overrides
+    from pvp.fit.pipeline import FitInputs, FitJob, choose_expression_dim
+    from pvp.tracking.track import Track
+
+    track = Track.load(d3_track_file)
+    counts = {}
+    for variance in (0.95, 0.999):
+        out = tmp_path / str(variance)
+        preset = PRESETS["tiny"].with_overrides(prior_steps=1, mapper_steps=1, pivots=4, expression_variance=variance)
+        FitJob(FitInputs(d3_track_file, out, preset, train_frames="0:30", progress=False)).run()
+        schema = json.loads((out / "avatar.json").read_text())["control_schema"]
+        counts[variance] = sum(c["group"] == "expression" for c in schema["channels"])
+        assert counts[variance] == choose_expression_dim(track, variance)
+    assert counts[0.95] < counts[0.999]
+    with pytest.raises(UserError, match="expression_variance 0.0: expected a share"):
+        _preset_overrides(PRESETS["tiny"], ["expression_variance=0"])

@@ -391,7 +391,7 @@ class FitJob:
         rows = self.training_rows(track, data["frame_index"])
         pivots = timed("pivots", self.pivots, track, data["frame_index"], rows)
         G, latents = timed("prior", self.prior, track, frames, data["frame_index"], rows, pivots)
-        expression_dim = choose_expression_dim(track)
+        expression_dim = choose_expression_dim(track, self.x.preset.expression_variance)
         mappers = timed("mappers", self.mappers, track, G, latents, frames, data["frame_index"], rows, expression_dim)
         # stage times of this run (a resumed stage counts only what it did now); bench/fit.py reads them
         self._record(stage_seconds=seconds)

@@ -55,6 +55,8 @@ class Preset:
     locality_alpha: float = 30.0
     locality_truncation: float = 0.5
     pivot_selection: str = "kmeans"  # pvp.fit.pivots.PIVOT_METHODS
+    # the share of the tracked expression variance the controls keep (pipeline.choose_expression_dim)
+    expression_variance: float = 0.98
     # mappers
     mapper_steps: int = 50_000
     mapper_lr: float = 5e-4  # the mappers' and the noise maps'
@@ -83,6 +85,8 @@ class Preset:
         for name in ("prior_precision", "mapper_precision"):
             if getattr(self, name) not in PRECISIONS:
                 raise ValueError(f"{name} {getattr(self, name)!r}: expected one of {', '.join(PRECISIONS)}")
+        if not 0.0 < self.expression_variance <= 1.0:
+            raise ValueError(f"expression_variance {self.expression_variance}: expected a share, above 0 and at most 1")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule {self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
 
