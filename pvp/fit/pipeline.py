@@ -422,7 +422,7 @@ def learned_schema(track: Track, positions: np.ndarray, expression_dim: int) -> 
 
 def choose_expression_dim(track: Track, variance: float = 0.98, lo: int = 8) -> int:
     """The leading expression coefficients that hold ``variance`` of the pose-free landmark variance (at
-    least ``lo``): the rest is landmark noise no render can show."""
+    least ``lo``): the rest is mostly landmark noise, which the mappers would learn to render."""
     k = track.expression.shape[1]
     if track.face_model is None:
         return k
