@@ -44,20 +44,30 @@ def figures(renders: np.ndarray, real: np.ndarray) -> dict:
             "sharpness": round(float((sharpness(renders) / sharpness(real)).mean()), 3)}
 
 
+def prior_stage(avatar_dir: Path):
+    """The generator as the prior stage left it (work/prior_checkpoint.pt) and that checkpoint's state."""
+    import torch
+
+    from pvp.checkpoints import load_generator
+
+    checkpoint = torch.load(avatar_dir / "work" / "prior_checkpoint.pt", map_location="cpu", weights_only=True)
+    G = load_generator(avatar_dir / "generator.safetensors")
+    G.load_state_dict(checkpoint["generator"])
+    return G, checkpoint
+
+
 def prior_reconstructions(avatar_dir: Path) -> dict:
     """The prior stage's generator at the training frames' latents, against the aligned training frames."""
     import torch
     from safetensors.torch import load_file
 
-    from pvp.checkpoints import load_generator
     from pvp.models.generator import to_uint8
 
     work = avatar_dir / "work"
-    G = load_generator(avatar_dir / "generator.safetensors")
+    G, _ = prior_stage(avatar_dir)
     latents = load_file(str(work / "latents.safetensors"))
     real = load_file(str(work / f"frames_{G.cfg.resolution}.safetensors"))["images"].numpy()
     real = real[latents["train_rows"].numpy()]
-    G.load_state_dict(torch.load(work / "prior_checkpoint.pt", map_location="cpu", weights_only=True)["generator"])
     w = latents["frame_w"]
     with torch.no_grad():
         renders = np.concatenate([to_uint8(G.synthesis(w[i:i + 32], noise_mode="const")).numpy()

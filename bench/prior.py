@@ -30,8 +30,8 @@ from bench.common import RESULTS, held_out_split, print_table, run_pvp, write_re
 DATA = Path("tests") / "data"  # relative to the repository (pvp runs there): a track made here reads its video there
 # variant -> (what it changes, `--set` items). Each is measured against the preset before this terms:
 # what tiny took on since (the energy terms, the generator trained with the mappers, 6000 prior steps,
-# bfloat16 renders, more expression coefficients) is pinned back first, and a variant's items override it ("preset": the preset as it is;
-# a third item: `--set` items on the preset as it is, nothing pinned back).
+# bfloat16 renders, more expression coefficients) is pinned back first, and a variant's items override it
+# ("preset": the preset as it is; a third item: `--set` items on the preset as it is, nothing pinned back).
 TERMS_OFF = ["prior_detail_energy=0", "objective.detail_energy=0", "mapper_generator_lr=0", "prior_steps=4000",
              "prior_precision=float32", "mapper_precision=float32", "expression_variance=0.98"]
 INBETWEEN = ["prior_inbetween=0.5"]

@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import device_description, held_out_split, print_table, write_results  # noqa: E402
-from bench.detail import figures  # noqa: E402
+from bench.detail import figures, prior_stage  # noqa: E402
 
 FREEDOMS = ("offsets", "blend", "blend + offsets", "W+")
 KERNEL_BANDWIDTH = 1.5  # in standard deviations of the controls; 1 to 2 score alike on lp_d12 (18.6-18.7 dB)
@@ -88,21 +88,23 @@ def optimised(avatar, frame_set, freedom: str, steps: int, lr: float, detail_ene
         return to_uint8(avatar.generator.synthesis(latents(), noise_mode="const")).numpy()
 
 
-def from_controls(avatar_dir: Path, track, train_positions: np.ndarray, frame_set, positions: np.ndarray) -> dict:
-    """The prior's linear prediction and the kernel regression at the frames of ``positions`` (their FrameSet
-    ``frame_set``), rendered by the prior stage's generator, and the mean training frame; ``train_positions``:
-    the fit's training frames."""
+def from_controls(avatar_dir: Path, track, frame_set, positions: np.ndarray) -> dict:
+    """At the frames of ``positions`` (their FrameSet ``frame_set``): the prior's linear prediction, the kernel
+    regression and the ridge regressions (RIDGE_COLUMNS) over the training frames' latents, rendered by the prior
+    stage's generator; and the mean training frame."""
     import torch
     from safetensors.torch import load_file
 
-    from pvp.checkpoints import load_generator
     from pvp.fit.scratch_prior import control_columns
     from pvp.models.generator import to_uint8
 
-    checkpoint = torch.load(avatar_dir / "work" / "prior_checkpoint.pt", map_location="cpu", weights_only=True)
-    G = load_generator(avatar_dir / "generator.safetensors")
-    G.load_state_dict(checkpoint["generator"])
+    G, checkpoint = prior_stage(avatar_dir)
     prior = checkpoint["latents"]  # FrameLatents' state: base + proj(controls) + residual per training frame
+    saved = load_file(str(avatar_dir / "work" / "latents.safetensors"))
+    frames = load_file(str(avatar_dir / "work" / f"frames_{G.cfg.resolution}.safetensors"))
+    train_rows = saved["train_rows"].numpy()  # rows of the frames file, as the fit counts them
+    position_of = {int(f): k for k, f in enumerate(track.frame_index)}
+    train_positions = np.array([position_of[int(frames["frame_index"][r])] for r in train_rows])
 
     def columns(p: np.ndarray) -> np.ndarray:
         return control_columns(track.yaw_pitch_roll[p, :2], track.jaw_pose[p], track.expression[p])
@@ -113,11 +115,12 @@ def from_controls(avatar_dir: Path, track, train_positions: np.ndarray, frame_se
         raise SystemExit(f"{avatar_dir}: the prior's controls are not those of the training frames here")
     query = torch.from_numpy((columns(positions) - mean) / std).float()
     shape = prior["base"].shape[1:]
-    linear = prior["base"] + (query @ prior["proj.weight"].T).reshape(len(query), *shape)
-    frame_w = prior["base"] + (prior["controls"] @ prior["proj.weight"].T).reshape(-1, *shape) + prior["residual"]
+    frame_w = saved["frame_w"]
     kernel = torch.softmax(-torch.cdist(query, prior["controls"]).square() / (2 * KERNEL_BANDWIDTH ** 2), 1)
-    latents = {"prior, linear in the controls": linear,
+    latents = {"prior, linear in the controls":
+               prior["base"] + (query @ prior["proj.weight"].T).reshape(len(query), *shape),
                "prior, kernel over the training latents": torch.einsum("bn,nld->bld", kernel, frame_w)}
+
     def design(c: torch.Tensor, columns_read: slice) -> torch.Tensor:
         return torch.cat([c[:, columns_read], torch.ones(len(c), 1)], 1).double()
 
@@ -125,15 +128,12 @@ def from_controls(avatar_dir: Path, track, train_positions: np.ndarray, frame_se
         a = design(prior["controls"], columns_read)
         solution = torch.linalg.solve(a.T @ a + RIDGE * torch.eye(a.shape[1], dtype=a.dtype),
                                       a.T @ frame_w.flatten(1).double())
-        latents[f"prior, ridge on {name}"] = (design(query, columns_read) @ solution).float().reshape(query.shape[0],
-                                                                                                     *shape)
+        latents[f"prior, ridge on {name}"] = (design(query, columns_read) @ solution).float().reshape(-1, *shape)
     with torch.no_grad():
         out = {name: figures(to_uint8(G.synthesis(w, noise_mode="const")).numpy(), frame_set.images)
                for name, w in latents.items()}
-    train_rows = load_file(str(avatar_dir / "work" / "latents.safetensors"))["train_rows"].numpy()
-    real = load_file(str(avatar_dir / "work" / f"frames_{G.cfg.resolution}.safetensors"))["images"].numpy()
-    mean = real[train_rows].astype(np.float64).mean(0).round().astype(np.uint8)
-    out["mean training frame"] = figures(np.repeat(mean[None], len(frame_set.images), 0), frame_set.images)
+    mean_image = frames["images"].numpy()[train_rows].astype(np.float64).mean(0).round().astype(np.uint8)
+    out["mean training frame"] = figures(np.repeat(mean_image[None], len(frame_set.images), 0), frame_set.images)
     return out
 
 
@@ -141,7 +141,6 @@ def main(argv=None):
     import argparse
 
     import torch
-    from safetensors.torch import load_file
 
     from pvp.avatar import Avatar
     from pvp.evaluation.evaluate import load_frames
@@ -168,8 +167,6 @@ def main(argv=None):
         avatar_dir = args.work / args.preset / clip / args.variant
         avatar = Avatar.load(avatar_dir)
         track = Track.load(avatar_dir / "work" / "track.safetensors")
-        train_rows = load_file(str(avatar_dir / "work" / "latents.safetensors"))["train_rows"].numpy()
-        train_positions = np.flatnonzero(track.valid)[train_rows]  # the fit's rows count the valid frames
         cut = int(held_out.rstrip(":"))  # a track position, as `pvp fit --train-frames` counts them
         position = np.arange(len(track))
         for part in args.parts:
@@ -184,7 +181,7 @@ def main(argv=None):
                 renders = optimised(avatar, frame_set, freedom, args.steps, args.lr, args.detail_energy)
                 row[freedom] = figures(renders, frame_set.images)
             if part == "held_out":
-                row.update(from_controls(avatar_dir, track, train_positions, frame_set, positions))
+                row.update(from_controls(avatar_dir, track, frame_set, positions))
             rows.append(row)
             print(row, flush=True)
             write_results(f"reach_{args.preset}", device_description("cpu"), rows, args.out)

@@ -420,9 +420,9 @@ def learned_schema(track: Track, positions: np.ndarray, expression_dim: int) -> 
                            expression_ranges=list(zip(expr.min(0) - 0.5, expr.max(0) + 0.5)))
 
 
-def choose_expression_dim(track: Track, variance: float = 0.98, lo: int = 8) -> int:
-    """The leading expression coefficients that hold ``variance`` of the pose-free landmark variance (at
-    least ``lo``): the rest is mostly landmark noise, which the mappers would learn to render."""
+def choose_expression_dim(track: Track, variance: float, lo: int = 8) -> int:
+    """The leading expression coefficients that hold ``variance`` (the preset's ``expression_variance``) of the
+    pose-free landmark variance, at least ``lo``: the last ones are mostly landmark noise."""
     k = track.expression.shape[1]
     if track.face_model is None:
         return k

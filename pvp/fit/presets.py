@@ -55,7 +55,8 @@ class Preset:
     locality_alpha: float = 30.0
     locality_truncation: float = 0.5
     pivot_selection: str = "kmeans"  # pvp.fit.pivots.PIVOT_METHODS
-    # the share of the tracked expression variance the controls keep (pipeline.choose_expression_dim)
+    # the share of the pose-free landmark variance whose expression coefficients the controls keep
+    # (pipeline.choose_expression_dim)
     expression_variance: float = 0.98
     # mappers
     mapper_steps: int = 50_000
@@ -181,12 +182,13 @@ CPU_MAPPERS = dict(standardize_mapper_inputs=True, objective=CPU_OBJECTIVE,
 # 20.6 min (over issue 20's 20; `--set prior_steps=4000` keeps under). 8000 leaves no margin even in bfloat16.
 SHARP_DETAIL = dict(prior_detail_energy=0.5, mapper_generator_lr=2e-4,
                     objective=replace(CPU_OBJECTIVE, detail_energy=5.0))
-# tiny's controls keep the expression coefficients holding 99.5% of the tracked landmark variance, not 98% (28 and
-# 19 of them on the two shared clips, not 15 and 10): what the controls carry sets the held-out PSNR (bench/RESULTS.md,
-# "What the generator could show"). lp_d12 +0.43 dB on three seeds' mean (every seed), sharper, pitch error and
-# expression-only shifts lower; lp_d3 -0.12 dB on two seeds, its jaw past the learned range 0.2-0.35 degrees worse.
 
 PRESETS = {
+    # tiny's controls keep the expression coefficients holding 99.5% of the landmark variance, not 98% (28 and 19 of
+    # them on the two shared clips, not 15 and 10): what the controls carry limits the held-out PSNR (bench/RESULTS.md,
+    # "What the generator could show"). lp_d12 +0.43 dB on three seeds' mean (every seed), sharper, pitch error and
+    # expression-only shifts lower; lp_d3 -0.12 dB on two seeds, its jaw error over all frames 0.2-0.35 degrees
+    # worse (within the learned ranges lower).
     "tiny": Preset("tiny", resolution=64, pivots=32, perceptual="msssim", needs_prior=False,
                    channels=(128, 128, 128, 64, 32), w_dim=128, mapping_layers=2, prior_steps=6000, prior_batch=8,
                    pti_steps_per_pivot=10, mapper_steps=1500, mapper_batch=8, checkpoint_every=250,
