@@ -31,15 +31,36 @@ def held_out_split(video: Path) -> tuple[str, str]:
     return f"0:{cut}", f"{cut}:"
 
 
-def fitted_avatar_args(doc: str, variant: str, argv=None) -> argparse.Namespace:
-    """The arguments of a bench that measures bench/prior.py's fits: --preset, --clips, --variant, --work, --out."""
+def fitted_avatar_args(doc: str, variant: str, argv=None, add_arguments=None) -> argparse.Namespace:
+    """The arguments of a bench that measures bench/prior.py's fits: --preset, --clips, --variant, --work, --out,
+    and those ``add_arguments`` (a function of the parser) adds."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--clips", nargs="+", default=["lp_d3", "lp_d12"])
     ap.add_argument("--variant", default=variant, help="the bench/prior.py fit to measure")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "prior")
     ap.add_argument("--out", type=Path)
+    if add_arguments is not None:
+        add_arguments(ap)
     return ap.parse_args(argv)
+
+
+def fitted_clip(args: argparse.Namespace, clip: str):
+    """The bench/prior.py fit of ``clip`` that ``args`` (fitted_avatar_args) names: its directory, the avatar,
+    its track, and the valid track positions of the training and the held-out frames ('training', 'held_out')."""
+    import numpy as np
+
+    from pvp.avatar import Avatar
+    from pvp.tracking.track import Track
+
+    _, held_out = held_out_split(ROOT / "tests" / "data" / f"{clip}.mp4")
+    avatar_dir = args.work / args.preset / clip / args.variant
+    track = Track.load(avatar_dir / "work" / "track.safetensors")
+    cut = int(held_out.rstrip(":"))  # a track position, as `pvp fit --train-frames` counts them
+    position = np.arange(len(track))
+    parts = {"training": np.flatnonzero(track.valid & (position < cut)),
+             "held_out": np.flatnonzero(track.valid & (position >= cut))}
+    return avatar_dir, Avatar.load(avatar_dir), track, parts
 
 
 def device_description(device) -> str:

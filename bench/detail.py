@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import (  # noqa: E402
     device_description,
     fitted_avatar_args,
+    fitted_clip,
     held_out_split,
     print_table,
     write_results,
@@ -101,9 +102,7 @@ def blends(avatar, frame_set) -> dict:
 
 
 def main(argv=None):
-    from pvp.avatar import Avatar
     from pvp.evaluation.evaluate import load_frames
-    from pvp.tracking.track import Track
 
     args = fitted_avatar_args(__doc__, "preset", argv)
 
@@ -111,15 +110,11 @@ def main(argv=None):
     rows = []
     for clip in args.clips:
         _, held_out = held_out_split(Path("tests") / "data" / f"{clip}.mp4")
-        avatar_dir = args.work / args.preset / clip / args.variant
-        avatar = Avatar.load(avatar_dir)
-        track = Track.load(avatar_dir / "work" / "track.safetensors")
-        cut = int(held_out.rstrip(":"))  # a track position, as `pvp fit --train-frames` counts them
-        position = np.arange(len(track))
+        avatar_dir, avatar, track, parts = fitted_clip(args, clip)
         row = {"clip": clip, "variant": args.variant, "held_out_frames": held_out,
                "prior_on_training_frames": prior_reconstructions(avatar_dir)}
-        for part, rows_of_part in (("training", position < cut), ("held_out", position >= cut)):
-            row[part] = blends(avatar, load_frames(track, np.flatnonzero(track.valid & rows_of_part), avatar))
+        for part, positions in parts.items():
+            row[part] = blends(avatar, load_frames(track, positions, avatar))
         rows.append(row)
         print(clip, row, flush=True)
     write_results(f"detail_{args.preset}", device_description("cpu"), rows, args.out)

@@ -34,7 +34,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import device_description, held_out_split, print_table, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    device_description,
+    fitted_avatar_args,
+    fitted_clip,
+    print_table,
+    write_results,
+)
 from bench.detail import figures, prior_stage  # noqa: E402
 
 FREEDOMS = ("offsets", "blend", "blend + offsets", "W+")
@@ -138,40 +144,26 @@ def from_controls(avatar_dir: Path, track, frame_set, positions: np.ndarray) -> 
 
 
 def main(argv=None):
-    import argparse
-
     import torch
 
-    from pvp.avatar import Avatar
     from pvp.evaluation.evaluate import load_frames
-    from pvp.tracking.track import Track
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--clips", nargs="+", default=["lp_d3", "lp_d12"])
-    ap.add_argument("--variant", default="preset", help="the bench/prior.py fit to measure")
-    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "prior")
-    ap.add_argument("--steps", type=int, default=300, help="optimiser steps per freedom")
-    ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--detail-energy", type=float, default=0.0,
-                    help="weight of the fine-detail energy L1 in the loss (tiny's mappers: 0.5 of the image terms)")
-    ap.add_argument("--parts", nargs="+", default=["held_out", "training"], choices=["held_out", "training"])
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args(argv)
+    def add_arguments(ap):
+        ap.add_argument("--steps", type=int, default=300, help="optimiser steps per freedom")
+        ap.add_argument("--lr", type=float, default=0.01)
+        ap.add_argument("--detail-energy", type=float, default=0.0,
+                        help="weight of the fine-detail energy L1 in the loss (tiny's mappers: 0.5 of the image terms)")
+        ap.add_argument("--parts", nargs="+", default=["held_out", "training"], choices=["held_out", "training"])
+
+    args = fitted_avatar_args(__doc__, "preset", argv, add_arguments)
 
     os.chdir(ROOT)
     torch.manual_seed(0)
     rows = []
     for clip in args.clips:
-        _, held_out = held_out_split(Path("tests") / "data" / f"{clip}.mp4")
-        avatar_dir = args.work / args.preset / clip / args.variant
-        avatar = Avatar.load(avatar_dir)
-        track = Track.load(avatar_dir / "work" / "track.safetensors")
-        cut = int(held_out.rstrip(":"))  # a track position, as `pvp fit --train-frames` counts them
-        position = np.arange(len(track))
+        avatar_dir, avatar, track, parts = fitted_clip(args, clip)
         for part in args.parts:
-            of_part = position >= cut if part == "held_out" else position < cut
-            positions = np.flatnonzero(track.valid & of_part)
+            positions = parts[part]
             frame_set = load_frames(track, positions, avatar)
             row = {"clip": clip, "variant": args.variant, "frames": part, "count": len(frame_set.images),
                    "steps": args.steps, "lr": args.lr, "detail_energy": args.detail_energy,
