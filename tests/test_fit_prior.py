@@ -242,6 +242,31 @@ def test_a_resume_without_a_checkpoint_says_it_starts_over(tmp_path, caplog):
     assert "resuming from step 3 of 5" in caplog.text and "run again" in caplog.text
 
 
+def test_a_resumed_loop_counts_the_seconds_of_every_run(tmp_path, monkeypatch):
+    """A stage's "seconds" over its "steps" is the time per step even when the stage was interrupted: a
+    resumed run adds its time to the checkpoint's (bench/fit.py and a fit's metrics read the ratio)."""
+    from types import SimpleNamespace
+
+    from pvp.fit import training
+
+    clock = [0.0]
+    monkeypatch.setattr(training, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def one_second_step(i, stop_at=None):
+        if i == stop_at:
+            raise KeyboardInterrupt
+        clock[0] += 1.0
+        return {"loss": float(i)}
+
+    net, checkpoint = torch.nn.Linear(2, 2), tmp_path / "ckpt.pt"
+    with pytest.raises(KeyboardInterrupt):  # checkpointed after step 2, stopped in step 4
+        training.run_steps("prior", 5, lambda i: one_second_step(i, stop_at=3), {"net": net}, checkpoint, 2,
+                           resume=False, progress=False)
+    metrics = training.run_steps("prior", 5, one_second_step, {"net": net}, checkpoint, 2, resume=True,
+                                 progress=False)
+    assert metrics["steps"] == 5 and metrics["seconds"] == 5.0  # 2 s before the checkpoint, steps 3 to 5 now
+
+
 def test_set_overrides_nested_preset_fields():
     from pvp.cli import UserError, _preset_overrides
     from pvp.fit.presets import PRESETS

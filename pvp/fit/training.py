@@ -97,13 +97,14 @@ def run_steps(name: str, steps: int, step_fn: Callable[[int], dict], modules: di
     """Run step_fn(step) for step in [start, steps), checkpointing ``modules`` (objects with state_dict /
     load_state_dict: networks and optimisers) every ``every`` steps and at the end (marked complete).
     ``converged()``, asked on logging steps, ends the run early. Returns the last step's metrics as floats,
-    with "steps": the optimiser steps taken in all, and "seconds": this run's time in its steps (setup apart)."""
-    start = 0
+    with "steps": the optimiser steps taken in all, and "seconds": the time in those steps (setup apart) over every
+    run, a resumed one adding its own to its checkpoint's (steps after that checkpoint are run, and counted, again)."""
+    start, earlier_seconds = 0, 0.0
     state = load_checkpoint(checkpoint) if resume else None
     if state is not None:
         for key, obj in modules.items():
             obj.load_state_dict(state[key])
-        start = int(state["step"])
+        start, earlier_seconds = int(state["step"]), float(state.get("seconds", 0.0))
         log.info("%s: resuming from step %d of %d (%s); steps after it were not checkpointed and run again",
                  name, start, steps, checkpoint)
     elif resume:
@@ -124,7 +125,10 @@ def run_steps(name: str, steps: int, step_fn: Callable[[int], dict], modules: di
                 break
         if checkpoint_due:
             save_checkpoint(checkpoint, {"step": step + 1, "metrics": metrics,
+                                         "seconds": earlier_seconds + time.perf_counter() - t0,
                                          **{k: v.state_dict() for k, v in modules.items()}})
-    metrics = {**read_metrics(metrics), "steps": float(done), "seconds": time.perf_counter() - t0}
-    save_checkpoint(checkpoint, {"step": steps, "metrics": metrics, **{k: v.state_dict() for k, v in modules.items()}})
+    seconds = earlier_seconds + time.perf_counter() - t0
+    metrics = {**read_metrics(metrics), "steps": float(done), "seconds": seconds}
+    save_checkpoint(checkpoint, {"step": steps, "metrics": metrics, "seconds": seconds,
+                                 **{k: v.state_dict() for k, v in modules.items()}})
     return metrics
