@@ -5,8 +5,10 @@ worst-10% PSNR, SSIM, sharpness (render / real), control errors, plus the sharpn
 of recombined training controls, the clamped requests and the fit's time.
 
     python bench/prior.py [--preset tiny] [--clips lp_d3 lp_d12] [--variants base ...] [--set KEY=VALUE ...]
+                          [--resume]
 
-Writes bench/results/prior_<preset>.json after every fit (a rerun skips the rows already there). The clips'
+Writes bench/results/prior_<preset>.json after every fit (a rerun skips the rows already there; with --resume it
+continues a fit a stopped run left, whose row then counts the training loops' seconds over every run). The clips'
 track, aligned frames and pivots are made once per clip and shared by its variants (``--prepare`` makes the
 tracks alone, for bench/prior_gpu.sh). A variant in SHARED_PRIOR starts from another variant's prior stage
 (its fit with the same label and seed, else the same seed) when that fit trained the same prior — its
@@ -168,6 +170,8 @@ def main(argv=None):
                     help="every fit's seed (the clip's pivots stay those of its first fit)")
     ap.add_argument("--out", type=Path, help="results file (default bench/results/prior_<preset>.json)")
     ap.add_argument("--prepare", action="store_true", help="only track the clips (for a machine without MediaPipe)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue a fit an earlier run left unfinished (a fit longer than a session), not start over")
     args = ap.parse_args(argv)
     if args.prepare:
         for clip in args.clips:
@@ -191,7 +195,9 @@ def main(argv=None):
             items = ([] if items is None else TERMS_OFF) + args.set + (items or []) + [i for x in on_preset for i in x]
             fit_args = [a for item in items for a in ("--set", item)]
             out = args.work / args.preset / clip / name
-            shutil.rmtree(out, ignore_errors=True)
+            resumed = args.resume and (out / "work" / "settings.json").is_file()
+            if not resumed:
+                shutil.rmtree(out, ignore_errors=True)
             reused = share_stages(args.work / args.preset / clip / "stages", out / "work")
             shared_prior = None
             if variant in SHARED_PRIOR:
@@ -208,13 +214,19 @@ def main(argv=None):
                     print("; ".join(reasons) + ": training the prior again", flush=True)
             t0 = time.perf_counter()
             run_pvp(["fit", str(video), "-o", str(out), "--preset", args.preset, "--train-frames", train, *fit_args,
-                     "--seed", str(args.seed), *(["--resume"] if reused or shared_prior is not None else [])],
+                     "--seed", str(args.seed),
+                     *(["--resume"] if reused or resumed or shared_prior is not None else [])],
                     "bench/prior.py")
             share_stages(out / "work", args.work / args.preset / clip / "stages")
             fit_seconds = time.perf_counter() - t0
             run_pvp(["eval", str(out), "--video", str(video), "--frames", held_out, "-o", str(out / "eval")],
                     "bench/prior.py")
-            stages = json.loads((out / "work" / "metrics.json").read_text()).get("stage_seconds", {})
+            metrics = json.loads((out / "work" / "metrics.json").read_text())
+            stages = metrics.get("stage_seconds", {})
+            if resumed:  # this run's stage times, but the training loops' over every run
+                stages = {**stages, "prior": round(metrics["prior_training"]["seconds"], 3),
+                          "mappers": round(metrics["mapper_training"]["seconds"], 3)}
+                fit_seconds = sum(stages.values())
             if shared_prior is not None:  # this run's seconds and that prior's, as if it had trained it
                 stages["prior"] = shared_prior
                 fit_seconds += shared_prior
@@ -225,7 +237,8 @@ def main(argv=None):
                              "held_out": held_out, "method": method, **values,
                              **({"fit_seconds": round(fit_seconds, 1), "stage_seconds": stages}
                                 if method == "avatar" else {}),
-                             **({"prior_of": source.parent.name} if shared_prior is not None else {})})
+                             **({"prior_of": source.parent.name} if shared_prior is not None else {}),
+                             **({"resumed": True} if resumed and method == "avatar" else {})})
             write_results(f"prior_{args.preset}", machine(), rows, out_json)
             for part in ("", "within", "beyond"):
                 values = scores["avatar"].get(part, {}) if part else scores["avatar"]
