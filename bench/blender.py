@@ -88,8 +88,8 @@ def main(argv=None):
                  round(statistics.median(handler), 2), "unit": "ms", "target": "a few ms"},
                 {"measure": "main-thread time per frame change (handler), p95", "value":
                  round(handler[int(0.95 * (len(handler) - 1))], 2), "unit": "ms", "target": ""},
-                {"measure": "frame_set + handler + image write, mean", "value": round(elapsed / (2 * args.frames) * 1e3, 2),
-                 "unit": "ms", "target": ""},
+                {"measure": "frame_set + handler + image write, mean",
+                 "value": round(elapsed / (2 * args.frames) * 1e3, 2), "unit": "ms", "target": ""},
                 {"measure": f"filling the cache ({args.frames} frames, server on CPU)", "value": round(fill_s, 1),
                  "unit": "s", "target": ""}]
         assert tuple(image.size) == (args.size, args.size)

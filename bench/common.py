@@ -70,7 +70,8 @@ def device_description(device) -> str:
         return torch.cuda.get_device_name(device)
     from pvp.fit.training import cpu_bfloat16_units
 
-    return (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return (f"CPU {platform.processor() or platform.machine()}, {threads} thread{'s' if threads != 1 else ''}"
             + "".join(f", {name}" for name in cpu_bfloat16_units()))
 
 

@@ -110,7 +110,8 @@ class Preview:
         if self.state == DOWN:
             self._probe(now)
         elif self.in_flight and now - min(t for _, _, t in self.in_flight.values()) > self.client.timeout_s:
-            self.mark_down(f"no reply from {self.client.endpoint} within {self.client.timeout_s:g} s — is pvp serve running?")
+            self.mark_down(f"no reply from {self.client.endpoint} within {self.client.timeout_s:g} s"
+                           " — is pvp serve running?")
         elif not self.in_flight and self.state == WAITING:
             self.state = CONNECTED
         return show

@@ -47,8 +47,8 @@ def cmd_generate(args) -> None:
         G = load_generator(args.checkpoint, device=device)
     else:
         torch.manual_seed(args.random_weights_seed)
-        cfg = GeneratorConfig(resolution=args.resolution, channels=(64,) * (GeneratorConfig(args.resolution).num_blocks),
-                              z_dim=64, w_dim=64, mapping_layers=4)
+        blocks = GeneratorConfig(args.resolution).num_blocks
+        cfg = GeneratorConfig(resolution=args.resolution, channels=(64,) * blocks, z_dim=64, w_dim=64, mapping_layers=4)
         G = Generator(cfg).eval().requires_grad_(False).to(device)
         G.mapping.w_avg.copy_(G.estimate_w_avg())
     z = z_from_seed(args.seed, G.cfg.z_dim).to(device)

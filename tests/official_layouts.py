@@ -175,8 +175,9 @@ def nvlabs_pickle_dict(G: Generator) -> dict:
                           c_dim=0, w_dim=cfg.w_dim, num_ws=cfg.num_ws, num_layers=cfg.mapping_layers, w_avg_beta=0.995)
     init_kwargs = dict(z_dim=cfg.z_dim, c_dim=0, w_dim=cfg.w_dim, img_resolution=cfg.resolution, img_channels=3,
                        mapping_kwargs=dict(num_layers=cfg.mapping_layers),
-                       synthesis_kwargs=dict(channel_base=cfg.channels[-1] * cfg.resolution, channel_max=max(cfg.channels),
-                                             num_fp16_res=cfg.num_fp16_res, conv_clamp=clamp))
+                       synthesis_kwargs=dict(channel_base=cfg.channels[-1] * cfg.resolution,
+                                             channel_max=max(cfg.channels), num_fp16_res=cfg.num_fp16_res,
+                                             conv_clamp=clamp))
     g_ema = _Persistent("Generator", [], [], [("synthesis", synthesis), ("mapping", mapping)], z_dim=cfg.z_dim,
                         c_dim=0, w_dim=cfg.w_dim, img_resolution=cfg.resolution, img_channels=3, num_ws=cfg.num_ws,
                         _init_args=(), _init_kwargs=init_kwargs)

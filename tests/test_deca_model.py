@@ -88,7 +88,8 @@ def test_a_deca_track_trains_with_every_loss_term(d3_track, deca_file, tmp_path)
 
     track_file = tmp_path / "deca_track.safetensors"
     _deca_track(d3_track).save(track_file)
-    preset = PRESETS["tiny"].with_overrides(prior_steps=4, mapper_steps=2, pivots=4, **{"objective.optimize_noise": True})
+    preset = PRESETS["tiny"].with_overrides(prior_steps=4, mapper_steps=2, pivots=4,
+                                            **{"objective.optimize_noise": True})
     with pytest.raises(FitError, match="--deca deca_model.tar"):
         FitJob(FitInputs(track_file, tmp_path / "no_deca", preset, progress=False)).run()
     metrics = FitJob(FitInputs(track_file, tmp_path / "avatar", preset, deca=deca_file[0], progress=False)).run()

@@ -23,7 +23,8 @@ def e4e_file(tmp_path_factory):
 def test_official_layout_loads_and_encodes(e4e_file):
     enc, latent_avg = load_e4e(e4e_file)
     ref = torch.load(e4e_file, weights_only=True)
-    assert torch.equal(enc.body[20].res_layer[5].fc2.weight, ref["state_dict"]["encoder.body.20.res_layer.5.fc2.weight"])
+    state = ref["state_dict"]
+    assert torch.equal(enc.body[20].res_layer[5].fc2.weight, state["encoder.body.20.res_layer.5.fc2.weight"])
     assert torch.equal(latent_avg, ref["latent_avg"])
     with torch.no_grad():
         out = enc(torch.rand(1, 3, 256, 256) * 2 - 1)

@@ -87,7 +87,8 @@ def rosinality_keys(cfg: GeneratorConfig) -> dict[str, str]:
 
 
 def _kernel_keys(cfg: GeneratorConfig) -> list[str]:
-    return [k for i in range(cfg.num_blocks - 1) for k in (f"convs.{2 * i}.conv.blur.kernel", f"to_rgbs.{i}.upsample.kernel")]
+    return [k for i in range(cfg.num_blocks - 1)
+            for k in (f"convs.{2 * i}.conv.blur.kernel", f"to_rgbs.{i}.upsample.kernel")]
 
 
 def _latent_avg(value, w_dim: int, source: str) -> torch.Tensor | None:

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 BACKBONE_FILES = {
-    "vgg": ("vgg16-397923af.pth", "torchvision's VGG16 ImageNet weights (download.pytorch.org/models/vgg16-397923af.pth)"),
+    "vgg": ("vgg16-397923af.pth",
+            "torchvision's VGG16 ImageNet weights (download.pytorch.org/models/vgg16-397923af.pth)"),
     "alex": ("alexnet-owt-7be5be79.pth",
              "torchvision's AlexNet ImageNet weights (download.pytorch.org/models/alexnet-owt-7be5be79.pth)"),
 }

@@ -130,7 +130,8 @@ def write_aligned_frames(track, out_dir, size: int = 512, progress: bool = True)
     transforms = {str(int(i)): (unit_transform(track.align_quad[k:k + 1])[0] * size).tolist()
                   for k, i in enumerate(track.frame_index) if track.valid[k]}
     written = 0
-    todo = [int(i) for k, i in enumerate(track.frame_index) if track.valid[k] and not (out / f"frame_{int(i):06d}.png").exists()]
+    todo = [int(i) for k, i in enumerate(track.frame_index)
+            if track.valid[k] and not (out / f"frame_{int(i):06d}.png").exists()]
     if todo:
         for i, img, _ in tqdm(aligned_frames(track, size), total=int(track.valid.sum()), unit="frame",
                               desc=f"align {size}px", disable=not progress):

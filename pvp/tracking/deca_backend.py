@@ -33,7 +33,8 @@ def load_deca(device):
     except ImportError as e:
         raise DecaUnavailable(f"the DECA backend needs the 'decalib' package ({e}); {INSTALL_HINT}") from None
     needed = {"DECA model (cfg.pretrained_modelpath)": getattr(cfg, "pretrained_modelpath", None),
-              "FLAME model (cfg.model.flame_model_path)": getattr(getattr(cfg, "model", None), "flame_model_path", None)}
+              "FLAME model (cfg.model.flame_model_path)":
+                  getattr(getattr(cfg, "model", None), "flame_model_path", None)}
     for what, path in needed.items():
         if not path or not Path(path).is_file():
             raise DecaUnavailable(f"the DECA backend needs the {what}: {path or 'not set'} is missing; {INSTALL_HINT}")

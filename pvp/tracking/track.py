@@ -44,7 +44,8 @@ class Track:
     expression: np.ndarray  # [N, K] unit-variance coefficients in the face model's expression space
     translation: np.ndarray  # [N, 3] pixels
     scale: np.ndarray  # [N] pixels per canonical unit (interocular distance)
-    align_quad: np.ndarray  # [N, 4, 2] FFHQ crop quad (smoothed) in pixels: top-left, bottom-left, bottom-right, top-right
+    # [N, 4, 2] FFHQ crop quad (smoothed) in pixels: top-left, bottom-left, bottom-right, top-right
+    align_quad: np.ndarray
     face_model: FaceModel | None = None
     events: list[dict] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
