@@ -65,6 +65,8 @@ def test_eval_writes_csv_summary_and_report(fitted, real_data, tmp_path):
         assert summary["methods"][method]["sharpness"] == pytest.approx(np.mean(sharp), rel=1e-4)
     assert summary["sharpness"]["per_slider"].keys() >= {"head_yaw", "head_pitch", "jaw_open", "exp_00"}
     assert 0 < summary["sharpness"]["recombined"] and summary["clamped"]["of"] == 20
+    assert summary["sharpness"]["region"] == "face"  # --mask face: the probes' sharpness inside the face too
+    assert "sharpness inside the face / real training frames" in r.stdout
     for method in ("avatar", "nearest_pivot", "nearest_frame"):  # the summary holds the medians of the CSV's rows
         for name in ("yaw_err", "pitch_err"):
             column = [float(x[name]) for x in methods[method]]
@@ -182,6 +184,24 @@ def test_sharpness_falls_with_blur():
     blurred = cv2.GaussianBlur(sharp, (0, 0), 2.0)
     a, b = sharpness(np.stack([sharp, blurred]))
     assert b < 0.5 * a
+
+
+def test_sharpness_inside_a_mask_sees_only_the_mask():
+    """`pvp eval --mask face` measures sharpness inside the face as it does PSNR: a render as sharp as the real
+    frame on the face but blurred around it (hair, background) is as sharp there."""
+    import cv2
+
+    from pvp.evaluation.evaluate import sharpness
+
+    rng = np.random.default_rng(0)
+    real = cv2.resize((rng.random((32, 32, 3)) * 255).astype(np.uint8), (128, 128), interpolation=cv2.INTER_CUBIC)
+    face = np.zeros((128, 128), bool)
+    face[32:96, 32:96] = True
+    render = cv2.GaussianBlur(real, (0, 0), 2.0)
+    render[28:100, 28:100] = real[28:100, 28:100]  # a margin: the Laplacian inside the face sees no blur
+    whole, inside = sharpness(render[None]) / sharpness(real[None]), sharpness(render[None], face) / sharpness(
+        real[None], face[None])
+    assert whole < 0.7 and inside == pytest.approx(1.0)
 
 
 def test_clamped_requests_and_probes_of_the_learned_ranges():

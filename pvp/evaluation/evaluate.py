@@ -1,8 +1,8 @@
 """`pvp eval`: how faithful an avatar is on frames of a video, the paper's way (section 5.1-5.2).
 
 Renders the avatar at each evaluation frame's tracked controls and compares with the frame's aligned
-crop: PSNR, SSIM, LPIPS (when the backbone weights are given), optionally inside the face mask; re-tracks
-the renders to measure control accuracy (yaw/pitch/jaw error in degrees, expression error in sd) and
+crop: PSNR, SSIM, LPIPS (when the backbone weights are given) and sharpness, optionally inside the face mask;
+re-tracks the renders to measure control accuracy (yaw/pitch/jaw error in degrees, expression error in sd) and
 disentanglement (how far the re-tracked head pose moves when only jaw and expression change: each frame
 rendered again with the jaw and expression of a training frame).
 Three baselines go through the same measures: the nearest pivot (the training pivot closest in pose and
@@ -113,11 +113,16 @@ def worst_share_mean(values: np.ndarray, share: float = 0.1) -> float:
     return float(ordered[:max(1, int(np.ceil(share * len(ordered))))].mean())
 
 
-def sharpness(images: np.ndarray) -> np.ndarray:
-    """Variance of the Laplacian of each image's grey levels ([N, R, R, 3] uint8 -> [N]); only ratios of
-    images of one size mean something."""
+def sharpness(images: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
+    """Variance of the Laplacian of each image's grey levels ([N, R, R, 3] uint8 -> [N]), over the pixels of
+    ``masks`` when given ([N, R, R] or one [R, R] for all, bool); only ratios of images of one size mean
+    something."""
     grey = [cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float64) / 255.0 for img in images]
-    return np.array([cv2.Laplacian(g, cv2.CV_64F, ksize=3).var() for g in grey])
+    laplacians = [cv2.Laplacian(g, cv2.CV_64F, ksize=3) for g in grey]
+    if masks is None:
+        return np.array([lap.var() for lap in laplacians])
+    masks = np.broadcast_to(masks, (len(laplacians), *images.shape[1:3]))
+    return np.array([lap[m].var() for lap, m in zip(laplacians, masks)])
 
 
 def range_excess(ctrl: np.ndarray, schema: dict) -> np.ndarray:
@@ -159,16 +164,20 @@ def recombined_controls(train: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     return ctrl
 
 
-def sharpness_probes(avatar: Avatar, train: FrameSet) -> tuple[dict, np.ndarray]:
+def sharpness_probes(avatar: Avatar, train: FrameSet, face_only: bool = False) -> tuple[dict, np.ndarray]:
     """(sharpness ratios against the real training frames' mean: per swept slider, and for recombined
-    training controls; the recombined renders)."""
-    reference = float(sharpness(train.images).mean())
+    training controls; the recombined renders). ``face_only``: over the pixels that most training frames' face
+    masks cover (the renders have no landmarks of their own; the aligned crops keep the face in place)."""
+    region = (train.masks.mean(0) >= 0.5) if face_only else None
+    reference = float(sharpness(train.images, region).mean())
     names, sweeps = slider_sweeps(avatar.meta.schema, np.median(train.controls, 0))
-    swept = sharpness(_render(avatar, sweeps.reshape(-1, sweeps.shape[-1]))).reshape(len(names), -1) / reference
+    swept = sharpness(_render(avatar, sweeps.reshape(-1, sweeps.shape[-1])), region).reshape(len(names), -1)
+    swept /= reference
     samples = _render(avatar, recombined_controls(train.controls, 16))
     per_slider = {name: round(float(v), 3) for name, v in zip(names, swept.mean(1))}
     worst = min(per_slider, key=per_slider.get)
-    probes = {"real_training_frames": reference, "recombined": float(sharpness(samples).mean() / reference),
+    probes = {"region": "face" if face_only else "crop", "real_training_frames": reference,
+              "recombined": float(sharpness(samples, region).mean() / reference),
               "slider_sweeps": float(swept.mean()), "worst_slider": [worst, per_slider[worst]],
               "per_slider": per_slider}
     return probes, samples
@@ -287,7 +296,7 @@ def evaluate(avatar_dir, video, frames: str | None = None, mask: str | None = No
     train_f, eval_f = _features(tr_set, ev_set.controls, k)
     nearest_frame = np.argmin(((eval_f[:, None] - train_f[None]) ** 2).sum(-1), 1)
     result.renders["avatar"] = _render(avatar, ev_set.controls)
-    result.probes, result.samples = sharpness_probes(avatar, tr_set)
+    result.probes, result.samples = sharpness_probes(avatar, tr_set, face_only=mask == "face")
     excess = range_excess(ev_set.controls, avatar.meta.schema)
     result.clamped, result.beyond_range = clamped_requests(excess, avatar.meta.schema), (excess > 0).any(1)
     result.renders["nearest_frame"] = tr_set.images[nearest_frame]
@@ -309,14 +318,15 @@ def evaluate(avatar_dir, video, frames: str | None = None, mask: str | None = No
         tracker = DifferentiableTracker(avatar.face_model)
         result.retracked["ground_truth"] = _retrack(tracker, ev_set.images)
     gt = to_tensor(ev_set.images)
-    real_sharpness = sharpness(ev_set.images)
-    m = torch.from_numpy(ev_set.masks[:, None].astype(np.float32)) if mask == "face" else None
+    face = ev_set.masks if mask == "face" else None
+    real_sharpness = sharpness(ev_set.images, face)
+    m = torch.from_numpy(face[:, None].astype(np.float32)) if face is not None else None
     for method in METHODS:
         if method not in result.renders:
             continue
         img = to_tensor(result.renders[method])
         row = {"psnr": psnr(img, gt, m).numpy(), "ssim": ssim(img, gt, m).numpy(),
-               "sharpness": sharpness(result.renders[method]) / real_sharpness}
+               "sharpness": sharpness(result.renders[method], face) / real_sharpness}
         if lpips_net is not None:
             with torch.no_grad():
                 a, b = (img * m, gt * m) if m is not None else (img, gt)

@@ -125,13 +125,18 @@ def table_html(summary: dict) -> str:
     return f"<table><tr><th>method</th>{head}</tr>{''.join(rows)}</table>"
 
 
+def where_measured(probes: dict) -> str:
+    """' inside the face' when the sharpness probes were measured there (`pvp eval --mask face`)."""
+    return " inside the face" if probes.get("region") == "face" else ""
+
+
 def probes_html(summary: dict) -> str:
     """Sharpness away from the evaluated frames, and the requests the renderer clamped."""
     p, c = summary["sharpness"], summary["clamped"]
     sliders = ", ".join(f"{html.escape(k)} {v:.2f}" for k, v in p["per_slider"].items())
     excess = ", ".join(f"{html.escape(k)} by up to {v:g}" for k, v in c["max_excess"].items()) or "none"
-    return (f"<p>Sharpness against the real training frames' (1: as sharp): recombined training controls "
-            f"{p['recombined']:.2f}; each slider swept alone over its range {p['slider_sweeps']:.2f} "
+    return (f"<p>Sharpness{where_measured(p)} against the real training frames' (1: as sharp): recombined "
+            f"training controls {p['recombined']:.2f}; each slider swept alone over its range {p['slider_sweeps']:.2f} "
             f"(worst: {html.escape(p['worst_slider'][0])} {p['worst_slider'][1]:.2f}; {sliders}).</p>"
             f"<p>Requests beyond the learned ranges (clamped by the renderer): {c['frames']} of {c['of']} "
             f"frames; {excess}.</p>")
@@ -181,8 +186,8 @@ def console_lines(summary: dict) -> list[str]:
                         for (k, _, fmt), w in zip(present, widths))
         lines.append(f"{LABELS.get(method, method):<{label}}{cells}")
     p, c = summary["sharpness"], summary["clamped"]
-    lines.append(f"sharpness / real training frames: recombined controls {p['recombined']:.2f}, slider sweeps "
-                 f"{p['slider_sweeps']:.2f} (worst {p['worst_slider'][0]} {p['worst_slider'][1]:.2f})")
+    lines.append(f"sharpness{where_measured(p)} / real training frames: recombined controls {p['recombined']:.2f}, "
+                 f"slider sweeps {p['slider_sweeps']:.2f} (worst {p['worst_slider'][0]} {p['worst_slider'][1]:.2f})")
     lines.append(f"clamped requests: {c['frames']} of {c['of']} frames"
                  + "".join(f", {k} by up to {v:g}" for k, v in c["max_excess"].items()))
     table = range_table(summary)
