@@ -8,12 +8,14 @@ of recombined training controls, the clamped requests and the fit's time.
                           [--resume]
 
 Writes bench/results/prior_<preset>.json after every fit (a rerun skips the rows already there; with --resume it
-continues a fit a stopped run left, whose row then counts the training loops' seconds over every run). The clips'
-track, aligned frames and pivots are made once per clip and shared by its variants (``--prepare`` makes the
-tracks alone, for bench/prior_gpu.sh). A variant in SHARED_PRIOR starts from another variant's prior stage
-(its fit with the same label and seed, else the same seed) when that fit trained the same prior — its
-generator and latents, or its prior checkpoint where the generator trained on with the mappers (the row says
-so, with that prior's seconds): variants that differ only in the mapper stage then cost a mapper stage each.
+continues a fit a stopped run left, whose row is marked "resumed": its prior and mapper stages' seconds are their
+training loops' over every run, without the stages' set-up and the process's start, and the other stages' this
+run's; a variant in SHARED_PRIOR starts over). The clips' track, aligned frames and pivots are made once per clip
+and shared by its variants (``--prepare`` makes the tracks alone, for bench/prior_gpu.sh). A variant in SHARED_PRIOR
+starts from another variant's prior stage (its fit with the same label and seed, else the same seed) when that fit
+trained the same prior — its generator and latents, or its prior checkpoint where the generator trained on with the
+mappers (the row says so, with that prior's seconds): variants that differ only in the mapper stage then cost a
+mapper stage each.
 """
 from __future__ import annotations
 
@@ -171,7 +173,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, help="results file (default bench/results/prior_<preset>.json)")
     ap.add_argument("--prepare", action="store_true", help="only track the clips (for a machine without MediaPipe)")
     ap.add_argument("--resume", action="store_true",
-                    help="continue a fit an earlier run left unfinished (a fit longer than a session), not start over")
+                    help="continue a fit an earlier run left unfinished (a fit longer than a session), not start "
+                         "over; not the variants that share a prior")
     args = ap.parse_args(argv)
     if args.prepare:
         for clip in args.clips:
@@ -195,7 +198,9 @@ def main(argv=None):
             items = ([] if items is None else TERMS_OFF) + args.set + (items or []) + [i for x in on_preset for i in x]
             fit_args = [a for item in items for a in ("--set", item)]
             out = args.work / args.preset / clip / name
-            resumed = args.resume and (out / "work" / "settings.json").is_file()
+            # a variant that shares another fit's prior starts over: its mapper stage is short, and sharing
+            # again would copy that prior over what the stopped run left
+            resumed = args.resume and variant not in SHARED_PRIOR and (out / "work" / "settings.json").is_file()
             if not resumed:
                 shutil.rmtree(out, ignore_errors=True)
             reused = share_stages(args.work / args.preset / clip / "stages", out / "work")

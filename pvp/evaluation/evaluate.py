@@ -121,7 +121,7 @@ def sharpness(images: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray
     laplacians = [cv2.Laplacian(g, cv2.CV_64F, ksize=3) for g in grey]
     if masks is None:
         return np.array([lap.var() for lap in laplacians])
-    masks = np.broadcast_to(masks, (len(laplacians), *images.shape[1:3]))
+    masks = np.broadcast_to(np.asarray(masks, bool), (len(laplacians), *images.shape[1:3]))
     return np.array([lap[m].var() for lap, m in zip(laplacians, masks)])
 
 

@@ -104,7 +104,9 @@ def run_steps(name: str, steps: int, step_fn: Callable[[int], dict], modules: di
     if state is not None:
         for key, obj in modules.items():
             obj.load_state_dict(state[key])
-        start, earlier_seconds = int(state["step"]), float(state.get("seconds", 0.0))
+        # a checkpoint written before checkpoints carried "seconds": a finished loop's metrics have its last run's
+        earlier_seconds = float(state.get("seconds", state.get("metrics", {}).get("seconds", 0.0)))
+        start = int(state["step"])
         log.info("%s: resuming from step %d of %d (%s); steps after it were not checkpointed and run again",
                  name, start, steps, checkpoint)
     elif resume:
