@@ -267,6 +267,19 @@ def test_a_resumed_loop_counts_the_seconds_of_every_run(tmp_path, monkeypatch):
     assert metrics["steps"] == 5 and metrics["seconds"] == 5.0  # 2 s before the checkpoint, steps 3 to 5 now
 
 
+def test_a_loop_that_converged_early_says_so_when_resumed(tmp_path):
+    """Resuming a finished loop that stopped at its convergence test (pivotal tuning's LPIPS threshold) reports
+    the steps it took, not its length: a fit's metrics and bench/fit.py's time per step read them."""
+    from pvp.fit.training import run_steps
+
+    net, checkpoint = torch.nn.Linear(2, 2), tmp_path / "ckpt.pt"
+    first = run_steps("tuning", 100, lambda i: {"loss": float(i)}, {"net": net}, checkpoint, 50, resume=False,
+                      progress=False, converged=lambda: True)
+    again = run_steps("tuning", 100, lambda i: {"loss": float(i)}, {"net": net}, checkpoint, 50, resume=True,
+                      progress=False, converged=lambda: True)
+    assert first["steps"] == again["steps"] == 1
+
+
 def test_set_overrides_nested_preset_fields():
     from pvp.cli import UserError, _preset_overrides
     from pvp.fit.presets import PRESETS

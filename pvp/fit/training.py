@@ -113,7 +113,8 @@ def run_steps(name: str, steps: int, step_fn: Callable[[int], dict], modules: di
         log.warning("%s: no checkpoint at %s (the last run stopped before step %d): starting from step 0", name,
                     checkpoint, min(every, steps))
     metrics: dict = dict(state.get("metrics", {})) if state else {}
-    done, t0 = start, time.perf_counter()
+    # a finished loop's checkpoint says "step": steps, its metrics the steps it took (fewer where it converged)
+    done, t0 = min(start, int(metrics.get("steps", start))), time.perf_counter()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=name, unit="step", disable=not progress)
     for step in bar:
         metrics = step_fn(step)
