@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import RESULTS, held_out_split, print_table, run_pvp, write_results  # noqa: E402
+from bench.common import RESULTS, evaluate, held_out_split, print_table, rounded, run_pvp, write_results  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
 # variant -> (what it switches, `pvp fit` arguments): each choice where the CPU presets and the authors'
@@ -113,9 +113,8 @@ def main(argv=None):
             run(["fit", str(video), "-o", str(out), "--preset", args.preset, "--train-frames", train, "--resume",
                  *common, *fit_args])
             seconds = time.perf_counter() - t0
-            run(["eval", str(out), "--video", str(video), "--frames", held_out, "-o", str(out / "eval")])
-            summary = json.loads((out / "eval" / "summary.json").read_text())["methods"]["avatar"]
-            scores = {c: round(summary[c], 3) for c in COLUMNS if c in summary}
+            summary = evaluate(out, video, held_out, out / "eval", "bench/ablation.py")
+            scores = rounded(summary["methods"]["avatar"], COLUMNS)
             rows.append({"clip": clip, "variant": variant, "changes": description, "held_out": held_out,
                          "mapper_seconds": round(seconds, 1), **scores})
             write_results(f"ablation_{args.preset}", "CPU", rows, out_json)

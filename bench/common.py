@@ -22,6 +22,17 @@ def run_pvp(cmd: list[str], bench: str) -> None:
         sys.exit(f"{bench}: pvp {cmd[0]} failed:\n{r.stderr[-3000:]}")
 
 
+def evaluate(avatar: Path, video: Path, frames: str, out: Path, bench: str, *options: str) -> dict:
+    """`pvp eval` of ``avatar`` on ``frames`` of ``video`` (with ``options``), written to ``out``: its summary."""
+    run_pvp(["eval", str(avatar), "--video", str(video), "--frames", frames, *options, "-o", str(out)], bench)
+    return json.loads((out / "summary.json").read_text())
+
+
+def rounded(values: dict, columns) -> dict:
+    """Those of ``columns`` that ``values`` has, to three decimals."""
+    return {c: round(values[c], 3) for c in columns if c in values}
+
+
 def held_out_split(video: Path) -> tuple[str, str]:
     """The clip's first 80% of frames to train on, the last 20% held out, as `pvp` frame ranges."""
     import cv2

@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import RESULTS, fitted_avatar_args, held_out_split, print_table, run_pvp, write_results  # noqa: E402
+from bench.common import RESULTS, evaluate, fitted_avatar_args, held_out_split, print_table, write_results  # noqa: E402
 from bench.prior import COLUMNS, DATA, machine, score  # noqa: E402
 
 
@@ -31,10 +31,9 @@ def main(argv=None):
         _, held_out = held_out_split(video)
         fit = args.work / args.preset / clip / args.variant
         summary = fit / "eval_face" / "summary.json"
-        if not summary.is_file():
-            run_pvp(["eval", str(fit), "--video", str(video), "--frames", held_out, "--mask", "face",
-                     "-o", str(fit / "eval_face")], "bench/face.py")
-        for method, values in score(json.loads(summary.read_text())).items():
+        summary = (json.loads(summary.read_text()) if summary.is_file()
+                   else evaluate(fit, video, held_out, fit / "eval_face", "bench/face.py", "--mask", "face"))
+        for method, values in score(summary).items():
             rows.append({"clip": clip, "variant": args.variant, "held_out": held_out, "mask": "face",
                          "method": method, **values})
         write_results(f"face_{args.preset}", machine(), rows, out_json)

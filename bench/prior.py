@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import RESULTS, held_out_split, print_table, run_pvp, write_results  # noqa: E402
+from bench.common import RESULTS, evaluate, held_out_split, print_table, rounded, run_pvp, write_results  # noqa: E402
 
 DATA = Path("tests") / "data"  # relative to the repository (pvp runs there): a track made here reads its video there
 # variant -> (what it changes, `--set` items). Each is measured against the preset before this issue's terms:
@@ -144,15 +144,12 @@ def machine() -> str:
 def score(summary: dict) -> dict:
     """One row per method of a `pvp eval` summary.json, with the avatar's probes and clamped requests, and the
     same figures over the frames requested within the learned ranges and beyond them ('within', 'beyond')."""
-    def figures(values: dict) -> dict:
-        return {c: round(values[c], 3) for c in COLUMNS if c in values}
-
     rows = {}
     for method in METHODS:
-        rows[method] = figures(summary["methods"].get(method, {}))
+        rows[method] = rounded(summary["methods"].get(method, {}), COLUMNS)
         for part, split in summary.get("by_range", {}).items():
             if method in split["methods"]:
-                rows[method][part] = {"frames": split["frames"], **figures(split["methods"][method])}
+                rows[method][part] = {"frames": split["frames"], **rounded(split["methods"][method], COLUMNS)}
     probes = summary["sharpness"]
     rows["avatar"].update(sharpness_sweeps=round(probes["slider_sweeps"], 3),
                           sharpness_recombined=round(probes["recombined"], 3), worst_slider=probes["worst_slider"],
@@ -224,8 +221,7 @@ def main(argv=None):
                     "bench/prior.py")
             share_stages(out / "work", args.work / args.preset / clip / "stages")
             fit_seconds = time.perf_counter() - t0
-            run_pvp(["eval", str(out), "--video", str(video), "--frames", held_out, "-o", str(out / "eval")],
-                    "bench/prior.py")
+            summary = evaluate(out, video, held_out, out / "eval", "bench/prior.py")
             metrics = json.loads((out / "work" / "metrics.json").read_text())
             stages = metrics.get("stage_seconds", {})
             if resumed:  # this run's stage times, but the training loops' over every run
@@ -235,7 +231,7 @@ def main(argv=None):
             if shared_prior is not None:  # this run's seconds and that prior's, as if it had trained it
                 stages["prior"] = shared_prior
                 fit_seconds += shared_prior
-            scores = score(json.loads((out / "eval" / "summary.json").read_text()))
+            scores = score(summary)
             for method, values in scores.items():
                 rows.append({"clip": clip, "variant": name, "changes": description, "settings": args.set,
                              **({"seed": args.seed} if args.seed else {}),

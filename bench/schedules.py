@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import held_out_split, print_table, run_pvp, write_results  # noqa: E402
+from bench.common import evaluate, held_out_split, print_table, rounded, write_results  # noqa: E402
 from pvp.fit.presets import PRESETS, apply_settings  # noqa: E402
 
 SCALED = ("invert_w_steps", "invert_wplus_steps", "pti_steps_per_pivot", "mapper_steps")
@@ -36,11 +36,9 @@ def scaled(name: str, scale: float, overrides: list[str]):
     return apply_settings(preset, items), [a for item in items for a in ("--set", item)]
 
 
-def evaluate(avatar: Path, video: Path, frames: str, name: str) -> dict:
-    run_pvp(["eval", str(avatar), "--video", str(video), "--frames", frames, "-o", str(avatar / name)],
-            "bench/schedules.py")
-    summary = json.loads((avatar / name / "summary.json").read_text())["methods"]["avatar"]
-    return {c: round(summary[c], 3) for c in EVAL_COLUMNS if c in summary}
+def scores(avatar: Path, video: Path, frames: str, name: str) -> dict:
+    summary = evaluate(avatar, video, frames, avatar / name, "bench/schedules.py")
+    return rounded(summary["methods"]["avatar"], EVAL_COLUMNS)
 
 
 def main(argv=None):
@@ -91,8 +89,8 @@ def main(argv=None):
                "pivot_psnr": round(metrics["pivot_psnr_mean"], 2),
                "pivot_perceptual": round(metrics["pivot_perceptual_mean"], 4),
                "mapper_loss_last": round(metrics["mapper_training"]["loss"], 4),
-               **{f"train_{k}": v for k, v in evaluate(out, args.video, train, "eval_train").items()},
-               **{f"held_{k}": v for k, v in evaluate(out, args.video, held_out, "eval_held_out").items()},
+               **{f"train_{k}": v for k, v in scores(out, args.video, train, "eval_train").items()},
+               **{f"held_{k}": v for k, v in scores(out, args.video, held_out, "eval_held_out").items()},
                "prior_s": round(stages.get("prior", 0), 1), "mappers_s": round(stages.get("mappers", 0), 1),
                "fit_s": round(sum(stages.values()), 1)}
         rows.append(row)
