@@ -176,28 +176,31 @@ CPU_MAPPERS = dict(standardize_mapper_inputs=True, objective=CPU_OBJECTIVE,
 # the pitch 0.4 degrees worse; the pitch most likely from the prior's term (not the bfloat16 renders, nor the
 # generator trained with the mappers, on two seeds), the jaw not isolated. Without the prior's term lp_d12 keeps
 # its detail and a lower pitch error, but lp_d3 loses 0.2 dB: the term stays.
-# Not measured at small's size. 6000 prior steps: with bfloat16 renders (training.render_dtype, 'auto' in tiny
-# only) the whole fit is still shorter than the float32 fit with 4000 (14.8 against 17.2 min estimated, alone on
-# 2 cores): held-out 0.80 / 0.54, +0.06 / +0.10 dB. A CPU without native bfloat16 runs it in float32, about
-# 20.6 min (over issue 20's 20; `--set prior_steps=4000` keeps under). 8000 leaves no margin even in bfloat16.
+# small takes the same terms, bfloat16 renders and expression variance: the settings measured at its size (its avatars
+# on both clips; no fit of small without them). 6000 prior steps in tiny: with bfloat16 renders (training.render_dtype,
+# 'auto' in the CPU presets) the whole fit is still shorter than the float32 fit with 4000 (14.8 against 17.2 min
+# estimated, alone on 2 cores): held-out 0.80 / 0.54, +0.06 / +0.10 dB. A CPU without native bfloat16 runs it in
+# float32, about 20.6 min (over issue 20's 20; `--set prior_steps=4000` keeps under). 8000 leaves no margin even in
+# bfloat16.
 SHARP_DETAIL = dict(prior_detail_energy=0.5, mapper_generator_lr=2e-4,
                     objective=replace(CPU_OBJECTIVE, detail_energy=5.0))
+# The CPU presets' controls keep the expression coefficients holding 99.5% of the landmark variance, not 98% (28 and
+# 19 of them on the two shared clips, not 15 and 10): what the controls carry limits the held-out PSNR
+# (bench/RESULTS.md, "What the generator could show"). tiny: lp_d12 +0.43 dB on three seeds' mean (every seed),
+# sharper, pitch error and expression-only shifts lower; lp_d3 -0.12 dB on two seeds, its jaw error over all frames
+# 0.2-0.35 degrees worse (within the learned ranges lower).
+CPU_PRIOR = dict(prior_precision="auto", mapper_precision="auto", expression_variance=0.995,
+                 **{**CPU_MAPPERS, **SHARP_DETAIL})
 
 PRESETS = {
-    # tiny's controls keep the expression coefficients holding 99.5% of the landmark variance, not 98% (28 and 19 of
-    # them on the two shared clips, not 15 and 10): what the controls carry limits the held-out PSNR (bench/RESULTS.md,
-    # "What the generator could show"). lp_d12 +0.43 dB on three seeds' mean (every seed), sharper, pitch error and
-    # expression-only shifts lower; lp_d3 -0.12 dB on two seeds, its jaw error over all frames 0.2-0.35 degrees
-    # worse (within the learned ranges lower).
     "tiny": Preset("tiny", resolution=64, pivots=32, perceptual="msssim", needs_prior=False,
                    channels=(128, 128, 128, 64, 32), w_dim=128, mapping_layers=2, prior_steps=6000, prior_batch=8,
                    pti_steps_per_pivot=10, mapper_steps=1500, mapper_batch=8, checkpoint_every=250,
-                   prior_precision="auto", mapper_precision="auto", expression_variance=0.995,
-                   **{**CPU_MAPPERS, **SHARP_DETAIL}),
+                   **CPU_PRIOR),
     "small": Preset("small", resolution=128, pivots=64, perceptual="msssim", needs_prior=False,
                     channels=(256, 256, 256, 128, 64, 32), w_dim=256, mapping_layers=2, prior_steps=20000,
                     prior_batch=8, pti_steps_per_pivot=50, mapper_steps=10000, mapper_batch=8, checkpoint_every=500,
-                    **CPU_MAPPERS),
+                    **CPU_PRIOR),
     # the authors' schedule step for step: 70,000 tuning steps and 50,000 mapper steps at batch 1
     "paper-exact": Preset("paper-exact", resolution=1024, pivots=200, perceptual="lpips-vgg", needs_prior=True),
 }
