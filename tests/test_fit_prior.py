@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -170,7 +171,8 @@ def test_a_fit_started_before_a_preset_field_existed_resumes_with_its_default():
     adversarial term: off), nested ones too; a resume names the preset fields given differently."""
     from pvp.fit.pipeline import settings_changes
 
-    current = {"source": "clip.mp4", "seed": 0, "preset": PRESETS["paper"].to_json()}  # float32, the old default
+    float32 = replace(PRESETS["small"], prior_precision="float32", mapper_precision="float32")  # the old default
+    current = {"source": "clip.mp4", "seed": 0, "preset": float32.to_json()}
     objective_before = {k: v for k, v in current["preset"]["objective"].items() if not k.startswith("adversarial")}
     written_before = {**current, "preset": {**{k: v for k, v in current["preset"].items() if "precision" not in k},
                                             "objective": objective_before}}

@@ -19,10 +19,10 @@ and beyond them; with a personal prior learned from one short video (no FFHQ to 
 where new performances land: poses between the frames', expressions at the edge of the learned range
 (which the renderer clamps to) that must not tilt the head.
 
-Another, on in ``tiny`` only (weight 5): fine-detail energy (``pvp.models.losses.detail_energy_l1``) of I' and of I^e
-against the frame. L2 and the perceptual term settle for blur wherever detail cannot be placed exactly; a
-prior trained with that term loses its detail again when the generator trains on with the mappers unless
-their objective asks for it too (bench/RESULTS.md, issue 20).
+Another, on in the CPU presets ``tiny`` and ``small`` (weight 5): fine-detail energy
+(``pvp.models.losses.detail_energy_l1``) of I' and of I^e against the frame. L2 and the perceptual term settle
+for blur wherever detail cannot be placed exactly; a prior trained with that term loses its detail again when the
+generator trains on with the mappers unless their objective asks for it too (bench/RESULTS.md, issue 20).
 
 And one off in every preset: adversarial. A small discriminator (``pvp.models.discriminator``, differentiable
 augmentation, R1), trained beside the mappers on the training frames against I^e (and I^p where the novel-pose
