@@ -30,8 +30,8 @@ def main(argv=None):
         video = DATA / f"{clip}.mp4"
         _, held_out = held_out_split(video)
         fit = args.work / args.preset / clip / args.variant
-        summary = fit / "eval_face" / "summary.json"
-        summary = (json.loads(summary.read_text()) if summary.is_file()
+        earlier = fit / "eval_face" / "summary.json"
+        summary = (json.loads(earlier.read_text()) if earlier.is_file()
                    else evaluate(fit, video, held_out, fit / "eval_face", "bench/face.py", "--mask", "face"))
         for method, values in score(summary).items():
             rows.append({"clip": clip, "variant": args.variant, "held_out": held_out, "mask": "face",
