@@ -65,7 +65,7 @@ def cmd_track(args) -> None:
     from pvp.tracking.tracker import TrackSettings, track_video
 
     settings = TrackSettings(start=args.start, end=args.end, stride=args.stride, sigma_centre=args.sigma_centre,
-                             sigma_axes=args.sigma_axes)
+                             sigma_axes=args.sigma_axes, crop_scale=args.crop_scale)
     face_model = Track.load(args.expression_space).face_model if args.expression_space else None
     if args.backend == "deca":
         from pvp.tracking.deca_backend import track_video_deca
@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--size", type=int, default=512, choices=(256, 512, 1024), help="aligned frame size")
     t.add_argument("--sigma-centre", type=float, default=1.0, help="temporal smoothing of the crop centre (frames)")
     t.add_argument("--sigma-axes", type=float, default=3.0, help="temporal smoothing of the crop axes (frames)")
+    t.add_argument("--crop-scale", choices=("head", "ffhq"), default="head",
+                   help="the crop's size: the head's rigid scale (an opening mouth does not zoom) or FFHQ's per-frame "
+                        "recipe (default head)")
     t.add_argument("--device", default="auto", help="DECA backend only")
     t.set_defaults(func=cmd_track)
 

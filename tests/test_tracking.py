@@ -5,7 +5,17 @@ import numpy as np
 import pytest
 
 from pvp.tracking import topology as topo
-from pvp.tracking.align import apply_affine, crop, ffhq_quad_params, quad_from_params, unit_transform
+from pvp.tracking.align import (
+    EYE_SPAN,
+    MOUTH_SPAN,
+    apply_affine,
+    crop,
+    ffhq_anchors,
+    ffhq_quad_params,
+    neutral_crop_ratio,
+    quad_from_params,
+    unit_transform,
+)
 from pvp.tracking.track import Track, TrackError
 from pvp.tracking.tracker import NoFaceError, TrackSettings, controls_from_landmarks, track_video
 from pvp.video import VideoError
@@ -92,15 +102,59 @@ def _eye_centres(lm2d):
     return lm2d[:, list(topo.RIGHT_EYE)].mean(1), lm2d[:, list(topo.LEFT_EYE)].mean(1)
 
 
-def test_aligned_eyes_stay_near_their_ffhq_positions(d3_track, d12_track):
-    for track in (d3_track, d12_track):
-        lm = track.landmarks_2d[track.valid].astype(np.float64)
-        smoothed = unit_transform(track.align_quad[track.valid])
-        recipe = unit_transform(quad_from_params(*ffhq_quad_params(lm)))
-        for eye in _eye_centres(lm):
-            got = apply_affine(smoothed, eye[:, None])[:, 0]
-            want = apply_affine(recipe, eye[:, None])[:, 0]
-            assert np.abs(got - want).max() <= 0.02  # of the aligned image's width
+@pytest.fixture(scope="module")
+def ffhq_sized_tracks(real_data):
+    """The two clips tracked with FFHQ's per-frame crop size (the tracker's ``crop_scale="ffhq"``)."""
+    return [track_video(real_data / f"{clip}.mp4", TrackSettings(crop_scale="ffhq"), progress=False)
+            for clip in ("lp_d3", "lp_d12")]
+
+
+def _eye_offsets(track, frames):
+    """Per eye, how far (in crop widths) the track's smoothed crop puts it from FFHQ's per-frame recipe."""
+    lm = track.landmarks_2d[track.valid].astype(np.float64)
+    smoothed = unit_transform(track.align_quad[track.valid])
+    recipe = unit_transform(quad_from_params(*ffhq_quad_params(lm)))
+    return [np.abs(apply_affine(smoothed, eye[:, None])[:, 0] - apply_affine(recipe, eye[:, None])[:, 0])[frames]
+            for eye in _eye_centres(lm)]
+
+
+def _sized_by_eyes(track):
+    lm = track.landmarks_2d[track.valid].astype(np.float64)
+    _, eye_to_eye, eye_to_mouth = ffhq_anchors(lm)
+    return np.linalg.norm(eye_to_eye, axis=1) * EYE_SPAN >= np.linalg.norm(eye_to_mouth, axis=1) * MOUTH_SPAN
+
+
+def test_aligned_eyes_stay_near_their_ffhq_positions(ffhq_sized_tracks, d3_track, d12_track):
+    for track in ffhq_sized_tracks:
+        assert max(offsets.max() for offsets in _eye_offsets(track, slice(None))) <= 0.02  # of the crop's width
+    for track in (d3_track, d12_track):  # sized by the head: FFHQ's framing where the mouth does not size it
+        sized_by_eyes = _sized_by_eyes(track)
+        assert sized_by_eyes.mean() > 0.3
+        assert np.median(np.concatenate(_eye_offsets(track, sized_by_eyes))) <= 0.01
+
+
+def _crop_over_head(track):
+    """The crop's side over the rigid head's scale, and the jaw's opening (degrees), on the valid frames."""
+    quads = track.align_quad[track.valid]
+    side = np.linalg.norm(quads[:, 3] - quads[:, 0], axis=1)
+    return side / track.scale[track.valid], np.degrees(track.jaw_pose[track.valid, 0])
+
+
+def test_an_opening_mouth_does_not_zoom_the_crop(ffhq_sized_tracks, d3_track, d12_track):
+    for per_frame, by_head in zip(ffhq_sized_tracks, (d3_track, d12_track)):
+        ratio, jaw = _crop_over_head(per_frame)  # FFHQ's recipe: the mouth sizes the crop
+        assert np.percentile(ratio, 95) / np.percentile(ratio, 5) > 1.1 and np.corrcoef(ratio, jaw)[0, 1] > 0.5
+        ratio, jaw = _crop_over_head(by_head)
+        assert np.percentile(ratio, 95) / np.percentile(ratio, 5) < 1.03 and abs(np.corrcoef(ratio, jaw)[0, 1]) < 0.2
+        assert by_head.settings["crop_scale"] == "head"
+
+
+def test_the_neutral_crop_ratio_is_taken_where_the_eyes_size_the_crop():
+    ratio = np.array([4.0, 4.1, np.nan, 4.6, 4.8])
+    assert neutral_crop_ratio(ratio, np.array([True, True, True, False, False])) == pytest.approx(4.05)
+    assert neutral_crop_ratio(ratio, np.zeros(5, bool)) == pytest.approx(4.35)  # the mouth sizes every frame
+    with pytest.raises(ValueError, match="crop_scale"):
+        TrackSettings(crop_scale="mouth")
 
 
 def test_smoothing_lowers_jitter(d3_track, d12_track):

@@ -1,6 +1,11 @@
 """FFHQ alignment: eye centres and mouth corners -> an oriented square (the FFHQ recipe), smoothed over
 time, then crop and resample. The crop's centre and axes are smoothed with Gaussian filters over time
-(sigma 1 frame on the centre, 3 on the axes, as STIT and PVP's code do), which removes landmark jitter."""
+(sigma 1 frame on the centre, 3 on the axes, as STIT and PVP's code do), which removes landmark jitter.
+
+Per frame, FFHQ sizes the crop by the larger of the eyes' and the eye-to-mouth distance, so in a video an
+opening mouth zooms the crop out (the face shrinks by up to a sixth on the shared clips). Given the head's
+rigid scale, which expressions leave alone, the crop is sized by it instead, at the clip's FFHQ framing of
+the frames its eyes size: the head keeps its size in the crop while the mouth opens."""
 from __future__ import annotations
 
 import cv2
@@ -25,14 +30,27 @@ def ffhq_anchors(lm2d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return eye_avg, eye_l - eye_r, mouth_avg - eye_avg
 
 
-def ffhq_quad_params(lm2d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[N, L, 2] pixel landmarks -> (centre c [N, 2], half-axis x [N, 2]) of the FFHQ crop square."""
+def ffhq_quad_params(lm2d: np.ndarray, head_scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """[N, L, 2] pixel landmarks -> (centre c [N, 2], half-axis x [N, 2]) of the FFHQ crop square.
+    ``head_scale`` [N] (the rigid head fit's scale; NaN where none): the half-side is that times the clip's
+    ratio of FFHQ's half-side to it on the frames the eyes size (``neutral_crop_ratio``), not each frame's."""
     eye_avg, eye_to_eye, eye_to_mouth = ffhq_anchors(lm2d)
     x = eye_to_eye - eye_to_mouth[:, ::-1] * np.array([-1, 1])
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    x *= np.maximum(np.linalg.norm(eye_to_eye, axis=1) * EYE_SPAN,
-                    np.linalg.norm(eye_to_mouth, axis=1) * MOUTH_SPAN)[:, None]
-    return eye_avg + eye_to_mouth * 0.1, x
+    by_eyes = np.linalg.norm(eye_to_eye, axis=1) * EYE_SPAN
+    by_mouth = np.linalg.norm(eye_to_mouth, axis=1) * MOUTH_SPAN
+    half = np.maximum(by_eyes, by_mouth)
+    if head_scale is not None:
+        half = head_scale * neutral_crop_ratio(half / head_scale, by_eyes >= by_mouth)
+    return eye_avg + eye_to_mouth * 0.1, x * half[:, None]
+
+
+def neutral_crop_ratio(ratio: np.ndarray, sized_by_eyes: np.ndarray) -> float:
+    """The median of FFHQ's half-side over the head's scale on the frames whose crop the eyes size, where
+    the mouth's opening does not enter it (over all frames if the mouth sizes every one); NaNs ignored."""
+    finite = np.isfinite(ratio)
+    pool = ratio[finite & sized_by_eyes]
+    return float(np.median(pool if len(pool) else ratio[finite]))
 
 
 def quad_from_params(c: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -61,8 +79,8 @@ def _bounded(raw: np.ndarray, smooth: np.ndarray, size: np.ndarray, max_shift: f
 
 
 def smoothed_quads(lm2d: np.ndarray, valid: np.ndarray, sigma_centre: float = 1.0, sigma_axes: float = 3.0,
-                   max_shift: float = 0.012):
-    c, x = ffhq_quad_params(lm2d)
+                   max_shift: float = 0.012, head_scale: np.ndarray | None = None):
+    c, x = ffhq_quad_params(lm2d, head_scale)
     size = 2 * np.linalg.norm(x, axis=-1)
     c_s = _bounded(c, _smooth(c, valid, sigma_centre), size, max_shift)
     x_s = _bounded(x, _smooth(x, valid, sigma_axes), size, max_shift / 2)

@@ -12,7 +12,7 @@ import numpy as np
 
 from pvp.tracking.align import smoothed_quads
 from pvp.tracking.track import Track
-from pvp.tracking.tracker import NoFaceError, TrackSettings, detect_landmarks
+from pvp.tracking.tracker import NoFaceError, TrackSettings, detect_landmarks, fit_heads
 from pvp_contract.geometry import rotation_from_axis_angle, ypr_from_rotation
 
 CROP_SIZE = 224
@@ -92,13 +92,15 @@ def track_video_deca(path, settings: TrackSettings | None = None, device="cpu", 
         return out
 
     R = rotation_from_axis_angle(pose[:, :3])
+    _, _, head = fit_heads(lm, valid, source.width, source.height)  # the crop's size and the head's place
     return Track(fps=source.fps / settings.stride, source=str(source.path), backend="deca",
                  image_size=(source.width, source.height), frame_index=indices, valid=valid,
                  confidence=valid.astype(np.float64), landmarks_2d=lm2d,
                  landmarks_3d=np.full(lm.shape, np.nan), rotation=full(pose[:, :3]),
                  yaw_pitch_roll=full(ypr_from_rotation(R)), neck_pose=full(np.zeros((len(pose), 3))),
-                 jaw_pose=full(pose[:, 3:]), expression=full(exp), translation=np.full((n, 3), np.nan),
-                 scale=np.full(n, np.nan), align_quad=smoothed_quads(lm2d.astype(np.float64), valid,
-                                                                     settings.sigma_centre, settings.sigma_axes),
+                 jaw_pose=full(pose[:, 3:]), expression=full(exp), translation=full(head.translation),
+                 scale=full(head.scale),
+                 align_quad=smoothed_quads(lm2d.astype(np.float64), valid, settings.sigma_centre, settings.sigma_axes,
+                                           head_scale=full(head.scale) if settings.crop_scale == "head" else None),
                  events=[{"type": "no_face", "frames": [int(i) for i in indices[~valid]]}] if (~valid).any() else [],
                  settings=asdict(settings))

@@ -20,6 +20,9 @@ class NoFaceError(VideoError):
     """No face anywhere in the input."""
 
 
+CROP_SCALES = ("head", "ffhq")
+
+
 @dataclass
 class TrackSettings:
     start: int = 0
@@ -28,6 +31,11 @@ class TrackSettings:
     sigma_centre: float = 1.0  # temporal Gaussian on the crop centre (frames)
     sigma_axes: float = 3.0  # temporal Gaussian on the crop's axes (frames)
     residual_for_zero_confidence: float = 0.1  # rigid-fit rms residual (interocular units) that means "no face"
+    crop_scale: str = "head"  # the crop's size: "head" (the rigid head's scale) or "ffhq" (each frame's eyes and mouth)
+
+    def __post_init__(self):
+        if self.crop_scale not in CROP_SCALES:
+            raise ValueError(f"crop_scale must be one of {CROP_SCALES}, got {self.crop_scale!r}")
 
 
 def detect_landmarks(path, settings: TrackSettings, landmarker=None, progress: bool = True):
@@ -54,14 +62,20 @@ def detect_landmarks(path, settings: TrackSettings, landmarker=None, progress: b
     return source, np.array(indices), stacked, np.array(counts)
 
 
+def fit_heads(lm: np.ndarray, valid: np.ndarray, width: int, height: int, face_model: FaceModel | None = None):
+    """Normalised landmarks [N, L, 3] -> (the FLAME-frame mesh [N, L, 3], the face model (learned from the valid
+    frames unless given), its rigid fit to the valid frames)."""
+    mesh = mediapipe_to_flame(lm.astype(np.float64), width, height)
+    model = face_model or learn_face_model(mesh[valid])
+    return mesh, model, model.fit_head(mesh[valid])
+
+
 def controls_from_landmarks(lm: np.ndarray, valid: np.ndarray, width: int, height: int,
                             face_model: FaceModel | None, settings: TrackSettings):
     """Normalised landmarks [N, L, 3] -> per-frame arrays of a Track, and the face model."""
     n = len(lm)
     lm2d = lm[..., :2] * np.array([width, height], dtype=np.float32)
-    mesh = mediapipe_to_flame(lm.astype(np.float64), width, height)
-    model = face_model or learn_face_model(mesh[valid])
-    fit = model.fit_head(mesh[valid])
+    mesh, model, fit = fit_heads(lm, valid, width, height, face_model)
 
     def full(values, fill=np.nan):
         out = np.full((n,) + values.shape[1:], fill, dtype=np.float64)
@@ -74,7 +88,8 @@ def controls_from_landmarks(lm: np.ndarray, valid: np.ndarray, width: int, heigh
         rotation=full(axis_angle_from_rotation(fit.rotation)), yaw_pitch_roll=full(ypr_from_rotation(fit.rotation)),
         neck_pose=full(np.zeros((int(valid.sum()), 3))), jaw_pose=full(model.jaw(fit.posefree)),
         expression=full(model.expression(fit.posefree)), translation=full(fit.translation), scale=full(fit.scale),
-        align_quad=smoothed_quads(lm2d.astype(np.float64), valid, settings.sigma_centre, settings.sigma_axes))
+        align_quad=smoothed_quads(lm2d.astype(np.float64), valid, settings.sigma_centre, settings.sigma_axes,
+                                  head_scale=full(fit.scale) if settings.crop_scale == "head" else None))
     return arrays, model
 
 
