@@ -76,7 +76,7 @@ MAPPER_STAGE = ("objective", "standardize_mapper_inputs", "lr_schedule", "checkp
                 "expression_variance")  # and mapper_*; the prior reads a fixed count of expressions
 METHODS = ("avatar", "nearest_pivot", "nearest_frame", "nearest_pose_frame")
 COLUMNS = ("psnr", "psnr_worst10", "ssim", "sharpness", "yaw_err", "pitch_err", "jaw_err", "expr_err", "yaw_shift",
-           "pitch_shift")
+           "pitch_shift", "size_shift")
 
 
 def share_stages(source: Path, dest: Path) -> bool:

@@ -72,7 +72,7 @@ def test_eval_writes_csv_summary_and_report(fitted, real_data, tmp_path):
             column = [float(x[name]) for x in methods[method]]
             assert len(set(column)) > 1  # one value per frame, not a constant
             assert summary["methods"][method][name] == pytest.approx(np.median(column), rel=1e-4, abs=1e-4)
-    for name in ("yaw_shift", "pitch_shift"):
+    for name in ("yaw_shift", "pitch_shift", "size_shift"):
         column = [float(x[name]) for x in methods["avatar"]]
         assert summary["methods"]["avatar"][name] == pytest.approx(np.median(column), rel=1e-4, abs=1e-4)
     assert "yaw_shift" not in summary["methods"]["nearest_frame"]  # a real crop takes no controls
@@ -149,11 +149,11 @@ def test_pose_shift_is_zero_only_for_a_disentangled_avatar(d3_track):
     avatar = random_avatar(resolution=64, expression_dim=4)
     controls, donors = random_controls(avatar.meta.schema, 6, seed=1), random_controls(avatar.meta.schema, 9, seed=2)
     shift = _pose_shift(avatar, tracker, controls, donors, _retrack(tracker, _render(avatar, controls)))
-    assert shift["yaw_shift"].max() > 0.01 and shift["pitch_shift"].max() > 0.01
+    assert shift["yaw_shift"].max() > 0.01 and shift["pitch_shift"].max() > 0.01 and shift["size_shift"].max() > 0.01
     for net in avatar.mappers.expression.nets:  # expression no longer reaches the image
         torch.nn.init.zeros_(net[2].weight)
     shift = _pose_shift(avatar, tracker, controls, donors, _retrack(tracker, _render(avatar, controls)))
-    assert shift["yaw_shift"].max() == 0 and shift["pitch_shift"].max() == 0
+    assert shift["yaw_shift"].max() == 0 and shift["pitch_shift"].max() == 0 and shift["size_shift"].max() == 0
 
 
 def test_masked_metrics_only_see_the_mask():

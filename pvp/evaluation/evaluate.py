@@ -40,7 +40,7 @@ from pvp_contract.atomic import atomic_path, write_text
 log = logging.getLogger(__name__)
 METHODS = ("avatar", "nearest_pivot", "nearest_frame", "nearest_pose_frame")
 METRICS = ("psnr", "ssim", "lpips", "sharpness", "yaw_err", "pitch_err", "jaw_err", "expr_err", "yaw_shift",
-           "pitch_shift")
+           "pitch_shift", "size_shift")
 SWEEP_STEPS = 5
 
 
@@ -247,7 +247,7 @@ def _features(train: FrameSet, query: np.ndarray, expression_dim: int) -> tuple[
 
 
 def _retrack(tracker, images: np.ndarray) -> dict[str, np.ndarray]:
-    out = {"yaw": [], "pitch": [], "jaw": [], "expression": []}
+    out = {"yaw": [], "pitch": [], "jaw": [], "expression": [], "scale": []}
     with torch.no_grad():
         for i in range(0, len(images), 32):
             r = tracker(to_tensor(images[i:i + 32]))
@@ -255,18 +255,21 @@ def _retrack(tracker, images: np.ndarray) -> dict[str, np.ndarray]:
             out["pitch"].append(np.degrees(r["pitch"].numpy()))
             out["jaw"].append(np.degrees(r["jaw"][:, 0].numpy()))
             out["expression"].append(r["expression"].numpy())
+            out["scale"].append(r["scale"].numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def _pose_shift(avatar: Avatar, tracker, ctrl: np.ndarray, donors: np.ndarray, retracked: dict,
                 seed: int = 0) -> dict[str, np.ndarray]:
-    """|re-tracked yaw/pitch change| when each frame's jaw and expression become a random donor's (the
-    head pose requested stays the same): 0 for a perfectly disentangled avatar."""
+    """|re-tracked yaw/pitch change| (degrees) and |change of the head's size in the image| (% of it) when each
+    frame's jaw and expression become a random donor's (the head pose requested stays the same): 0 for a
+    perfectly disentangled avatar."""
     face = controls.FACE_COLUMNS
     swapped = ctrl.copy()
     swapped[:, face] = donors[np.random.default_rng(seed).integers(len(donors), size=len(ctrl)), face]
     rt = _retrack(tracker, _render(avatar, swapped))
-    return {"yaw_shift": np.abs(rt["yaw"] - retracked["yaw"]), "pitch_shift": np.abs(rt["pitch"] - retracked["pitch"])}
+    return {"yaw_shift": np.abs(rt["yaw"] - retracked["yaw"]), "pitch_shift": np.abs(rt["pitch"] - retracked["pitch"]),
+            "size_shift": 100 * np.abs(rt["scale"] / retracked["scale"] - 1)}
 
 
 def evaluate(avatar_dir, video, frames: str | None = None, mask: str | None = None, vgg=None, alex=None,

@@ -22,7 +22,8 @@ COLUMNS = (("psnr", "PSNR dB ↑", "{:.2f}"), ("psnr_worst10", "PSNR worst 10% �
            ("yaw_err", "yaw err ° ↓", "{:.2f}"), ("pitch_err", "pitch err ° ↓", "{:.2f}"),
            ("jaw_err", "jaw err ° ↓", "{:.2f}"), ("expr_err", "expr err sd ↓", "{:.2f}"),
            ("yaw_shift", "yaw shift, expression only ° ↓", "{:.2f}"),
-           ("pitch_shift", "pitch shift, expression only ° ↓", "{:.2f}"))
+           ("pitch_shift", "pitch shift, expression only ° ↓", "{:.2f}"),
+           ("size_shift", "head size shift, expression only % ↓", "{:.1f}"))
 
 
 def _save(fig, out: Path, name: str) -> str:

@@ -90,4 +90,5 @@ class DifferentiableTracker(nn.Module):
         jaw = torch.stack([self.jaw_reference[0] - torch.atan2(v[:, 2], -v[:, 1]),
                            torch.atan2(v[:, 0], -v[:, 1]) - self.jaw_reference[1], torch.zeros_like(v[:, 0])], -1)
         expression = (free - self.mean).reshape(len(free), -1) @ self.components.T / self.scales
-        return {"landmarks": lm, "rotation": R, "yaw": yaw, "pitch": pitch, "jaw": jaw, "expression": expression}
+        return {"landmarks": lm, "rotation": R, "scale": s, "yaw": yaw, "pitch": pitch, "jaw": jaw,
+                "expression": expression}
