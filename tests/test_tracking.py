@@ -130,7 +130,7 @@ def test_aligned_eyes_stay_near_their_ffhq_positions(ffhq_sized_tracks, d3_track
     for track in (d3_track, d12_track):  # sized by the head: FFHQ's framing where the mouth does not size it
         sized_by_eyes = _sized_by_eyes(track)
         assert sized_by_eyes.mean() > 0.3
-        assert np.median(np.concatenate(_eye_offsets(track, sized_by_eyes))) <= 0.01
+        assert max(offsets.max() for offsets in _eye_offsets(track, sized_by_eyes)) <= 0.02
 
 
 def _crop_over_head(track):
