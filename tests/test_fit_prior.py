@@ -171,10 +171,12 @@ def test_a_fit_started_before_a_preset_field_existed_resumes_with_its_default():
     adversarial term: off), nested ones too; a resume names the preset fields given differently."""
     from pvp.fit.pipeline import settings_changes
 
-    float32 = replace(PRESETS["small"], prior_precision="float32", mapper_precision="float32")  # the old default
+    float32 = replace(PRESETS["small"], prior_precision="float32", mapper_precision="float32",
+                      crop_scale="ffhq")  # the old defaults
     current = {"source": "clip.mp4", "seed": 0, "preset": float32.to_json()}
     objective_before = {k: v for k, v in current["preset"]["objective"].items() if not k.startswith("adversarial")}
-    written_before = {**current, "preset": {**{k: v for k, v in current["preset"].items() if "precision" not in k},
+    written_before = {**current, "preset": {**{k: v for k, v in current["preset"].items()
+                                               if "precision" not in k and k != "crop_scale"},
                                             "objective": objective_before}}
     assert settings_changes(written_before, current) == []
     removed_since = {**written_before, "preset": {**written_before["preset"],
@@ -207,7 +209,7 @@ def test_a_fit_that_fails_at_its_first_stage_can_simply_be_run_again(tmp_path):
     assert second.stderr.strip().splitlines()[-1] == first.stderr.strip().splitlines()[-1]
 
 
-def test_the_track_stage_continues_with_the_saved_values(real_data, tmp_path):
+def test_the_track_stage_crops_as_the_preset_says_and_continues_with_the_saved_values(real_data, tmp_path):
     import cv2
 
     from pvp.fit.pipeline import FitInputs, FitJob
@@ -225,6 +227,11 @@ def test_the_track_stage_continues_with_the_saved_values(real_data, tmp_path):
     resumed = Track.load(tmp_path / "avatar" / "work" / "track.safetensors")  # what a restarted fit reads
     for name in ("yaw_pitch_roll", "jaw_pose", "expression", "landmarks_2d", "align_quad"):
         assert np.array_equal(getattr(fresh, name), getattr(resumed, name)), name
+    assert fresh.settings["crop_scale"] == "head"  # tiny's: the crop sized by the head
+    per_frame = FitJob(FitInputs(clip, tmp_path / "ffhq", replace(PRESETS["tiny"], crop_scale="ffhq"), progress=False))
+    per_frame._prepare()
+    ffhq = per_frame.track()
+    assert ffhq.settings["crop_scale"] == "ffhq" and not np.allclose(ffhq.align_quad, fresh.align_quad)
 
 
 def test_a_resume_without_a_checkpoint_says_it_starts_over(tmp_path, caplog):
@@ -294,7 +301,7 @@ def test_set_overrides_nested_preset_fields():
     assert p.objective.pose == tiny.objective.pose  # the rest of a nested field stays the preset's
     for bad, message in (("objective.nothing=1", "KEY one of"), ("objective.optimize_noise=maybe", "not a valid bool"),
                          ("mapper_design.hull=convex", "hull 'convex'"), ("prior_adversarial=-1", "0 \\(off\\)"),
-                         ("prior_inbetween=2", "share of the batch")):
+                         ("prior_inbetween=2", "share of the batch"), ("crop_scale=mouth", "crop_scale 'mouth'")):
         with pytest.raises(UserError, match=f"^--set {re.escape(repr(bad))}: .*{message}"):  # names the item given
             _preset_overrides(tiny, ["mapper_steps=7", bad])
 

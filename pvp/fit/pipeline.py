@@ -37,7 +37,7 @@ from pvp.models.losses import PerceptualLoss, psnr
 from pvp.models.mappers import load_mappers, mapper_inputs, save_mappers
 from pvp.tracking.align import apply_affine, unit_transform
 from pvp.tracking.track import Track, TrackError
-from pvp.tracking.tracker import track_video
+from pvp.tracking.tracker import TrackSettings, track_video
 from pvp_contract import controls
 from pvp_contract.atomic import atomic_path, write_text
 
@@ -155,7 +155,8 @@ class FitJob:
             track = Track.load(self.x.source)
         else:
             log.info("stage track: %s", self.x.source)
-            track = track_video(self.x.source, progress=self.x.progress)
+            track = track_video(self.x.source, TrackSettings(crop_scale=self.x.preset.crop_scale),
+                                progress=self.x.progress)
         track.save(path)
         return Track.load(path)  # the saved values (float32): a resumed fit continues from the same numbers
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pvp.fit.mapper_training import ObjectiveConfig
 from pvp.fit.training import PRECISIONS
 from pvp.models.mappers import MapperDesign
+from pvp.tracking.tracker import CROP_SCALES
 
 PTI_STOPS = ("epoch", "pivot")
 LR_SCHEDULES = ("constant", "cosine")
@@ -58,6 +59,9 @@ class Preset:
     # the share of the pose-free landmark variance whose expression coefficients the controls keep
     # (pipeline.choose_expression_dim)
     expression_variance: float = 0.98
+    # the crop's size when the fit tracks its video (pvp.tracking.tracker.CROP_SCALES): FFHQ's per frame, as the
+    # authors' preprocessing, or the head's rigid scale, which an opening mouth does not zoom
+    crop_scale: str = "ffhq"
     # mappers
     mapper_steps: int = 50_000
     mapper_lr: float = 5e-4  # the mappers' and the noise maps'
@@ -88,6 +92,8 @@ class Preset:
                 raise ValueError(f"{name} {getattr(self, name)!r}: expected one of {', '.join(PRECISIONS)}")
         if not 0.0 < self.expression_variance <= 1.0:
             raise ValueError(f"expression_variance {self.expression_variance}: expected a share, above 0 and at most 1")
+        if self.crop_scale not in CROP_SCALES:
+            raise ValueError(f"crop_scale {self.crop_scale!r}: expected one of {', '.join(CROP_SCALES)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule {self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
 
@@ -189,7 +195,10 @@ SHARP_DETAIL = dict(prior_detail_energy=0.5, mapper_generator_lr=2e-4,
 # (bench/RESULTS.md, "What the generator could show"). tiny: lp_d12 +0.43 dB on three seeds' mean (every seed),
 # sharper, pitch error and expression-only shifts lower; lp_d3 -0.12 dB on two seeds, its jaw error over all frames
 # 0.2-0.35 degrees worse (within the learned ranges lower).
-CPU_PRIOR = dict(prior_precision="auto", mapper_precision="auto", expression_variance=0.995,
+# And crops sized by the head (tiny, two seeds per clip: held-out +5.6 dB on lp_d3, whose held-out mouths open past
+# anything in training, and +0.9 dB on lp_d12; the head's size under expression-only changes steadier; bench/RESULTS.md,
+# "The crop sized by the head").
+CPU_PRIOR = dict(prior_precision="auto", mapper_precision="auto", expression_variance=0.995, crop_scale="head",
                  **{**CPU_MAPPERS, **SHARP_DETAIL})
 
 PRESETS = {
