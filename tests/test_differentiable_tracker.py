@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pvp.tracking.align import crop
-from pvp.tracking.differentiable import DifferentiableTracker, mediapipe_landmark_model
+from pvp.tracking.differentiable import ALIGNED_ROI, DifferentiableTracker, aligned_roi, mediapipe_landmark_model
 from pvp.tracking.tflite_graph import TFLiteGraph
 
 
@@ -85,6 +85,25 @@ def test_tracks_aligned_frames_like_the_embedded_tracker(d3_track, real_data):
     assert np.abs(pitch - d3_track.yaw_pitch_roll[idx, 1]).max() < 4
     corr = np.corrcoef(out["jaw"][:, 0].numpy(), d3_track.jaw_pose[idx, 0])[0, 1]
     assert corr > 0.9
+
+
+def test_the_roi_measured_on_a_clips_crops_reads_its_head_pose_closer(d12_track, real_data):
+    """lp_d12's crops, sized by the head, hold its open mouths at the head's size: a face larger than the fixed
+    ROI of FFHQ's per-frame crops expects. MediaPipe's ROI rule measured on the clip's own crops reads the
+    head's yaw and pitch closer to the embedded tracker's."""
+    roi = aligned_roi(d12_track)
+    assert roi[2] > 1.0 > ALIGNED_ROI[2]
+    idx = list(range(0, len(d12_track), 8))
+    frames = _frames(real_data / "lp_d12.mp4", set(idx))
+    imgs = torch.stack([torch.from_numpy(crop(frames[i], d12_track.align_quad[i], 256)[0]).permute(2, 0, 1)
+                        for i in idx]).float() / 127.5 - 1
+    errors = {}
+    for name, region in (("fixed", ALIGNED_ROI), ("measured", roi)):
+        with torch.no_grad():
+            out = DifferentiableTracker(d12_track.face_model, roi=region)(imgs)
+        errors[name] = [np.median(np.abs(np.degrees(out[k].numpy()) - d12_track.yaw_pitch_roll[idx, c]))
+                        for k, c in (("yaw", 0), ("pitch", 1))]
+    assert all(m < f for m, f in zip(errors["measured"], errors["fixed"])), errors
 
 
 def test_port_reproduces_mediapipe_face_mesh_landmarks(landmark_net, real_data):

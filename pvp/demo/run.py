@@ -88,13 +88,15 @@ def ground_truth_accuracy(avatar_dir: Path, frames: list[Path], truth: dict, fra
 
     from pvp.avatar import Avatar
     from pvp.fit.data import to_tensor
-    from pvp.tracking.differentiable import DifferentiableTracker
+    from pvp.tracking.differentiable import DifferentiableTracker, aligned_roi
+    from pvp.tracking.track import Track
 
     avatar = Avatar.load(avatar_dir)
     res = avatar.meta.resolution  # re-tracked at the avatar's own resolution (the render is an upscale of it)
     images = np.stack([cv2.resize(cv2.imread(str(f)), (res, res), interpolation=cv2.INTER_AREA)[:, :, ::-1]
                        for f in frames])
-    tracker = DifferentiableTracker(avatar.face_model)
+    fit_track = Track.load(avatar_dir / "work" / "track.safetensors")
+    tracker = DifferentiableTracker(avatar.face_model, roi=aligned_roi(fit_track))
     with torch.no_grad():
         r = tracker(to_tensor(images))
     got = {"yaw": np.degrees(r["yaw"].numpy()), "pitch": np.degrees(r["pitch"].numpy()),

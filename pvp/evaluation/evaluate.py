@@ -33,7 +33,7 @@ from pvp.fit.data import aligned_at, parse_range, to_tensor
 from pvp.fit.pivots import pivot_features
 from pvp.models.losses import PerceptualLoss, psnr, ssim
 from pvp.tracking.track import Track
-from pvp.tracking.tracker import track_video
+from pvp.tracking.tracker import TrackSettings, track_video
 from pvp_contract import controls
 from pvp_contract.atomic import atomic_path, write_text
 
@@ -221,7 +221,8 @@ def _tracks(avatar_dir: Path, avatar: Avatar, video: Path, progress: bool) -> tu
         return fit_track, fit_track
     if avatar.face_model is None:
         raise EvalError(f"{avatar_dir}: the avatar has no face model to express {video} in its expression space")
-    return fit_track, track_video(video, face_model=avatar.face_model, progress=progress)
+    crops = TrackSettings(crop_scale=fit_track.settings.get("crop_scale", "ffhq"))  # cropped as the avatar's frames
+    return fit_track, track_video(video, crops, face_model=avatar.face_model, progress=progress)
 
 
 def _render(avatar: Avatar, ctrl: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -316,9 +317,9 @@ def evaluate(avatar_dir, video, frames: str | None = None, mask: str | None = No
         result.renders["nearest_pivot"] = _render_pivots(avatar, nearest)
     tracker = None
     if avatar.face_model is not None:
-        from pvp.tracking.differentiable import DifferentiableTracker
+        from pvp.tracking.differentiable import DifferentiableTracker, aligned_roi
 
-        tracker = DifferentiableTracker(avatar.face_model)
+        tracker = DifferentiableTracker(avatar.face_model, roi=aligned_roi(fit_track))  # where the avatar's faces sit
         result.retracked["ground_truth"] = _retrack(tracker, ev_set.images)
     gt = to_tensor(ev_set.images)
     face = ev_set.masks if mask == "face" else None

@@ -314,9 +314,9 @@ class FitJob:
         landmarks through the differentiable tracker; DECA, as the authors, for a DECA track), or None."""
         device = self.x.device
         if track.face_model is not None:
-            from pvp.tracking.differentiable import DifferentiableTracker
+            from pvp.tracking.differentiable import DifferentiableTracker, aligned_roi
 
-            return DifferentiableTracker(track.face_model).to(device)
+            return DifferentiableTracker(track.face_model, roi=aligned_roi(track)).to(device)
         if track.backend == "deca":
             from pvp.models.deca import DecaTracker, face_box, load_deca_encoder
 

@@ -10,18 +10,34 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pvp.tracking import topology as topo
+from pvp.tracking.align import apply_affine, unit_transform
 from pvp.tracking.face_model import FaceModel
 from pvp.tracking.tflite_graph import TFLiteGraph
 
 LANDMARK_INPUT = 192
 # Where the landmark network looks in an FFHQ-aligned crop (centre x, centre y, side; fractions of the
-# crop): MediaPipe's own ROI rule (landmark box x 1.5) measured on aligned frames of the shared clips.
+# crop): MediaPipe's own ROI rule (landmark box x 1.5) measured on aligned frames of the shared clips, FFHQ's
+# per-frame size; aligned_roi measures it on a track's own crops.
 ALIGNED_ROI = (0.5, 0.58, 0.96)
+
+
+def aligned_roi(track) -> tuple[float, float, float]:
+    """MediaPipe's ROI rule on a track's aligned crops: the medians over its valid frames of the landmark box's
+    centre and of 1.5 x its longer side (fractions of the crop). How large a face sits in its crops depends on
+    the crop's size rule and on the face: a head-sized crop holds an open mouth at the head's size, larger than
+    FFHQ's per-frame crop would (lp_d12: side 1.05 against ALIGNED_ROI's 0.96)."""
+    valid = np.flatnonzero(track.valid)
+    points = apply_affine(unit_transform(track.align_quad[valid]),
+                          track.landmarks_2d[valid][:, :topo.NUM_MESH, :2].astype(np.float64))
+    low, high = points.min(1), points.max(1)
+    cx, cy = np.median((low + high) / 2, 0)
+    return float(cx), float(cy), float(np.median((high - low).max(1) * 1.5))
 
 
 def mediapipe_landmark_model() -> Path:
