@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pvp.tracking.deca_backend import DecaUnavailable, load_deca, track_video_deca
-from pvp.tracking.tracker import TrackSettings
+from pvp.tracking.tracker import TrackSettings, track_video
 
 STANDIN = {
     "decalib/__init__.py": "",
@@ -76,3 +76,7 @@ def test_codedict_maps_onto_the_track(standin_decalib, real_data):
     assert track.expression.shape == (12, 50)
     assert np.allclose(track.expression[:, 1] + 0.1, track.jaw_pose[:, 0], atol=1e-5)  # same per-frame mean
     assert np.ptp(track.jaw_pose[:, 0]) > 0
+    embedded = track_video(real_data / "lp_d3.mp4", TrackSettings(end=12), progress=False)
+    for name in ("scale", "translation", "align_quad"):  # the embedded tracker's rigid fit sizes and places the crop
+        assert np.allclose(getattr(track, name), getattr(embedded, name), rtol=1e-4), name
+    assert track.settings["crop_scale"] == "head"

@@ -140,19 +140,19 @@ def test_the_tracker_floor_is_given_for_each_part_of_the_frames():
     assert parts["beyond"]["methods"]["ground_truth_retracked"]["yaw_err"] == 4.0
 
 
-def test_pose_shift_is_zero_only_for_a_disentangled_avatar(d3_track):
+def test_expression_only_shifts_are_zero_only_for_a_disentangled_avatar(d3_track):
     from pvp.avatar import random_avatar
-    from pvp.evaluation.evaluate import _pose_shift, _render, _retrack
+    from pvp.evaluation.evaluate import _expression_only_shifts, _render, _retrack
     from pvp.tracking.differentiable import DifferentiableTracker
 
     tracker = DifferentiableTracker(d3_track.face_model)
     avatar = random_avatar(resolution=64, expression_dim=4)
     controls, donors = random_controls(avatar.meta.schema, 6, seed=1), random_controls(avatar.meta.schema, 9, seed=2)
-    shift = _pose_shift(avatar, tracker, controls, donors, _retrack(tracker, _render(avatar, controls)))
+    shift = _expression_only_shifts(avatar, tracker, controls, donors, _retrack(tracker, _render(avatar, controls)))
     assert shift["yaw_shift"].max() > 0.01 and shift["pitch_shift"].max() > 0.01 and shift["size_shift"].max() > 0.01
     for net in avatar.mappers.expression.nets:  # expression no longer reaches the image
         torch.nn.init.zeros_(net[2].weight)
-    shift = _pose_shift(avatar, tracker, controls, donors, _retrack(tracker, _render(avatar, controls)))
+    shift = _expression_only_shifts(avatar, tracker, controls, donors, _retrack(tracker, _render(avatar, controls)))
     assert shift["yaw_shift"].max() == 0 and shift["pitch_shift"].max() == 0 and shift["size_shift"].max() == 0
 
 

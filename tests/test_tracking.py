@@ -6,11 +6,10 @@ import pytest
 
 from pvp.tracking import topology as topo
 from pvp.tracking.align import (
-    EYE_SPAN,
-    MOUTH_SPAN,
     apply_affine,
     crop,
     ffhq_anchors,
+    ffhq_half_sides,
     ffhq_quad_params,
     neutral_crop_ratio,
     quad_from_params,
@@ -119,9 +118,8 @@ def _eye_offsets(track, frames):
 
 
 def _sized_by_eyes(track):
-    lm = track.landmarks_2d[track.valid].astype(np.float64)
-    _, eye_to_eye, eye_to_mouth = ffhq_anchors(lm)
-    return np.linalg.norm(eye_to_eye, axis=1) * EYE_SPAN >= np.linalg.norm(eye_to_mouth, axis=1) * MOUTH_SPAN
+    by_eyes, by_mouth = ffhq_half_sides(*ffhq_anchors(track.landmarks_2d[track.valid].astype(np.float64))[1:])
+    return by_eyes >= by_mouth
 
 
 def test_aligned_eyes_stay_near_their_ffhq_positions(ffhq_sized_tracks, d3_track, d12_track):
@@ -153,7 +151,10 @@ def test_the_neutral_crop_ratio_is_taken_where_the_eyes_size_the_crop():
     ratio = np.array([4.0, 4.1, np.nan, 4.6, 4.8])
     assert neutral_crop_ratio(ratio, np.array([True, True, True, False, False])) == pytest.approx(4.05)
     assert neutral_crop_ratio(ratio, np.zeros(5, bool)) == pytest.approx(4.35)  # the mouth sizes every frame
-    with pytest.raises(ValueError, match="crop_scale"):
+
+
+def test_an_unknown_crop_rule_is_refused():
+    with pytest.raises(ValueError, match="crop_scale 'mouth': expected one of head, ffhq"):
         TrackSettings(crop_scale="mouth")
 
 

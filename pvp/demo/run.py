@@ -87,7 +87,7 @@ def ground_truth_accuracy(avatar_dir: Path, frames: list[Path], truth: dict, fra
     import torch
 
     from pvp.avatar import Avatar
-    from pvp.fit.data import to_tensor
+    from pvp.fit.data import parse_range, to_tensor
     from pvp.tracking.differentiable import DifferentiableTracker, aligned_roi
     from pvp.tracking.track import Track
 
@@ -96,7 +96,8 @@ def ground_truth_accuracy(avatar_dir: Path, frames: list[Path], truth: dict, fra
     images = np.stack([cv2.resize(cv2.imread(str(f)), (res, res), interpolation=cv2.INTER_AREA)[:, :, ::-1]
                        for f in frames])
     fit_track = Track.load(avatar_dir / "work" / "track.safetensors")
-    tracker = DifferentiableTracker(avatar.face_model, roi=aligned_roi(fit_track))
+    trained_on = np.arange(*parse_range(avatar.meta.provenance.get("train_frames"), len(fit_track)))
+    tracker = DifferentiableTracker(avatar.face_model, roi=aligned_roi(fit_track, trained_on))  # as its fit's
     with torch.no_grad():
         r = tracker(to_tensor(images))
     got = {"yaw": np.degrees(r["yaw"].numpy()), "pitch": np.degrees(r["pitch"].numpy()),

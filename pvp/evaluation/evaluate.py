@@ -221,8 +221,9 @@ def _tracks(avatar_dir: Path, avatar: Avatar, video: Path, progress: bool) -> tu
         return fit_track, fit_track
     if avatar.face_model is None:
         raise EvalError(f"{avatar_dir}: the avatar has no face model to express {video} in its expression space")
-    crops = TrackSettings(crop_scale=fit_track.settings.get("crop_scale", "ffhq"))  # cropped as the avatar's frames
-    return fit_track, track_video(video, crops, face_model=avatar.face_model, progress=progress)
+    smoothing = {k: fit_track.settings[k] for k in ("sigma_centre", "sigma_axes") if k in fit_track.settings}
+    cropped_alike = TrackSettings(**smoothing, crop_scale=fit_track.settings.get("crop_scale", "ffhq"))  # older: FFHQ's
+    return fit_track, track_video(video, cropped_alike, face_model=avatar.face_model, progress=progress)
 
 
 def _render(avatar: Avatar, ctrl: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -260,7 +261,7 @@ def _retrack(tracker, images: np.ndarray) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def _pose_shift(avatar: Avatar, tracker, ctrl: np.ndarray, donors: np.ndarray, retracked: dict,
+def _expression_only_shifts(avatar: Avatar, tracker, ctrl: np.ndarray, donors: np.ndarray, retracked: dict,
                 seed: int = 0) -> dict[str, np.ndarray]:
     """|re-tracked yaw/pitch change| (degrees) and |change of the head's size in the image| (% of it) when each
     frame's jaw and expression become a random donor's (the head pose requested stays the same): 0 for a
@@ -319,7 +320,7 @@ def evaluate(avatar_dir, video, frames: str | None = None, mask: str | None = No
     if avatar.face_model is not None:
         from pvp.tracking.differentiable import DifferentiableTracker, aligned_roi
 
-        tracker = DifferentiableTracker(avatar.face_model, roi=aligned_roi(fit_track))  # where the avatar's faces sit
+        tracker = DifferentiableTracker(avatar.face_model, roi=aligned_roi(fit_track, train_pos))  # as its fit's
         result.retracked["ground_truth"] = _retrack(tracker, ev_set.images)
     gt = to_tensor(ev_set.images)
     face = ev_set.masks if mask == "face" else None
@@ -345,7 +346,7 @@ def evaluate(avatar_dir, video, frames: str | None = None, mask: str | None = No
             requested = ev_set.controls[:, controls.EXPRESSION_COLUMNS][:, :k]
             row["expr_err"] = np.sqrt(((rt["expression"][:, :k] - requested) ** 2).mean(1))
             if method == "avatar":
-                row.update(_pose_shift(avatar, tracker, ev_set.controls, tr_set.controls, rt))
+                row.update(_expression_only_shifts(avatar, tracker, ev_set.controls, tr_set.controls, rt))
         result.per_frame[method] = row
     return result
 

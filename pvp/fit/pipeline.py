@@ -153,6 +153,11 @@ class FitJob:
             return Track.load(path)
         if _is_track_file(self.x.source):
             track = Track.load(self.x.source)
+            cropped = track.settings.get("crop_scale", "ffhq")  # a track from before the setting: FFHQ's
+            if cropped != self.x.preset.crop_scale:
+                log.warning("%s: crops sized by %s, not by %s as preset %r tracks a video (pvp track --crop-scale): "
+                            "the fit uses the track's", self.x.source, cropped, self.x.preset.crop_scale,
+                            self.x.preset.name)
         else:
             log.info("stage track: %s", self.x.source)
             track = track_video(self.x.source, TrackSettings(crop_scale=self.x.preset.crop_scale),
@@ -316,7 +321,7 @@ class FitJob:
         if track.face_model is not None:
             from pvp.tracking.differentiable import DifferentiableTracker, aligned_roi
 
-            return DifferentiableTracker(track.face_model, roi=aligned_roi(track)).to(device)
+            return DifferentiableTracker(track.face_model, roi=aligned_roi(track, positions)).to(device)
         if track.backend == "deca":
             from pvp.models.deca import DecaTracker, face_box, load_deca_encoder
 

@@ -30,6 +30,11 @@ def ffhq_anchors(lm2d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return eye_avg, eye_l - eye_r, mouth_avg - eye_avg
 
 
+def ffhq_half_sides(eye_to_eye: np.ndarray, eye_to_mouth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[N] half-sides of the FFHQ crop as the eyes and as the mouth would size it: the larger one does."""
+    return np.linalg.norm(eye_to_eye, axis=1) * EYE_SPAN, np.linalg.norm(eye_to_mouth, axis=1) * MOUTH_SPAN
+
+
 def ffhq_quad_params(lm2d: np.ndarray, head_scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """[N, L, 2] pixel landmarks -> (centre c [N, 2], half-axis x [N, 2]) of the FFHQ crop square.
     ``head_scale`` [N] (the rigid head fit's scale; NaN where none): the half-side is that times the clip's
@@ -37,8 +42,7 @@ def ffhq_quad_params(lm2d: np.ndarray, head_scale: np.ndarray | None = None) -> 
     eye_avg, eye_to_eye, eye_to_mouth = ffhq_anchors(lm2d)
     x = eye_to_eye - eye_to_mouth[:, ::-1] * np.array([-1, 1])
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    by_eyes = np.linalg.norm(eye_to_eye, axis=1) * EYE_SPAN
-    by_mouth = np.linalg.norm(eye_to_mouth, axis=1) * MOUTH_SPAN
+    by_eyes, by_mouth = ffhq_half_sides(eye_to_eye, eye_to_mouth)
     half = np.maximum(by_eyes, by_mouth)
     if head_scale is not None:
         half = head_scale * neutral_crop_ratio(half / head_scale, by_eyes >= by_mouth)

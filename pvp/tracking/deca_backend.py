@@ -12,7 +12,7 @@ import numpy as np
 
 from pvp.tracking.align import smoothed_quads
 from pvp.tracking.track import Track
-from pvp.tracking.tracker import NoFaceError, TrackSettings, detect_landmarks, fit_heads
+from pvp.tracking.tracker import TrackSettings, detect_landmarks, fit_heads, require_faces
 from pvp_contract.geometry import rotation_from_axis_angle, ypr_from_rotation
 
 CROP_SIZE = 224
@@ -59,8 +59,7 @@ def track_video_deca(path, settings: TrackSettings | None = None, device="cpu", 
     deca = deca or load_deca(device)
     source, indices, lm, counts = detect_landmarks(path, settings, progress=progress)
     valid = ~np.isnan(lm).any(axis=(1, 2))
-    if not valid.any():
-        raise NoFaceError(f"{source.path}: no face found in any of the {len(indices)} frames read")
+    require_faces(source, valid)  # the rigid head fit below learns its face model from these frames
     lm2d = lm[..., :2] * np.array([source.width, source.height], dtype=np.float32)
     wanted = {int(i): k for k, i in enumerate(indices) if valid[k]}
     codes: dict[str, list[np.ndarray]] = {"pose": [], "exp": []}
@@ -92,7 +91,7 @@ def track_video_deca(path, settings: TrackSettings | None = None, device="cpu", 
         return out
 
     R = rotation_from_axis_angle(pose[:, :3])
-    _, _, head = fit_heads(lm, valid, source.width, source.height)  # the crop's size and the head's place
+    _, _, head = fit_heads(lm, valid, source.width, source.height)  # sizes the crop as the embedded tracker's does
     return Track(fps=source.fps / settings.stride, source=str(source.path), backend="deca",
                  image_size=(source.width, source.height), frame_index=indices, valid=valid,
                  confidence=valid.astype(np.float64), landmarks_2d=lm2d,

@@ -27,12 +27,14 @@ LANDMARK_INPUT = 192
 ALIGNED_ROI = (0.5, 0.58, 0.96)
 
 
-def aligned_roi(track) -> tuple[float, float, float]:
-    """MediaPipe's ROI rule on a track's aligned crops: the medians over its valid frames of the landmark box's
-    centre and of 1.5 x its longer side (fractions of the crop). How large a face sits in its crops depends on
-    the crop's size rule and on the face: a head-sized crop holds an open mouth at the head's size, larger than
-    FFHQ's per-frame crop would (lp_d12: side 1.05 against ALIGNED_ROI's 0.96)."""
-    valid = np.flatnonzero(track.valid)
+def aligned_roi(track, positions: np.ndarray | None = None) -> tuple[float, float, float]:
+    """MediaPipe's ROI rule on a track's aligned crops: the medians over its valid frames (of ``positions``, the
+    avatar's training frames, when given) of the landmark box's centre and of 1.5 x its longer side (fractions
+    of the crop). How large a face sits in its crops depends on the face and on the crop's size rule: lp_d12's
+    sides are 1.01 in FFHQ's per-frame crops, 1.05 in head-sized ones (an open mouth kept at the head's size),
+    against ALIGNED_ROI's 0.96."""
+    chosen = np.arange(len(track)) if positions is None else np.asarray(positions)
+    valid = chosen[track.valid[chosen]]
     points = apply_affine(unit_transform(track.align_quad[valid]),
                           track.landmarks_2d[valid][:, :topo.NUM_MESH, :2].astype(np.float64))
     low, high = points.min(1), points.max(1)

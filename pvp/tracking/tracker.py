@@ -35,7 +35,7 @@ class TrackSettings:
 
     def __post_init__(self):
         if self.crop_scale not in CROP_SCALES:
-            raise ValueError(f"crop_scale must be one of {CROP_SCALES}, got {self.crop_scale!r}")
+            raise ValueError(f"crop_scale {self.crop_scale!r}: expected one of {', '.join(CROP_SCALES)}")
 
 
 def detect_landmarks(path, settings: TrackSettings, landmarker=None, progress: bool = True):
@@ -60,6 +60,14 @@ def detect_landmarks(path, settings: TrackSettings, landmarker=None, progress: b
     n_points = next((len(lm) for lm in landmarks if lm is not None), 478)
     stacked = np.stack([lm if lm is not None else np.full((n_points, 3), np.nan, np.float32) for lm in landmarks])
     return source, np.array(indices), stacked, np.array(counts)
+
+
+def require_faces(source, valid: np.ndarray, face_model: FaceModel | None = None) -> None:
+    """A face in some frame, and in two at least where the face model is to be learned from them."""
+    if not valid.any():
+        raise NoFaceError(f"{source.path}: no face found in any of the {len(valid)} frames read")
+    if face_model is None and valid.sum() < 2:
+        raise NoFaceError(f"{source.path}: a face was found in only one frame; at least 2 are needed")
 
 
 def fit_heads(lm: np.ndarray, valid: np.ndarray, width: int, height: int, face_model: FaceModel | None = None):
@@ -100,10 +108,7 @@ def track_video(path, settings: TrackSettings | None = None, face_model: FaceMod
     settings = settings or TrackSettings()
     source, indices, lm, counts = detect_landmarks(path, settings, landmarker, progress)
     valid = ~np.isnan(lm).any(axis=(1, 2))
-    if not valid.any():
-        raise NoFaceError(f"{source.path}: no face found in any of the {len(indices)} frames read")
-    if face_model is None and valid.sum() < 2:
-        raise NoFaceError(f"{source.path}: a face was found in only one frame; at least 2 are needed")
+    require_faces(source, valid, face_model)
     arrays, model = controls_from_landmarks(lm, valid, source.width, source.height, face_model, settings)
     events = []
     if (~valid).any():
