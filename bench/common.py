@@ -33,6 +33,12 @@ def rounded(values: dict, columns) -> dict:
     return {c: round(values[c], 3) for c in columns if c in values}
 
 
+def shared_stages(work: Path, preset, clip: str) -> Path:
+    """Where bench/prior.py keeps a clip's track, aligned frames and pivots for the fits of ``preset`` (a Preset):
+    one folder per crop rule, as a fit resumes from the track it finds."""
+    return work / preset.name / clip / f"stages_{preset.crop_scale}"
+
+
 def held_out_split(video: Path) -> tuple[str, str]:
     """The clip's first 80% of frames to train on, the last 20% held out, as `pvp` frame ranges."""
     import cv2

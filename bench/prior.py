@@ -29,15 +29,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import RESULTS, evaluate, held_out_split, print_table, rounded, run_pvp, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    RESULTS,
+    evaluate,
+    held_out_split,
+    print_table,
+    rounded,
+    run_pvp,
+    shared_stages,
+    write_results,
+)
 
 DATA = Path("tests") / "data"  # relative to the repository (pvp runs there): a track made here reads its video there
 # variant -> (what it changes, `--set` items). Each is measured against the preset before this terms:
 # what tiny took on since (the energy terms, the generator trained with the mappers, 6000 prior steps,
-# bfloat16 renders, more expression coefficients) is pinned back first, and a variant's items override it
-# ("preset": the preset as it is; a third item: `--set` items on the preset as it is, nothing pinned back).
+# bfloat16 renders, more expression coefficients, crops sized by the head) is pinned back first, and a variant's
+# items override it ("preset": the preset as it is; a third item: `--set` items on the preset as it is, nothing
+# pinned back).
 TERMS_OFF = ["prior_detail_energy=0", "objective.detail_energy=0", "mapper_generator_lr=0", "prior_steps=4000",
-             "prior_precision=float32", "mapper_precision=float32", "expression_variance=0.98"]
+             "prior_precision=float32", "mapper_precision=float32", "expression_variance=0.98", "crop_scale=ffhq"]
 INBETWEEN = ["prior_inbetween=0.5"]
 ADVERSARIAL = ["prior_adversarial=0.05"]
 TUNE = ["mapper_generator_lr=2e-4"]
@@ -173,11 +183,15 @@ def main(argv=None):
                     help="continue a fit an earlier run left unfinished (a fit longer than a session), not start "
                          "over; not the variants that share a prior")
     args = ap.parse_args(argv)
+    from pvp.fit.presets import PRESETS, apply_settings
+
     if args.prepare:
+        preset = apply_settings(PRESETS[args.preset], args.set)
         for clip in args.clips:
-            track = args.work / args.preset / clip / "stages" / "track.safetensors"
+            track = shared_stages(args.work, preset, clip) / "track.safetensors"
             if not track.is_file():
-                run_pvp(["track", str(DATA / f"{clip}.mp4"), "-o", str(track)], "bench/prior.py")
+                run_pvp(["track", str(DATA / f"{clip}.mp4"), "-o", str(track), "--crop-scale", preset.crop_scale],
+                        "bench/prior.py")
         return
 
     out_json = args.out or RESULTS / f"prior_{args.preset}.json"
@@ -194,13 +208,14 @@ def main(argv=None):
             description, items, *on_preset = VARIANTS[variant]
             items = ([] if items is None else TERMS_OFF) + args.set + (items or []) + [i for x in on_preset for i in x]
             fit_args = [a for item in items for a in ("--set", item)]
+            stages = shared_stages(args.work, apply_settings(PRESETS[args.preset], items), clip)
             out = args.work / args.preset / clip / name
             # a variant that shares another fit's prior starts over: its mapper stage is short, and sharing
             # again would copy that prior over what the stopped run left
             resumed = args.resume and variant not in SHARED_PRIOR and (out / "work" / "settings.json").is_file()
             if not resumed:
                 shutil.rmtree(out, ignore_errors=True)
-            reused = share_stages(args.work / args.preset / clip / "stages", out / "work")
+            reused = share_stages(stages, out / "work")
             shared_prior = None
             if variant in SHARED_PRIOR:
                 settings = fit_settings(video, args.preset, train, items, args.seed)
@@ -219,7 +234,7 @@ def main(argv=None):
                      "--seed", str(args.seed),
                      *(["--resume"] if reused or resumed or shared_prior is not None else [])],
                     "bench/prior.py")
-            share_stages(out / "work", args.work / args.preset / clip / "stages")
+            share_stages(out / "work", stages)
             fit_seconds = time.perf_counter() - t0
             summary = evaluate(out, video, held_out, out / "eval", "bench/prior.py")
             metrics = json.loads((out / "work" / "metrics.json").read_text())

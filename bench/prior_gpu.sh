@@ -4,7 +4,7 @@
 # bench/results/prior_tiny_gpu.json holds such files' rows concatenated.
 #   here:            bash bench/fit_gpu.sh --prepare; python bench/prior.py --prepare
 #   on the GPU:      bash bench/prior_gpu.sh [VARIANT ...]   (carry bench/work/gpu, .whl and each
-#                    bench/work/prior/tiny/CLIP/stages)
+#                    bench/work/prior/tiny/CLIP/stages_head)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS="${OUT:-bench/results}"

@@ -22,7 +22,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import RESULTS, device_description, held_out_split, print_table, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    RESULTS,
+    device_description,
+    held_out_split,
+    print_table,
+    shared_stages,
+    write_results,
+)
 from bench.prior import DATA  # noqa: E402
 from pvp.evaluation.evaluate import sharpness  # noqa: E402
 from pvp.fit.data import build_frames, parse_range, to_tensor  # noqa: E402
@@ -71,7 +78,7 @@ def main() -> None:
         preset = apply_settings(PRESETS[args.preset], args.set)
     except ValueError as e:
         sys.exit(f"bench/prior_probe.py: --set {e}")
-    stages = args.work / args.preset / args.clip / "stages"
+    stages = shared_stages(args.work, preset, args.clip)
     if not (stages / "track.safetensors").is_file():
         sys.exit(f"bench/prior_probe.py: {stages / 'track.safetensors'} is missing: run bench/prior.py "
                  f"--prepare --clips {args.clip} first")
