@@ -195,9 +195,9 @@ SHARP_DETAIL = dict(prior_detail_energy=0.5, mapper_generator_lr=2e-4,
 # (bench/RESULTS.md, "What the generator could show"). tiny: lp_d12 +0.43 dB on three seeds' mean (every seed),
 # sharper, pitch error and expression-only shifts lower; lp_d3 -0.12 dB on two seeds, its jaw error over all frames
 # 0.2-0.35 degrees worse (within the learned ranges lower).
-# And crops sized by the head (tiny, two seeds per clip: held-out +5.6 dB on lp_d3, whose held-out mouths open past
-# anything in training, and +0.9 dB on lp_d12; the head's size under expression-only changes steadier; bench/RESULTS.md,
-# "The crop sized by the head").
+# And crops sized by the head (tiny, two seeds per clip: every method closer to the held-out frames, the avatar by
+# 5.6 dB on lp_d3, whose held-out mouths open past anything in training, and 0.9 dB on lp_d12; an opening mouth no
+# longer shrinks the head; bench/RESULTS.md, "Crops sized by the head"). small takes it unmeasured (4.9 h a fit).
 CPU_PRIOR = dict(prior_precision="auto", mapper_precision="auto", expression_variance=0.995, crop_scale="head",
                  **{**CPU_MAPPERS, **SHARP_DETAIL})
 
