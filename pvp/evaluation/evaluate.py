@@ -262,7 +262,7 @@ def _retrack(tracker, images: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _expression_only_shifts(avatar: Avatar, tracker, ctrl: np.ndarray, donors: np.ndarray, retracked: dict,
-                seed: int = 0) -> dict[str, np.ndarray]:
+                            seed: int = 0) -> dict[str, np.ndarray]:
     """|re-tracked yaw/pitch change| (degrees) and |change of the head's size in the image| (% of it) when each
     frame's jaw and expression become a random donor's (the head pose requested stays the same): 0 for a
     perfectly disentangled avatar."""
