@@ -222,7 +222,7 @@ def _tracks(avatar_dir: Path, avatar: Avatar, video: Path, progress: bool) -> tu
     if avatar.face_model is None:
         raise EvalError(f"{avatar_dir}: the avatar has no face model to express {video} in its expression space")
     smoothing = {k: fit_track.settings[k] for k in ("sigma_centre", "sigma_axes") if k in fit_track.settings}
-    cropped_alike = TrackSettings(**smoothing, crop_scale=fit_track.settings.get("crop_scale", "ffhq"))  # older: FFHQ's
+    cropped_alike = TrackSettings(**smoothing, crop_scale=fit_track.crop_scale)
     return fit_track, track_video(video, cropped_alike, face_model=avatar.face_model, progress=progress)
 
 

@@ -153,10 +153,9 @@ class FitJob:
             return Track.load(path)
         if _is_track_file(self.x.source):
             track = Track.load(self.x.source)
-            cropped = track.settings.get("crop_scale", "ffhq")  # a track from before the setting: FFHQ's
-            if cropped != self.x.preset.crop_scale:
+            if track.crop_scale != self.x.preset.crop_scale:
                 log.warning("%s: crops sized by %s, not by %s as preset %r tracks a video (pvp track --crop-scale): "
-                            "the fit uses the track's", self.x.source, cropped, self.x.preset.crop_scale,
+                            "the fit uses the track's", self.x.source, track.crop_scale, self.x.preset.crop_scale,
                             self.x.preset.name)
         else:
             log.info("stage track: %s", self.x.source)

@@ -64,6 +64,11 @@ class Track:
                                        self.expression[pos])
 
     @property
+    def crop_scale(self) -> str:
+        """How its crops were sized (tracker.CROP_SCALES); a track from before the setting: FFHQ's per frame."""
+        return self.settings.get("crop_scale", "ffhq")
+
+    @property
     def invalid_frames(self) -> list[int]:
         return [int(i) for i in self.frame_index[~self.valid]]
 
