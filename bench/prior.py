@@ -89,6 +89,12 @@ COLUMNS = ("psnr", "psnr_worst10", "ssim", "sharpness", "yaw_err", "pitch_err", 
            "pitch_shift", "size_shift")
 
 
+def variant_items(variant: str, extra: list[str]) -> list[str]:
+    """A variant's `--set` items, with the preset's later terms pinned back first where it asks, and ``extra``."""
+    _, items, *on_preset = VARIANTS[variant]
+    return ([] if items is None else TERMS_OFF) + extra + (items or []) + [i for x in on_preset for i in x]
+
+
 def share_stages(source: Path, dest: Path) -> bool:
     """Copy the stages every variant of a clip shares (track, aligned frames, pivots) that ``dest`` lacks;
     True if ``source`` has any."""
@@ -185,13 +191,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from pvp.fit.presets import PRESETS, apply_settings
 
-    if args.prepare:
-        preset = apply_settings(PRESETS[args.preset], args.set)
+    if args.prepare:  # the tracks the variants asked for will read: one per clip and crop rule
         for clip in args.clips:
-            track = shared_stages(args.work, preset, clip) / "track.safetensors"
-            if not track.is_file():
-                run_pvp(["track", str(DATA / f"{clip}.mp4"), "-o", str(track), "--crop-scale", preset.crop_scale],
-                        "bench/prior.py")
+            for preset in {apply_settings(PRESETS[args.preset], variant_items(v, args.set)) for v in args.variants}:
+                track = shared_stages(args.work, preset, clip) / "track.safetensors"
+                if not track.is_file():
+                    run_pvp(["track", str(DATA / f"{clip}.mp4"), "-o", str(track), "--crop-scale",
+                             preset.crop_scale], "bench/prior.py")
         return
 
     out_json = args.out or RESULTS / f"prior_{args.preset}.json"
@@ -205,8 +211,8 @@ def main(argv=None):
             name = f"{variant}{suffix}"
             if any(r["clip"] == clip and r["variant"] == name for r in rows):
                 continue
-            description, items, *on_preset = VARIANTS[variant]
-            items = ([] if items is None else TERMS_OFF) + args.set + (items or []) + [i for x in on_preset for i in x]
+            description = VARIANTS[variant][0]
+            items = variant_items(variant, args.set)
             fit_args = [a for item in items for a in ("--set", item)]
             stages = shared_stages(args.work, apply_settings(PRESETS[args.preset], items), clip)
             out = args.work / args.preset / clip / name
