@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from pvp.checkpoints import load_generator
 from pvp.fit.pivots import select_pivots
-from pvp.fit.presets import PRESETS
+from pvp.fit.presets import PRESETS, apply_settings
 from pvp.fit.pti import locality_latents, pivotal_tuning
 from pvp.fit.training import step_generator
 from pvp.models.losses import PerceptualLoss
@@ -128,7 +129,8 @@ def test_fit_killed_during_training_resumes(d3_track_file, tmp_path):
     assert torch.load(ckpt, weights_only=True)["step"] == 400
     assert (out / "work" / "generator.safetensors").is_file()
     changed = _fit([*args[:-4], "--set", "pivots=7", "--set", "mapper_steps=5", "--resume"])
-    assert changed.returncode == 2 and "different settings" in changed.stderr
+    assert changed.returncode == 2 and "preset.pivots was 6" in changed.stderr
+    assert "add --set pivots=6 to continue it as it started" in changed.stderr
 
 
 def test_each_stage_renders_in_its_own_precision_and_the_fit_records_it(d3_track_file, tmp_path, monkeypatch):
@@ -178,15 +180,44 @@ def test_a_fit_started_before_a_preset_field_existed_resumes_with_its_default():
     written_before = {**current, "preset": {**{k: v for k, v in current["preset"].items()
                                                if "precision" not in k and k != "crop_scale"},
                                             "objective": objective_before}}
-    assert settings_changes(written_before, current) == []
+    assert settings_changes(written_before, current) == {}
     removed_since = {**written_before, "preset": {**written_before["preset"],
                                                   "objective": {**objective_before, "a_removed_term": 1.0}}}
-    assert settings_changes(removed_since, current) == []
+    assert settings_changes(removed_since, current) == {}
     adversarial = {**current, "preset": {**current["preset"], "objective": {**objective_before, "adversarial": 0.5}}}
-    assert settings_changes(written_before, adversarial) == ["preset.objective"]
+    assert settings_changes(written_before, adversarial) == {"preset.objective.adversarial": 0.0}
     tiny = {**current, "preset": PRESETS["tiny"].to_json(), "seed": 1}
     tiny_before = {**tiny, "seed": 0, "preset": {**tiny["preset"], "prior_precision": "float32", "prior_steps": 4000}}
-    assert settings_changes(tiny_before, tiny) == ["preset.prior_precision", "preset.prior_steps", "seed"]
+    assert settings_changes(tiny_before, tiny) == {"preset.prior_precision": "float32", "preset.prior_steps": 4000,
+                                                   "seed": 0}
+
+
+def test_a_resume_with_other_settings_says_which_arguments_continue_it_as_it_started():
+    """A work directory of an older tiny (written before crop_scale and the precisions existed, other terms, another
+    seed and channels): the arguments the refusal offers give back exactly the settings it started with."""
+    from pvp.fit.pipeline import FitInputs, restoring_arguments, settings_changes
+
+    started = replace(PRESETS["tiny"], crop_scale="ffhq", prior_precision="float32", mapper_precision="float32",
+                      channels=(64, 64, 32, 32, 16), objective=replace(PRESETS["tiny"].objective, sigma=1.0,
+                                                                       perturb_jaw=False))
+    written = FitInputs(Path("clip.mp4"), Path("a"), started, train_frames="0:200", seed=3).settings()
+    written["preset"] = {k: v for k, v in written["preset"].items() if k not in ("crop_scale", "prior_precision",
+                                                                               "mapper_precision")}
+    now = FitInputs(Path("clip.mp4"), Path("a"), PRESETS["tiny"], train_frames="0:250").settings()
+    changed = settings_changes(written, now)
+    assert set(changed) == {"preset.crop_scale", "preset.prior_precision", "preset.mapper_precision",
+                            "preset.channels", "preset.objective.sigma", "preset.objective.perturb_jaw",
+                            "train_frames", "seed"}
+    args = restoring_arguments(changed)
+    items = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    assert "crop_scale=ffhq" in items and "channels=64,64,32,32,16" in items
+    options = {a: args[i + 1] for i, a in enumerate(args) if a.startswith("--") and a != "--set"}
+    assert options == {"--train-frames": "0:200", "--seed": "3"}
+    given = FitInputs(Path("clip.mp4"), Path("a"), apply_settings(PRESETS["tiny"], items),
+                      train_frames=options["--train-frames"], seed=int(options["--seed"])).settings()
+    assert settings_changes(written, given) == {}
+    small = FitInputs(Path("clip.mp4"), Path("a"), PRESETS["small"], train_frames="0:200", seed=3).settings()
+    assert restoring_arguments(settings_changes(small, now))[:2] == ["--preset", "small"]
 
 
 def test_paper_preset_needs_a_prior_and_vgg(d3_track_file, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -73,23 +74,44 @@ class FitInputs:
                 "pivot_method": self.pivot_method, "seed": self.seed}
 
 
-def settings_changes(previous: dict, current: dict) -> list[str]:
-    """The settings a resumed fit was given differently ('preset.FIELD' for a preset field). A preset field
-    that settings written before it existed lack counts as its default: new fields default to what fits ran
-    with before them, in a nested field (the objective, the mapper design) as well; fields removed since
-    count for nothing."""
+def settings_changes(previous: dict, current: dict) -> dict[str, object]:
+    """The settings a resumed fit was given differently, each with the value it started with: 'preset.FIELD' for a
+    preset field, 'preset.FIELD.INNER' for one of a nested field (the objective, the mapper design). A preset field
+    that settings written before it existed lack counts as its default: new fields default to what fits ran with
+    before them, in a nested field as well; fields removed since count for nothing."""
     defaults = Preset(name="", resolution=0, pivots=0, perceptual="", needs_prior=False).to_json()  # the defaults
     written = previous.get("preset", {})
-
-    def differs(key: str, value) -> bool:
+    changed = {}
+    for key, value in current["preset"].items():
         old = written.get(key, defaults.get(key))
         if isinstance(value, dict) and isinstance(old, dict):  # compared on the current fields only
             default = defaults.get(key, {})
-            return any(old.get(k, default.get(k)) != v for k, v in value.items())
-        return old != value
+            changed.update({f"preset.{key}.{k}": old.get(k, default.get(k)) for k, v in value.items()
+                            if old.get(k, default.get(k)) != v})
+        elif old != value:
+            changed[f"preset.{key}"] = old
+    changed.update({k: previous.get(k) for k, v in current.items() if k != "preset" and previous.get(k) != v})
+    return dict(sorted(changed.items()))
 
-    changed = [f"preset.{k}" for k, v in current["preset"].items() if differs(k, v)]
-    return sorted(changed + [k for k, v in current.items() if k != "preset" and previous.get(k) != v])
+
+# pvp fit's options for the settings outside the preset's fields (the source is its first argument)
+SETTING_OPTIONS = {"preset.name": "--preset", "prior": "--prior", "deca": "--deca", "e4e": "--e4e",
+                   "train_frames": "--train-frames", "pivot_method": "--pivots", "seed": "--seed"}
+
+
+def restoring_arguments(changed: dict[str, object]) -> list[str]:
+    """pvp fit's arguments that give a resumed fit back the settings it started with (``settings_changes``); a
+    setting that was unset, or is no option, has none. The options come first, then the preset's ``--set`` items."""
+    args = [a for name, old in changed.items() if name in SETTING_OPTIONS and old is not None
+            for a in (SETTING_OPTIONS[name], str(old))]
+    for name, old in changed.items():
+        if name.startswith("preset.") and name not in SETTING_OPTIONS:
+            if isinstance(old, (list, tuple)):
+                old = ",".join(map(str, old))
+            elif isinstance(old, bool):
+                old = str(old).lower()
+            args += ["--set", f"{name.removeprefix('preset.')}={old}"]
+    return args
 
 
 def _is_track_file(path: Path) -> bool:
@@ -126,8 +148,11 @@ class FitJob:
             previous = json.loads(settings_path.read_text()) if settings_path.is_file() else settings
             changed = settings_changes(previous, settings)
             if changed:
-                raise FitError(f"{x.avatar}: --resume with different settings ({', '.join(changed)}); "
-                               "use the original ones or another output directory")
+                given = ", ".join(f"{name} was {old!r}" for name, old in changed.items())
+                restore = restoring_arguments(changed)
+                hint = f"add {' '.join(map(shlex.quote, restore))} to continue it as it started, " if restore else ""
+                raise FitError(f"{x.avatar}: --resume with different settings ({given}); {hint}"
+                               "or choose another output directory")
         self.work.mkdir(parents=True, exist_ok=True)
         write_text(settings_path, json.dumps(settings, indent=1))
         handler = logging.FileHandler(self.work / "fit.log")
