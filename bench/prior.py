@@ -179,6 +179,8 @@ def main(argv=None):
     ap.add_argument("--clips", nargs="+", default=["lp_d3", "lp_d12"])
     ap.add_argument("--variants", nargs="+", default=["base"], choices=list(VARIANTS))
     ap.add_argument("--label", default="", help="added to each row's variant name (e.g. 'before')")
+    ap.add_argument("--prior-label", help="the label of the fit whose prior the variants that share one start from "
+                    "(default: --label's, then none)")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "prior")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a preset override for every fit")
     ap.add_argument("--seed", type=int, default=0,
@@ -226,7 +228,8 @@ def main(argv=None):
             if variant in SHARED_PRIOR:
                 settings = fit_settings(video, args.preset, train, items, args.seed)
                 reasons = []
-                for source_suffix in dict.fromkeys([suffix, seed_suffix]):  # the labelled source first
+                labelled = (args.label if args.prior_label is None else args.prior_label) + seed_suffix
+                for source_suffix in dict.fromkeys([labelled, seed_suffix]):  # the labelled source first
                     source = args.work / args.preset / clip / f"{SHARED_PRIOR[variant]}{source_suffix}" / "work"
                     shared = share_prior(source, out / "work", settings)
                     if not isinstance(shared, str):

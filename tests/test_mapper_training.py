@@ -305,3 +305,53 @@ def test_the_adversarial_term_trains_the_renders_and_a_checkpointed_discriminato
     assert len(loaded) == 1 and all(torch.equal(v, first["discriminator"][k]) for k, v in loaded[0].items())
     second = torch.load(tmp_path / "c.pt", weights_only=True)["discriminator"]
     assert any(not torch.equal(v, first["discriminator"][k]) for k, v in second.items())  # step 2 trained it
+
+
+def test_a_weight_average_keeps_the_mean_of_noisy_steps_and_forgets_the_start():
+    """Steps that jitter around a target: the average lies far closer to it than the last step; begun far from
+    the target, it does not remember where it began."""
+    from pvp.fit.training import WeightAverage
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        layer.weight.fill_(100.0)  # the start, far away
+    average = WeightAverage([layer], half_life=20)
+    for step in range(400):
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(4, 4))  # the optimiser's noise about a target of 0
+        average.update(step)
+    last_error = layer.weight.abs().mean()
+    average.copy_to_modules()
+    assert layer.weight.abs().mean() < last_error / 3
+    with pytest.raises(ValueError, match="half_life"):
+        WeightAverage([layer], half_life=0)
+
+
+def test_the_mappers_and_generator_kept_are_their_weights_average_and_a_resume_continues_it(parts, tmp_path):
+    """With a half-life the mapper stage returns the average of the steps' weights (not the last step's), for
+    the mappers and the generator trained with them, and trains as without it; the checkpoint carries the
+    average, so a stage stopped and resumed returns what an uninterrupted one does."""
+    G0, pivots, _, _, (pitch_yaw, jaw_expression) = parts
+    frames = torch.rand(N, 3, 64, 64) * 2 - 1
+    data = MapperData(pitch_yaw, jaw_expression, frames, torch.ones(N, 1, 64, 64), jaw_expression.min(0).values,
+                      jaw_expression.max(0).values)
+
+    def train(steps: int, resume: bool, half_life: float, name: str) -> dict[str, torch.Tensor]:
+        G = G0.__class__(G0.cfg)
+        G.load_state_dict(G0.state_dict())
+        m, _ = train_mappers(G, pivots, data, PerceptualLoss("msssim"), steps=steps, batch=2, lr=5e-3,
+                             checkpoint=tmp_path / f"{name}.pt", every=2, resume=resume, progress=False,
+                             objective=ObjectiveConfig(optimize_noise=False), generator_lr=1e-3,
+                             average_half_life=half_life)
+        return {**{f"mappers.{k}": v for k, v in m.state_dict().items()},
+                **{f"generator.{k}": v for k, v in G.synthesis.state_dict().items() if k.endswith("weight")}}
+
+    last, averaged = train(4, False, 0.0, "last"), train(4, False, 2.0, "averaged")
+    for part in ("mappers.", "generator."):
+        assert any(not torch.equal(v, averaged[k]) for k, v in last.items() if k.startswith(part))
+    saved = torch.load(tmp_path / "averaged.pt", weights_only=True)
+    assert all(torch.equal(v, last[f"mappers.{k}"]) for k, v in saved["mappers"].items())  # trained as without
+    train(2, False, 2.0, "resumed")
+    resumed = train(4, True, 2.0, "resumed")
+    assert all(torch.allclose(v, averaged[k], atol=1e-6) for k, v in resumed.items())

@@ -30,6 +30,10 @@ term is on) — the renders between and beyond the frames, where no frame says w
 terms settle for blur; the mappers (and the generator, when it trains with them) are asked to make those renders
 pass for frames. Measured on tiny (bench/RESULTS.md, issue 20): its effect on PSNR and sharpness changes sign
 with the seed; not adopted.
+
+And a training choice beyond the authors': the mappers and generator kept may be the moving average of their weights
+over the last steps (``average_half_life``, Polyak averaging) rather than the last step's, whose batch of frames
+pulled them last.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pvp.fit.training import run_steps, schedule_lr, step_generator
+from pvp.fit.training import WeightAverage, run_steps, schedule_lr, step_generator
 from pvp.models.discriminator import (
     Discriminator,
     DiscriminatorConfig,
@@ -256,10 +260,12 @@ def train_mappers(G: Generator, pivots: torch.Tensor, data: MapperData, perceptu
                   batch: int, lr: float, checkpoint: Path, every: int, resume: bool, tracker=None, identity=None,
                   objective: ObjectiveConfig = ObjectiveConfig(), design: MapperDesign = MapperDesign(),
                   standardize_inputs: bool = False, lr_schedule: str = "constant", seed: int = 0,
-                  progress: bool = True, generator_lr: float = 0.0, dtype: torch.dtype = torch.float32):
+                  progress: bool = True, generator_lr: float = 0.0, dtype: torch.dtype = torch.float32,
+                  average_half_life: float = 0.0):
     """Returns (mappers, the last step's loss terms). With ``objective.optimize_noise`` the generator's noise
     maps are trained too, and with ``generator_lr`` > 0 its synthesis weights (at that rate): in place, save G
-    afterwards. ``dtype``: the generator's renders (training.render_dtype)."""
+    afterwards. ``dtype``: the generator's renders (training.render_dtype). ``average_half_life`` > 0: the
+    mappers and the generator returned are the moving average of their weights over the steps (that half-life)."""
     device = data.frames.device
     cfg = MapperConfig(num_pivots=len(pivots), num_ws=G.num_ws, w_dim=G.cfg.w_dim,
                        jaw_expression_dim=data.jaw_expression.shape[1], design=design)
@@ -285,6 +291,10 @@ def train_mappers(G: Generator, pivots: torch.Tensor, data: MapperData, perceptu
         objective_fn.discriminator = Discriminator(DiscriminatorConfig(data.frames.shape[-1])).to(device).train()
         opt_d = torch.optim.Adam(objective_fn.discriminator.parameters(), lr=DISCRIMINATOR_LR, betas=(0.0, 0.99))
         state.update(discriminator=objective_fn.discriminator, opt_d=opt_d)
+    average = None
+    if average_half_life > 0:
+        average = WeightAverage([mappers, *([G.synthesis] if generator_lr > 0 else [])], average_half_life)
+        state["average"] = average
 
     def step(i: int) -> dict[str, torch.Tensor]:
         schedule_lr(opt, lr, lr_schedule, i, steps)
@@ -296,9 +306,13 @@ def train_mappers(G: Generator, pivots: torch.Tensor, data: MapperData, perceptu
         loss.backward()
         opt.step()
         judged = {"d_loss": objective_fn.discriminator_step(opt_d, gen)} if opt_d is not None else {}
+        if average is not None:
+            average.update(i)
         return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}, **judged}
 
     metrics = run_steps("mappers", steps, step, {**state, "opt": opt}, checkpoint, every, resume, progress)
+    if average is not None:
+        average.copy_to_modules()
     noise.freeze()
     G.requires_grad_(False)
     return mappers.eval().requires_grad_(False), metrics

@@ -327,7 +327,8 @@ class FitJob:
             x.preset.mapper_lr, self.work / "mappers_checkpoint.pt", x.preset.checkpoint_every, x.resume, tracker,
             identity, objective=objective, design=x.preset.mapper_design,
             standardize_inputs=x.preset.standardize_mapper_inputs, lr_schedule=x.preset.lr_schedule, seed=x.seed,
-            progress=x.progress, generator_lr=x.preset.mapper_generator_lr, dtype=dtype)
+            progress=x.progress, generator_lr=x.preset.mapper_generator_lr, dtype=dtype,
+            average_half_life=x.preset.mapper_average_half_life)
         self._record(mapper_training=metrics, mapper_render_dtype=dtype_name(dtype),
                      losses=losses_record(objective, perceptual.kind, identity is not None, tracker and track.backend))
         if x.preset.mapper_generator_lr > 0:  # the generator the mappers were trained with, before them

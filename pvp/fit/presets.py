@@ -67,6 +67,7 @@ class Preset:
     mapper_lr: float = 5e-4  # the mappers' and the noise maps'
     mapper_batch: int = 1
     mapper_generator_lr: float = 0.0  # > 0: the generator trained with the mappers at this rate (0: frozen)
+    mapper_average_half_life: float = 0.0  # > 0: the mappers and generator kept are their weights' moving average
     mapper_design: MapperDesign = field(default_factory=MapperDesign)
     standardize_mapper_inputs: bool = False
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # Eq. 15
@@ -80,7 +81,8 @@ class Preset:
     def __post_init__(self):
         if self.pti_stop not in PTI_STOPS:
             raise ValueError(f"pti_stop {self.pti_stop!r}: expected one of {', '.join(PTI_STOPS)}")
-        for name in ("prior_detail", "prior_detail_energy", "prior_adversarial", "prior_r1", "mapper_generator_lr"):
+        for name in ("prior_detail", "prior_detail_energy", "prior_adversarial", "prior_r1", "mapper_generator_lr",
+                     "mapper_average_half_life"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} {getattr(self, name)}: expected 0 (off) or more")
         if not 0.0 <= self.prior_inbetween <= 1.0:

@@ -135,3 +135,35 @@ def run_steps(name: str, steps: int, step_fn: Callable[[int], dict], modules: di
     save_checkpoint(checkpoint, {"step": steps, "metrics": metrics, "seconds": seconds,
                                  **{k: v.state_dict() for k, v in modules.items()}})
     return metrics
+
+
+class WeightAverage:
+    """An exponential moving average of modules' parameters over a training loop (Polyak averaging): the average
+    of the last steps' weights, whose noise the optimiser's last step keeps. ``half_life`` in steps; early on the
+    average forgets faster (its decay is at most (1 + step) / (10 + step)), so it does not remember the start."""
+
+    def __init__(self, modules: list[torch.nn.Module], half_life: float):
+        if half_life <= 0:
+            raise ValueError(f"half_life {half_life}: expected more than 0 steps")
+        self.params = [p for m in modules for p in m.parameters()]
+        self.average = [p.detach().clone() for p in self.params]
+        self.decay = 0.5 ** (1.0 / half_life)
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for average, param in zip(self.average, self.params):
+            average.lerp_(param.detach(), 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to_modules(self) -> None:
+        """The modules take the averaged weights."""
+        for param, average in zip(self.params, self.average):
+            param.copy_(average)
+
+    def state_dict(self) -> dict:
+        return {"average": self.average}
+
+    def load_state_dict(self, state: dict) -> None:
+        for mine, saved in zip(self.average, state["average"], strict=True):
+            mine.copy_(saved)
