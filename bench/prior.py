@@ -12,10 +12,10 @@ continues a fit a stopped run left, whose row is marked "resumed": its prior and
 training loops' over every run, without the stages' set-up and the process's start, and the other stages' this
 run's; a variant in SHARED_PRIOR starts over). The clips' track, aligned frames and pivots are made once per clip
 and shared by its variants (``--prepare`` makes the tracks alone, for bench/prior_gpu.sh). A variant in SHARED_PRIOR
-starts from another variant's prior stage (its fit with the same label and seed, else the same seed) when that fit
-trained the same prior — its generator and latents, or its prior checkpoint where the generator trained on with the
-mappers (the row says so, with that prior's seconds): variants that differ only in the mapper stage then cost a
-mapper stage each.
+starts from another variant's prior stage (its fit with the same label, or --prior-label's, and seed, else the same
+seed) when that fit trained the same prior — its generator and latents, or its prior checkpoint where the generator
+trained on with the mappers (the row says so, with that prior's seconds): variants that differ only in the mapper
+stage then cost a mapper stage each.
 """
 from __future__ import annotations
 

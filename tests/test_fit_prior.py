@@ -208,7 +208,7 @@ def test_a_resume_with_other_settings_says_which_arguments_continue_it_as_it_sta
     assert set(changed) == {"preset.crop_scale", "preset.prior_precision", "preset.mapper_precision",
                             "preset.channels", "preset.objective.sigma", "preset.objective.perturb_jaw",
                             "train_frames", "seed"}
-    args = restoring_arguments(changed)
+    args = restoring_arguments(written, now)
     items = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
     assert "crop_scale=ffhq" in items and "channels=64,64,32,32,16" in items
     options = {a: args[i + 1] for i, a in enumerate(args) if a.startswith("--") and a != "--set"}
@@ -216,8 +216,18 @@ def test_a_resume_with_other_settings_says_which_arguments_continue_it_as_it_sta
     given = FitInputs(Path("clip.mp4"), Path("a"), apply_settings(PRESETS["tiny"], items),
                       train_frames=options["--train-frames"], seed=int(options["--seed"])).settings()
     assert settings_changes(written, given) == {}
-    small = FitInputs(Path("clip.mp4"), Path("a"), PRESETS["small"], train_frames="0:200", seed=3).settings()
-    assert restoring_arguments(settings_changes(small, now))[:2] == ["--preset", "small"]
+    # begun with another preset, one of its fields set: that preset, and the field against it
+    small = FitInputs(Path("clip.mp4"), Path("a"), replace(PRESETS["small"], mapper_steps=1500),
+                      train_frames="0:250").settings()
+    assert restoring_arguments(small, now) == ["--preset", "small", "--set", "mapper_steps=1500"]
+    paper = FitInputs(Path("clip.mp4"), Path("a"), PRESETS["paper"], train_frames="0:250").settings()
+    args = restoring_arguments(now, paper)  # tiny's fields against paper's: its channels were none
+    assert args == ["--preset", "tiny"]
+    assert apply_settings(PRESETS["tiny"], ["channels="]).channels == ()
+    # begun without a setting that can only be left out, or on another source: no arguments restore it
+    all_frames = FitInputs(Path("clip.mp4"), Path("a"), PRESETS["tiny"]).settings()
+    assert restoring_arguments(all_frames, now) is None
+    assert restoring_arguments({**now, "source": "other.mp4"}, now) is None
 
 
 def test_paper_preset_needs_a_prior_and_vgg(d3_track_file, tmp_path):

@@ -31,9 +31,9 @@ terms settle for blur; the mappers (and the generator, when it trains with them)
 pass for frames. Measured on tiny (bench/RESULTS.md, issue 20): its effect on PSNR and sharpness changes sign
 with the seed; not adopted.
 
-And a training choice beyond the authors': the mappers and generator kept may be the moving average of their weights
-over the last steps (``average_half_life``, Polyak averaging) rather than the last step's, whose batch of frames
-pulled them last.
+And a training choice beyond the authors': what the stage trains (the mappers, and the noise maps and generator where
+they train) may be kept as the moving average of the last steps' weights (``average_half_life``, Polyak averaging)
+rather than the last step's, which its own batch of frames pulled last.
 """
 from __future__ import annotations
 
@@ -265,7 +265,7 @@ def train_mappers(G: Generator, pivots: torch.Tensor, data: MapperData, perceptu
     """Returns (mappers, the last step's loss terms). With ``objective.optimize_noise`` the generator's noise
     maps are trained too, and with ``generator_lr`` > 0 its synthesis weights (at that rate): in place, save G
     afterwards. ``dtype``: the generator's renders (training.render_dtype). ``average_half_life`` > 0: the
-    mappers and the generator returned are the moving average of their weights over the steps (that half-life)."""
+    mappers, noise maps and generator weights kept are their moving average over the steps (that half-life)."""
     device = data.frames.device
     cfg = MapperConfig(num_pivots=len(pivots), num_ws=G.num_ws, w_dim=G.cfg.w_dim,
                        jaw_expression_dim=data.jaw_expression.shape[1], design=design)
@@ -292,8 +292,8 @@ def train_mappers(G: Generator, pivots: torch.Tensor, data: MapperData, perceptu
         opt_d = torch.optim.Adam(objective_fn.discriminator.parameters(), lr=DISCRIMINATOR_LR, betas=(0.0, 0.99))
         state.update(discriminator=objective_fn.discriminator, opt_d=opt_d)
     average = None
-    if average_half_life > 0:
-        average = WeightAverage([mappers, *([G.synthesis] if generator_lr > 0 else [])], average_half_life)
+    if average_half_life > 0:  # of all the optimiser trains: the mappers, the noise maps, the generator
+        average = WeightAverage([t for group in params for t in group["params"]], average_half_life)
         state["average"] = average
 
     def step(i: int) -> dict[str, torch.Tensor]:
@@ -312,7 +312,7 @@ def train_mappers(G: Generator, pivots: torch.Tensor, data: MapperData, perceptu
 
     metrics = run_steps("mappers", steps, step, {**state, "opt": opt}, checkpoint, every, resume, progress)
     if average is not None:
-        average.copy_to_modules()
+        average.copy_to_tensors()
     noise.freeze()
     G.requires_grad_(False)
     return mappers.eval().requires_grad_(False), metrics

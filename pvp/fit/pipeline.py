@@ -30,7 +30,7 @@ from pvp.fit.mapper_training import (
     train_mappers,
 )
 from pvp.fit.pivots import select_pivots
-from pvp.fit.presets import Preset
+from pvp.fit.presets import PRESETS, Preset, format_setting
 from pvp.fit.pti import pivotal_tuning
 from pvp.fit.scratch_prior import standardized_controls, train_scratch_prior
 from pvp.fit.training import dtype_name, render_dtype
@@ -86,32 +86,40 @@ def settings_changes(previous: dict, current: dict) -> dict[str, object]:
         old = written.get(key, defaults.get(key))
         if isinstance(value, dict) and isinstance(old, dict):  # compared on the current fields only
             default = defaults.get(key, {})
-            changed.update({f"preset.{key}.{k}": old.get(k, default.get(k)) for k, v in value.items()
-                            if old.get(k, default.get(k)) != v})
+            for inner, now in value.items():
+                before = old.get(inner, default.get(inner))
+                if before != now:
+                    changed[f"preset.{key}.{inner}"] = before
         elif old != value:
             changed[f"preset.{key}"] = old
     changed.update({k: previous.get(k) for k, v in current.items() if k != "preset" and previous.get(k) != v})
     return dict(sorted(changed.items()))
 
 
-# pvp fit's options for the settings outside the preset's fields (the source is its first argument)
-SETTING_OPTIONS = {"preset.name": "--preset", "prior": "--prior", "deca": "--deca", "e4e": "--e4e",
-                   "train_frames": "--train-frames", "pivot_method": "--pivots", "seed": "--seed"}
+# pvp fit's options (cli.py) for the settings outside the preset's fields; the source is its first argument
+SETTING_OPTIONS = {"prior": "--prior", "deca": "--deca", "e4e": "--e4e", "train_frames": "--train-frames",
+                   "pivot_method": "--pivots", "seed": "--seed"}
 
 
-def restoring_arguments(changed: dict[str, object]) -> list[str]:
-    """pvp fit's arguments that give a resumed fit back the settings it started with (``settings_changes``); a
-    setting that was unset, or is no option, has none. The options come first, then the preset's ``--set`` items."""
-    args = [a for name, old in changed.items() if name in SETTING_OPTIONS and old is not None
-            for a in (SETTING_OPTIONS[name], str(old))]
-    for name, old in changed.items():
-        if name.startswith("preset.") and name not in SETTING_OPTIONS:
-            if isinstance(old, (list, tuple)):
-                old = ",".join(map(str, old))
-            elif isinstance(old, bool):
-                old = str(old).lower()
-            args += ["--set", f"{name.removeprefix('preset.')}={old}"]
-    return args
+def restoring_arguments(previous: dict, current: dict) -> list[str] | None:
+    """pvp fit's arguments that, added after the ones that gave ``current``, give a resumed fit back the settings
+    ``previous`` it started with: the options, then the preset's ``--set`` items (against the preset it started
+    with, when that was another). None when adding arguments cannot: another source, or a setting it started
+    without."""
+    args = []
+    started_with = previous.get("preset", {}).get("name")
+    if started_with != current["preset"]["name"]:
+        if started_with not in PRESETS:
+            return None
+        args = ["--preset", started_with]
+        current = {**current, "preset": PRESETS[started_with].to_json()}
+    changed = settings_changes(previous, current)
+    options = {name: old for name, old in changed.items() if not name.startswith("preset.")}
+    if any(name not in SETTING_OPTIONS or old is None for name, old in options.items()):
+        return None
+    args += [a for name, old in options.items() for a in (SETTING_OPTIONS[name], str(old))]
+    return args + [a for name, old in changed.items() if name.startswith("preset.")
+                   for a in ("--set", f"{name.removeprefix('preset.')}={format_setting(old)}")]
 
 
 def _is_track_file(path: Path) -> bool:
@@ -148,9 +156,10 @@ class FitJob:
             previous = json.loads(settings_path.read_text()) if settings_path.is_file() else settings
             changed = settings_changes(previous, settings)
             if changed:
-                given = ", ".join(f"{name} was {old!r}" for name, old in changed.items())
-                restore = restoring_arguments(changed)
-                hint = f"add {' '.join(map(shlex.quote, restore))} to continue it as it started, " if restore else ""
+                given = ", ".join(f"{name.removeprefix('preset.')} was {old!r}" for name, old in changed.items())
+                restore = restoring_arguments(previous, settings)
+                hint = (f"add {' '.join(map(shlex.quote, restore))} after your arguments to continue it as it "
+                        "started, " if restore else "")
                 raise FitError(f"{x.avatar}: --resume with different settings ({given}); {hint}"
                                "or choose another output directory")
         self.work.mkdir(parents=True, exist_ok=True)

@@ -67,7 +67,7 @@ class Preset:
     mapper_lr: float = 5e-4  # the mappers' and the noise maps'
     mapper_batch: int = 1
     mapper_generator_lr: float = 0.0  # > 0: the generator trained with the mappers at this rate (0: frozen)
-    mapper_average_half_life: float = 0.0  # > 0: the mappers and generator kept are their weights' moving average
+    mapper_average_half_life: float = 0.0  # > 0, steps: the mapper stage keeps its weights' moving average
     mapper_design: MapperDesign = field(default_factory=MapperDesign)
     standardize_mapper_inputs: bool = False
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # Eq. 15
@@ -161,8 +161,17 @@ def _parse_setting(raw: str, like):
             raise ValueError(raw)
         return raw.lower() in ("true", "1")
     if isinstance(like, tuple):
-        return tuple(int(v) for v in raw.split(","))
+        return tuple(int(v) for v in raw.split(",") if v)
     return type(like)(raw)
+
+
+def format_setting(value) -> str:
+    """A field's value as a ``--set`` item writes it (``_parse_setting`` reads it back)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 # The CPU presets weigh pose consistency 100x the paper: their renders are small, and a degree of head

@@ -138,28 +138,27 @@ def run_steps(name: str, steps: int, step_fn: Callable[[int], dict], modules: di
 
 
 class WeightAverage:
-    """An exponential moving average of modules' parameters over a training loop (Polyak averaging): the average
-    of the last steps' weights, whose noise the optimiser's last step keeps. ``half_life`` in steps; early on the
-    average forgets faster (its decay is at most (1 + step) / (10 + step)), so it does not remember the start."""
+    """An exponential moving average of the tensors a training loop optimises (Polyak averaging): the last steps'
+    weights averaged, where the last step's alone carry the pull of its own batch. ``half_life`` in steps; early on
+    the average forgets faster (its decay is at most (1 + step) / (10 + step), as TensorFlow's
+    ExponentialMovingAverage with num_updates), so it does not remember the start."""
 
-    def __init__(self, modules: list[torch.nn.Module], half_life: float):
+    def __init__(self, tensors: list[torch.Tensor], half_life: float):
         if half_life <= 0:
             raise ValueError(f"half_life {half_life}: expected more than 0 steps")
-        self.params = [p for m in modules for p in m.parameters()]
-        self.average = [p.detach().clone() for p in self.params]
+        self.tensors = tensors
+        self.average = [t.detach().clone() for t in tensors]
         self.decay = 0.5 ** (1.0 / half_life)
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
-        for average, param in zip(self.average, self.params):
-            average.lerp_(param.detach(), 1.0 - decay)
+        torch._foreach_lerp_(self.average, self.tensors, 1.0 - decay)
 
     @torch.no_grad()
-    def copy_to_modules(self) -> None:
-        """The modules take the averaged weights."""
-        for param, average in zip(self.params, self.average):
-            param.copy_(average)
+    def copy_to_tensors(self) -> None:
+        """The optimised tensors take the averaged values."""
+        torch._foreach_copy_(self.tensors, self.average)
 
     def state_dict(self) -> dict:
         return {"average": self.average}
