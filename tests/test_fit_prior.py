@@ -129,8 +129,8 @@ def test_fit_killed_during_training_resumes(d3_track_file, tmp_path):
     assert torch.load(ckpt, weights_only=True)["step"] == 400
     assert (out / "work" / "generator.safetensors").is_file()
     changed = _fit([*args[:-4], "--set", "pivots=7", "--set", "mapper_steps=5", "--resume"])
-    assert changed.returncode == 2 and "preset.pivots was 6" in changed.stderr
-    assert "add --set pivots=6 to continue it as it started" in changed.stderr
+    assert changed.returncode == 2 and "(pivots was 6)" in changed.stderr
+    assert "add --set pivots=6 after your arguments to continue it as it started" in changed.stderr
 
 
 def test_each_stage_renders_in_its_own_precision_and_the_fit_records_it(d3_track_file, tmp_path, monkeypatch):
