@@ -194,8 +194,9 @@ def test_a_fit_started_before_a_preset_field_existed_resumes_with_its_default():
 
 def test_a_resume_with_other_settings_says_which_arguments_continue_it_as_it_started():
     """A work directory of an older tiny (written before crop_scale and the precisions existed, other terms, another
-    seed and channels): the arguments the refusal offers give back exactly the settings it started with."""
-    from pvp.fit.pipeline import FitInputs, restoring_arguments, settings_changes
+    seed and channels): the arguments the refusal offers give back exactly the settings it started with; an option
+    the fit began without is to be left out."""
+    from pvp.fit.pipeline import FitInputs, restoring_arguments, restoring_hint, settings_changes
 
     started = replace(PRESETS["tiny"], crop_scale="ffhq", prior_precision="float32", mapper_precision="float32",
                       channels=(64, 64, 32, 32, 16), objective=replace(PRESETS["tiny"].objective, sigma=1.0,
@@ -208,7 +209,8 @@ def test_a_resume_with_other_settings_says_which_arguments_continue_it_as_it_sta
     assert set(changed) == {"preset.crop_scale", "preset.prior_precision", "preset.mapper_precision",
                             "preset.channels", "preset.objective.sigma", "preset.objective.perturb_jaw",
                             "train_frames", "seed"}
-    args = restoring_arguments(written, now)
+    args, leave_out = restoring_arguments(written, now)
+    assert leave_out == []
     items = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
     assert "crop_scale=ffhq" in items and "channels=64,64,32,32,16" in items
     options = {a: args[i + 1] for i, a in enumerate(args) if a.startswith("--") and a != "--set"}
@@ -219,15 +221,17 @@ def test_a_resume_with_other_settings_says_which_arguments_continue_it_as_it_sta
     # begun with another preset, one of its fields set: that preset, and the field against it
     small = FitInputs(Path("clip.mp4"), Path("a"), replace(PRESETS["small"], mapper_steps=1500),
                       train_frames="0:250").settings()
-    assert restoring_arguments(small, now) == ["--preset", "small", "--set", "mapper_steps=1500"]
+    assert restoring_arguments(small, now) == (["--preset", "small", "--set", "mapper_steps=1500"], [])
     paper = FitInputs(Path("clip.mp4"), Path("a"), PRESETS["paper"], train_frames="0:250").settings()
-    args = restoring_arguments(now, paper)  # tiny's fields against paper's: its channels were none
-    assert args == ["--preset", "tiny"]
+    assert restoring_arguments(now, paper) == (["--preset", "tiny"], [])  # tiny's fields against its own
     assert apply_settings(PRESETS["tiny"], ["channels="]).channels == ()
-    # begun without a setting that can only be left out, or on another source: no arguments restore it
-    all_frames = FitInputs(Path("clip.mp4"), Path("a"), PRESETS["tiny"]).settings()
-    assert restoring_arguments(all_frames, now) is None
+    # begun without a setting: the option to leave out; on another source: nothing restores it
+    all_frames = FitInputs(Path("clip.mp4"), Path("a"), PRESETS["tiny"], seed=2).settings()
+    assert restoring_arguments(all_frames, now) == (["--seed", "2"], ["--train-frames"])
+    assert restoring_hint(all_frames, now) == ("add --seed 2 after your arguments and leave out --train-frames to "
+                                               "continue it as it started, ")
     assert restoring_arguments({**now, "source": "other.mp4"}, now) is None
+    assert restoring_hint({**now, "source": "other.mp4"}, now) == ""
 
 
 def test_paper_preset_needs_a_prior_and_vgg(d3_track_file, tmp_path):

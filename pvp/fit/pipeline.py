@@ -101,25 +101,39 @@ SETTING_OPTIONS = {"prior": "--prior", "deca": "--deca", "e4e": "--e4e", "train_
                    "pivot_method": "--pivots", "seed": "--seed"}
 
 
-def restoring_arguments(previous: dict, current: dict) -> list[str] | None:
-    """pvp fit's arguments that, added after the ones that gave ``current``, give a resumed fit back the settings
-    ``previous`` it started with: the options, then the preset's ``--set`` items (against the preset it started
-    with, when that was another). None when adding arguments cannot: another source, or a setting it started
-    without."""
-    args = []
+def restoring_arguments(previous: dict, current: dict) -> tuple[list[str], list[str]] | None:
+    """How to give a resumed fit back the settings ``previous`` it started with, from the pvp fit arguments that
+    gave ``current``: (arguments to add after them — the options, then the preset's ``--set`` items, against the
+    preset it started with where that was another —, options to leave out: those of settings it started without).
+    None on another source."""
+    add, leave_out = [], []
     started_with = previous.get("preset", {}).get("name")
     if started_with != current["preset"]["name"]:
         if started_with not in PRESETS:
             return None
-        args = ["--preset", started_with]
+        add = ["--preset", started_with]
         current = {**current, "preset": PRESETS[started_with].to_json()}
     changed = settings_changes(previous, current)
     options = {name: old for name, old in changed.items() if not name.startswith("preset.")}
-    if any(name not in SETTING_OPTIONS or old is None for name, old in options.items()):
+    if any(name not in SETTING_OPTIONS for name in options):
         return None
-    args += [a for name, old in options.items() for a in (SETTING_OPTIONS[name], str(old))]
-    return args + [a for name, old in changed.items() if name.startswith("preset.")
-                   for a in ("--set", f"{name.removeprefix('preset.')}={format_setting(old)}")]
+    add += [a for name, old in options.items() if old is not None for a in (SETTING_OPTIONS[name], str(old))]
+    leave_out = [SETTING_OPTIONS[name] for name, old in options.items() if old is None]
+    add += [a for name, old in changed.items() if name.startswith("preset.")
+            for a in ("--set", f"{name.removeprefix('preset.')}={format_setting(old)}")]
+    return add, leave_out
+
+
+def restoring_hint(previous: dict, current: dict) -> str:
+    """The refusal's advice: what to add and leave out to continue a fit as it started ('' where nothing can)."""
+    restore = restoring_arguments(previous, current)
+    if restore is None:
+        return ""
+    add, leave_out = restore
+    steps = [f"add {' '.join(map(shlex.quote, add))} after your arguments"] if add else []
+    if leave_out:
+        steps.append(f"leave out {' and '.join(leave_out)}")
+    return f"{' and '.join(steps)} to continue it as it started, " if steps else ""
 
 
 def _is_track_file(path: Path) -> bool:
@@ -157,10 +171,8 @@ class FitJob:
             changed = settings_changes(previous, settings)
             if changed:
                 given = ", ".join(f"{name.removeprefix('preset.')} was {old!r}" for name, old in changed.items())
-                restore = restoring_arguments(previous, settings)
-                hint = (f"add {' '.join(map(shlex.quote, restore))} after your arguments to continue it as it "
-                        "started, " if restore else "")
-                raise FitError(f"{x.avatar}: --resume with different settings ({given}); {hint}"
+                raise FitError(f"{x.avatar}: --resume with different settings ({given}); "
+                               f"{restoring_hint(previous, settings)}"
                                "or choose another output directory")
         self.work.mkdir(parents=True, exist_ok=True)
         write_text(settings_path, json.dumps(settings, indent=1))
