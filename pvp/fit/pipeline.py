@@ -103,10 +103,10 @@ SETTING_OPTIONS = {"prior": "--prior", "deca": "--deca", "e4e": "--e4e", "train_
 
 def restoring_arguments(previous: dict, current: dict) -> tuple[list[str], list[str]] | None:
     """How to give a resumed fit back the settings ``previous`` it started with, from the pvp fit arguments that
-    gave ``current``: (arguments to add after them — the options, then the preset's ``--set`` items, against the
-    preset it started with where that was another —, options to leave out: those of settings it started without).
-    None on another source."""
-    add, leave_out = [], []
+    gave ``current``: (the arguments to add after those, the options to leave out). The arguments are the options,
+    then the ``--set`` items against the preset it started with; the options to leave out are those of settings
+    it started without. None on another source."""
+    add = []
     started_with = previous.get("preset", {}).get("name")
     if started_with != current["preset"]["name"]:
         if started_with not in PRESETS:
