@@ -33,6 +33,38 @@ def performance(n: int, fps: float) -> list[dict]:
     return out
 
 
+# Meshes are built from their vertices and faces rather than with bpy.ops.mesh.primitive_*: those order their faces
+# differently in each process, the smooth normals' last bits with them, and the clip would differ run to run.
+def uv_sphere(segments: int = 32, rings: int = 16) -> tuple[list, list]:
+    """A unit UV sphere's vertices and faces (outward), poles on z."""
+    vertices = [(0.0, 0.0, 1.0)]
+    for r in range(1, rings):
+        theta = math.pi * r / rings
+        vertices += [(math.sin(theta) * math.cos(2 * math.pi * k / segments),
+                      math.sin(theta) * math.sin(2 * math.pi * k / segments), math.cos(theta))
+                     for k in range(segments)]
+    vertices.append((0.0, 0.0, -1.0))
+    south = len(vertices) - 1
+
+    def ring(r, k):
+        return 1 + (r - 1) * segments + k % segments
+
+    faces = [(0, ring(1, k), ring(1, k + 1)) for k in range(segments)]
+    faces += [(ring(r, k), ring(r + 1, k), ring(r + 1, k + 1), ring(r, k + 1))
+              for r in range(1, rings - 1) for k in range(segments)]
+    faces += [(ring(rings - 1, k + 1), ring(rings - 1, k), south) for k in range(segments)]
+    return vertices, faces
+
+
+def cylinder(segments: int = 32) -> tuple[list, list]:
+    """A cylinder of radius 1 from z = -1 to 1, capped, its faces outward."""
+    vertices = [(math.cos(2 * math.pi * k / segments), math.sin(2 * math.pi * k / segments), z)
+                for z in (1.0, -1.0) for k in range(segments)]
+    faces = [(k, k + segments, (k + 1) % segments + segments, (k + 1) % segments) for k in range(segments)]
+    faces += [tuple(range(segments)), tuple(range(2 * segments - 1, segments - 1, -1))]
+    return vertices, faces
+
+
 def build_scene(bpy, size: int):
     from mathutils import Vector
 
@@ -47,12 +79,20 @@ def build_scene(bpy, size: int):
         bsdf.inputs["Roughness"].default_value = roughness
         return m
 
+    def mesh_object(name, mesh_data, location, scale, mat, smooth):
+        vertices, faces = mesh_data
+        mesh = bpy.data.meshes.new(name)
+        mesh.from_pydata(vertices, [], faces)
+        if smooth:
+            mesh.shade_smooth()
+        mesh.materials.append(mat)
+        ob = bpy.data.objects.new(name, mesh)
+        scene.collection.objects.link(ob)
+        ob.location, ob.scale = location, scale
+        return ob
+
     def blob(name, location, scale, mat, parent):
-        bpy.ops.mesh.primitive_uv_sphere_add(segments=32, ring_count=16, location=location)
-        ob = bpy.context.object
-        ob.name, ob.scale = name, scale
-        bpy.ops.object.shade_smooth()
-        ob.data.materials.append(mat)
+        ob = mesh_object(name, uv_sphere(), location, scale, mat, smooth=True)
         ob.parent = parent
         return ob
 
@@ -87,11 +127,8 @@ def build_scene(bpy, size: int):
         ob["rest"], ob["rest_scale"] = list(ob.location), list(ob.scale)
     chin = blob("chin", (0, 0, 0), (0.04, 0.04, 0.03), skin, jaw)
     chin.location = Vector((0, -0.05, -0.085)) - jaw.location
-    bpy.ops.mesh.primitive_cylinder_add(radius=0.045, depth=0.12, location=(0, 0.01, -0.14))
-    bpy.context.object.data.materials.append(skin)
-    bpy.ops.mesh.primitive_uv_sphere_add(segments=32, ring_count=16, location=(0, 0.03, -0.27))
-    bpy.context.object.scale = (0.2, 0.1, 0.08)
-    bpy.context.object.data.materials.append(shirt)
+    mesh_object("neck", cylinder(), (0, 0.01, -0.14), (0.045, 0.045, 0.06), skin, smooth=False)
+    mesh_object("shoulders", uv_sphere(), (0, 0.03, -0.27), (0.2, 0.1, 0.08), shirt, smooth=False)
 
     bpy.ops.object.light_add(type="SUN", location=(0.3, -1, 1))
     sun = bpy.context.object
