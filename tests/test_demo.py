@@ -1,5 +1,6 @@
 """`pvp demo`, shortened (a 60-frame synthetic clip, few training steps): every step and output."""
 import json
+import os
 import subprocess
 import sys
 
@@ -46,8 +47,7 @@ def test_demo_runs_end_to_end(tmp_path):
 
 
 MESH_DIGEST = """
-import hashlib, os, sys, tempfile
-os.environ.setdefault("BLENDER_USER_RESOURCES", tempfile.mkdtemp())
+import hashlib
 import bpy
 import numpy as np
 from pvp.demo.synthetic_head import build_scene, performance, pose
@@ -71,12 +71,17 @@ print(digest.hexdigest())
 def test_the_synthetic_clip_is_the_same_in_every_process(tmp_path):
     """Blender's primitive operators ordered the meshes' faces differently in each process, and the smooth normals'
     last bits with them: two renders of the same clip differed in a few pixels, and the demo's figures with them."""
-    digests = {subprocess.run([sys.executable, "-c", MESH_DIGEST], capture_output=True, text=True,
-                              check=True).stdout.split()[-1] for _ in range(3)}
+    env = {**os.environ, "BLENDER_USER_RESOURCES": str(tmp_path / "blender_user")}
+
+    def run(*args):
+        r = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout
+
+    digests = {run("-c", MESH_DIGEST).split()[-1] for _ in range(3)}
     assert len(digests) == 1
     clips = []
     for name in ("a", "b"):
-        subprocess.run([sys.executable, "-m", "pvp.demo.synthetic_head", str(tmp_path / name), "--frames", "3",
-                        "--size", "48"], capture_output=True, check=True)
+        run("-m", "pvp.demo.synthetic_head", str(tmp_path / name), "--frames", "3", "--size", "48")
         clips.append([cv2.imread(str(p)) for p in sorted((tmp_path / name / "frames").glob("*.png"))])
     assert len(clips[0]) == 3 and all(np.array_equal(x, y) for x, y in zip(*clips))

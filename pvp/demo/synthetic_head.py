@@ -34,7 +34,7 @@ def performance(n: int, fps: float) -> list[dict]:
 
 
 # Meshes are built from their vertices and faces rather than with bpy.ops.mesh.primitive_*: those order their faces
-# differently in each process, the smooth normals' last bits with them, and the clip would differ run to run.
+# differently in each process; the smooth normals then differ in their last bits, and so does the rendered clip.
 def uv_sphere(segments: int = 32, rings: int = 16) -> tuple[list, list]:
     """A unit UV sphere's vertices and faces (outward), poles on z."""
     vertices = [(0.0, 0.0, 1.0)]
