@@ -155,3 +155,15 @@ def test_port_reproduces_mediapipe_face_mesh_landmarks(landmark_net, real_data):
         errors.append((np.linalg.norm(back - landmarks[i], axis=1) / k).max())  # in 192-px units
     # Frames where MediaPipe re-ran its face detector used another crop; most frames follow the rule.
     assert np.median(errors) < 1.0
+
+
+def test_reads_the_expressions_as_the_embedded_tracker_does(d3_track):
+    """Given the same landmarks, the same jaw and the same jaw-free expression coefficients."""
+    tracker = DifferentiableTracker(d3_track.face_model)
+    idx = [0, 100, 200, 300]
+    image_frame = torch.as_tensor(d3_track.landmarks_3d[idx, :468] * [1, -1, -1], dtype=torch.float32)
+    tracker.landmarks = lambda images: image_frame
+    with torch.no_grad():
+        out = tracker(torch.zeros(len(idx), 3, 8, 8))
+    assert np.allclose(out["jaw"].numpy(), d3_track.jaw_pose[idx], atol=1e-4)
+    assert np.allclose(out["expression"].numpy(), d3_track.expression[idx], atol=2e-3)

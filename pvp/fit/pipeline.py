@@ -473,10 +473,11 @@ def learned_schema(track: Track, positions: np.ndarray, expression_dim: int) -> 
 
 
 def choose_expression_dim(track: Track, variance: float, lo: int = 8) -> int:
-    """The leading expression coefficients that hold ``variance`` (the preset's ``expression_variance``) of the
-    pose-free landmark variance, at least ``lo``: the last ones are mostly landmark noise."""
+    """The leading expression coefficients that hold, with the jaw, ``variance`` (the preset's
+    ``expression_variance``) of the pose-free landmark variance, at least ``lo``: the last ones are mostly
+    landmark noise."""
     k = track.expression.shape[1]
     if track.face_model is None:
         return k
-    cumulative = np.cumsum(track.face_model.explained)
+    cumulative = track.face_model.jaw_explained + np.cumsum(track.face_model.explained)
     return int(min(k, max(lo, int(np.searchsorted(cumulative, variance)) + 1)))

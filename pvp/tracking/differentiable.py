@@ -77,6 +77,7 @@ class DifferentiableTracker(nn.Module):
         self.register_buffer("components", f32(face_model.components).reshape(len(face_model.components), -1))
         self.register_buffer("scales", f32(face_model.scales))
         self.register_buffer("jaw_reference", f32(face_model.jaw_reference))
+        self.register_buffer("jaw_rows", f32(face_model.jaw_rows()))
         # constants on the module's device, so that a call copies nothing from the host
         cx, cy, side = roi
         self.register_buffer("roi_theta", f32([[side, 0, 2 * cx - 1], [0, side, 2 * cy - 1]]), persistent=False)
@@ -107,6 +108,7 @@ class DifferentiableTracker(nn.Module):
         v = free[:, topo.CHIN] - (free[:, topo.EAR_RIGHT] + free[:, topo.EAR_LEFT]) / 2
         jaw = torch.stack([self.jaw_reference[0] - torch.atan2(v[:, 2], -v[:, 1]),
                            torch.atan2(v[:, 0], -v[:, 1]) - self.jaw_reference[1], torch.zeros_like(v[:, 0])], -1)
-        expression = (free - self.mean).reshape(len(free), -1) @ self.components.T / self.scales
+        jaw_free = (free - self.mean).reshape(len(free), -1) - jaw[:, :2] @ self.jaw_rows
+        expression = jaw_free @ self.components.T / self.scales
         return {"landmarks": lm, "rotation": R, "scale": s, "yaw": yaw, "pitch": pitch, "jaw": jaw,
                 "expression": expression}

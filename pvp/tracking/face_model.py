@@ -1,13 +1,17 @@
 """The subject's own face model, learned from its video: a canonical (frontal, pose-free) mesh, a
 FLAME-like expression space over the pose-removed landmarks, and the closed-jaw reference.
 
-Expression space: PCA of the aligned, pose-removed 468-point mesh, components ordered by variance and
-coefficients scaled to unit variance over the video (as FLAME's expression coefficients are, roughly
-N(0, 1)). Any other video's landmarks (a driving performance) project into the same space.
+Expression space: PCA of the aligned, pose-removed 468-point mesh once the jaw's part is taken out of it,
+components ordered by variance and coefficients scaled to unit variance over the video (as FLAME's
+expression coefficients are, roughly N(0, 1)). As in FLAME, the jaw is a pose of its own: the mesh's
+linear response to the tracked jaw angles (``jaw_basis``) is removed before the PCA, so no expression
+channel also opens the mouth — the rig's jaw bone and its expression shape keys would otherwise open it
+twice, and a jaw keyed alone would ask for a face the video never showed. Any other video's landmarks
+(a driving performance) project into the same space.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,11 +33,15 @@ class HeadFit:
 @dataclass
 class FaceModel:
     canonical: np.ndarray  # [468, 3], interocular distance 1, frontal, origin at the rigid points' centroid
-    mean: np.ndarray  # [468, 3] mean pose-free mesh of the video (expression origin)
+    mean: np.ndarray  # [468, 3] the video's mean pose-free mesh with the jaw closed (expression origin)
     components: np.ndarray  # [K, 468, 3] orthonormal directions
     scales: np.ndarray  # [K] standard deviation along each component
     explained: np.ndarray  # [K] fraction of the pose-free variance each component holds
     jaw_reference: np.ndarray  # [2] closed-jaw (opening, lateral) angles of the hinge-to-chin vector, radians
+    # [2, 468, 3] the mesh's offset per radian of jaw (opening, lateral); zero in files from before it, whose
+    # expressions hold the jaw too
+    jaw_basis: np.ndarray = field(default_factory=lambda: np.zeros((2, topo.NUM_MESH, 3)))
+    jaw_explained: float = 0.0  # fraction of the pose-free variance the jaw holds
 
     def fit_head(self, mesh: np.ndarray) -> HeadFit:
         """Rigid similarity fit of meshes [N, >=468, 3] (FLAME-frame pixels) to the canonical face."""
@@ -49,9 +57,13 @@ class FaceModel:
         return HeadFit(R, s, t, free, res)
 
     def expression(self, posefree: np.ndarray) -> np.ndarray:
-        """[N, 468, 3] pose-free meshes -> [N, K] unit-variance coefficients."""
-        d = (posefree - self.mean).reshape(len(posefree), -1)
+        """[N, 468, 3] pose-free meshes -> [N, K] unit-variance coefficients (of what the jaw leaves)."""
+        d = (posefree - self.mean).reshape(len(posefree), -1) - self.jaw(posefree)[:, :2] @ self.jaw_rows()
         return d @ self.components.reshape(len(self.components), -1).T / self.scales
+
+    def jaw_rows(self) -> np.ndarray:
+        """[2, 468 * 3]: the jaw basis as rows, for jaw angles [N, 2] @ it."""
+        return self.jaw_basis.reshape(2, -1)
 
     def jaw(self, posefree: np.ndarray) -> np.ndarray:
         """FLAME-like jaw pose [N, 3] (axis-angle, radians): opening about X (> 0 opens), lateral about Y."""
@@ -60,13 +72,22 @@ class FaceModel:
                          np.zeros(len(posefree))], -1)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {f"face_model.{k}": np.asarray(getattr(self, k), dtype=np.float32) for k in
-                ("canonical", "mean", "components", "scales", "explained", "jaw_reference")}
+        return {f"face_model.{k}": np.atleast_1d(np.asarray(getattr(self, k), dtype=np.float32))
+                for k in ARRAYS + JAW_ARRAYS}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "FaceModel":
-        return cls(**{k: np.asarray(arrays[f"face_model.{k}"], dtype=np.float64) for k in
-                      ("canonical", "mean", "components", "scales", "explained", "jaw_reference")})
+        """The face model of a track or avatar file; one written before the jaw basis gets none (its
+        expressions were learned with the jaw in them, and keep it)."""
+        fields = {k: np.asarray(arrays[f"face_model.{k}"], dtype=np.float64) for k in ARRAYS}
+        if "face_model.jaw_basis" in arrays:
+            fields["jaw_basis"] = np.asarray(arrays["face_model.jaw_basis"], dtype=np.float64)
+            fields["jaw_explained"] = float(np.ravel(arrays["face_model.jaw_explained"])[0])
+        return cls(**fields)
+
+
+ARRAYS = ("canonical", "mean", "components", "scales", "explained", "jaw_reference")
+JAW_ARRAYS = ("jaw_basis", "jaw_explained")
 
 
 def _hinge(mesh: np.ndarray) -> np.ndarray:
@@ -110,14 +131,24 @@ def learn_face_model(mesh: np.ndarray, iterations: int = 4, max_components: int 
         canonical = canonical_frame(fit.posefree.mean(0))
     model = FaceModel(canonical, canonical, np.zeros((0, topo.NUM_MESH, 3)), np.ones(0), np.ones(0), np.zeros(2))
     free = model.fit_head(mesh).posefree
-    mean = free.mean(0)
-    d = (free - mean).reshape(len(free), -1)
-    _, sv, vt = np.linalg.svd(d, full_matrices=False)
-    k = min(max_components, len(free) - 1, vt.shape[0])
-    var = sv**2 / len(free)
-    scales = np.sqrt(np.maximum(var[:k], 1e-12))
-    angles = _jaw_angles(free)
     gap = np.linalg.norm(free[:, topo.UPPER_LIP_INNER] - free[:, topo.LOWER_LIP_INNER], axis=-1)
     closed = gap <= np.quantile(gap, 0.1)
-    return FaceModel(canonical, mean, vt[:k].reshape(k, topo.NUM_MESH, 3), scales, var[:k] / var.sum(),
-                     np.median(angles[closed], axis=0))
+    model.jaw_reference = np.median(_jaw_angles(free)[closed], axis=0)
+    jaw = model.jaw(free)[:, :2]
+    d = (free - free.mean(0)).reshape(len(free), -1)
+    jaw_rows = _least_squares(jaw - jaw.mean(0), d)
+    residual = d - (jaw - jaw.mean(0)) @ jaw_rows
+    _, sv, vt = np.linalg.svd(residual, full_matrices=False)
+    k = min(max_components, max(1, int((sv > 1e-6 * sv[0]).sum())))  # the jaw's directions are gone
+    var = sv**2 / len(free)
+    total = max(float(np.square(d).sum()) / len(free), 1e-30)
+    return FaceModel(canonical, free.mean(0) - (jaw.mean(0) @ jaw_rows).reshape(topo.NUM_MESH, 3),
+                     vt[:k].reshape(k, topo.NUM_MESH, 3), np.sqrt(np.maximum(var[:k], 1e-12)), var[:k] / total,
+                     model.jaw_reference, jaw_rows.reshape(2, topo.NUM_MESH, 3),
+                     1.0 - float(np.square(residual).sum()) / len(free) / total)
+
+
+def _least_squares(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """B minimising |x B - y|² for centred jaw angles x [N, 2] (radians); damped by a variance of (0.06°)², so
+    that a jaw that never moves gives B ≈ 0 while a real one (several degrees) is not shrunk."""
+    return np.linalg.solve(x.T @ x + len(x) * 1e-6 * np.eye(x.shape[1]), x.T @ y)
