@@ -42,7 +42,7 @@ from pvp_contract import controls
 from pvp_contract.atomic import atomic_path, write_text
 
 FORMAT = "pvp.avatar"
-VERSION = 1
+VERSION = 2  # 2: a face model with a jaw basis (older pvp would read its expressions wrong); 1 is read as before
 
 
 class AvatarError(ValueError):

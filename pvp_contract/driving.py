@@ -76,6 +76,10 @@ class Performance:
 
 # --- containers ----------------------------------------------------------------------------------------
 
+# pvp track files this reads (docs/track-format.md); 2: the face model's expressions leave the jaw out, which a
+# reader of the per-frame arrays need not know
+PVP_TRACK_VERSION = 2
+
 _SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
                        "I8": "i1", "U8": "u1", "BOOL": "?"}
 
@@ -242,8 +246,9 @@ def _read_pvp_track(path: Path) -> Performance:
     header = json.loads(meta.get("header", "{}"))
     if header.get("format") != "pvp.track":
         raise DrivingError(f"{path}: a safetensors file that is not a pvp track")
-    if header.get("version", 0) > 1:
-        raise DrivingError(f"{path}: pvp track version {header['version']} is newer than this reader (1)")
+    if header.get("version", 0) > PVP_TRACK_VERSION:
+        raise DrivingError(f"{path}: pvp track version {header['version']} is newer than this reader "
+                           f"({PVP_TRACK_VERSION})")
     perf = _performance(path, "pvp-track", header.get("fps"), arrays["yaw_pitch_roll"].astype(np.float64),
                         controls.jaw_degrees(arrays["jaw_pose"]), arrays["expression"].astype(np.float64),
                         arrays["frame_index"], basis="avatar")

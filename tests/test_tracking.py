@@ -15,7 +15,7 @@ from pvp.tracking.align import (
     quad_from_params,
     unit_transform,
 )
-from pvp.tracking.face_model import FaceModel
+from pvp.tracking.face_model import FaceModel, learn_face_model
 from pvp.tracking.track import Track, TrackError
 from pvp.tracking.tracker import NoFaceError, TrackSettings, controls_from_landmarks, track_video
 from pvp.video import VideoError
@@ -101,6 +101,27 @@ def test_the_expressions_leave_the_jaw_to_its_own_channel(clip, d3_track, d12_tr
     assert track.face_model.jaw_explained > 0.3  # the jaw holds much of a talking face's non-rigid motion
     model = track.face_model
     assert np.degrees(np.abs(model.jaw(model.mean[None])[0, :2])).max() < 0.5
+
+
+def test_no_expression_component_moves_the_jaw(d12_track):
+    model = d12_track.face_model
+    closed = model.jaw(model.mean[None])[0, :2]
+    for i in range(8):
+        for sd in (-2, 2):
+            moved = model.jaw((model.mean + sd * model.scales[i] * model.components[i])[None])[0, :2]
+            assert np.degrees(np.abs(moved - closed)).max() < 0.5, (i, sd)
+
+
+@pytest.mark.parametrize("frames", [5, 20])
+def test_a_short_clips_expressions_leave_the_jaw_out_too(frames, d12_track):
+    """With fewer frames than components, the jaw's directions are not kept as expressions."""
+    mesh = d12_track.landmarks_3d[d12_track.valid][:frames]
+    model = learn_face_model(mesh)
+    assert len(model.scales) <= frames - 3  # the mean and the jaw's two angles take three
+    free = model.fit_head(mesh).posefree
+    coeffs, jaw = model.expression(free), model.jaw(free)[:, :2]
+    corr = np.corrcoef(np.c_[coeffs, jaw].T)[: coeffs.shape[1], coeffs.shape[1]:]
+    assert np.abs(corr).max() < 1e-3
 
 
 def test_face_models_written_before_the_jaw_basis_keep_their_expressions(d3_track):

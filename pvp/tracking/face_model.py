@@ -19,6 +19,7 @@ from pvp.tracking import topology as topo
 from pvp_contract.geometry import umeyama
 
 MAX_COMPONENTS = 50  # as DECA's expression code
+MIN_VARIANCE = 1e-6  # (0.1% of the eyes' distance)²: a component with less is no expression (a short clip's)
 
 
 @dataclass
@@ -82,7 +83,7 @@ class FaceModel:
         fields = {k: np.asarray(arrays[f"face_model.{k}"], dtype=np.float64) for k in ARRAYS}
         if "face_model.jaw_basis" in arrays:
             fields["jaw_basis"] = np.asarray(arrays["face_model.jaw_basis"], dtype=np.float64)
-            fields["jaw_explained"] = float(np.ravel(arrays["face_model.jaw_explained"])[0])
+            fields["jaw_explained"] = float(np.ravel(arrays.get("face_model.jaw_explained", 0.0))[0])
         return cls(**fields)
 
 
@@ -139,16 +140,20 @@ def learn_face_model(mesh: np.ndarray, iterations: int = 4, max_components: int 
     jaw_rows = _least_squares(jaw - jaw.mean(0), d)
     residual = d - (jaw - jaw.mean(0)) @ jaw_rows
     _, sv, vt = np.linalg.svd(residual, full_matrices=False)
-    k = min(max_components, max(1, int((sv > 1e-6 * sv[0]).sum())))  # the jaw's directions are gone
+    # components with variance; a short clip has fewer than max_components, and the jaw's are gone
+    k = min(max_components, max(1, int((sv > 1e-6 * np.linalg.norm(d)).sum())))
     var = sv**2 / len(free)
     total = max(float(np.square(d).sum()) / len(free), 1e-30)
     return FaceModel(canonical, free.mean(0) - (jaw.mean(0) @ jaw_rows).reshape(topo.NUM_MESH, 3),
-                     vt[:k].reshape(k, topo.NUM_MESH, 3), np.sqrt(np.maximum(var[:k], 1e-12)), var[:k] / total,
+                     vt[:k].reshape(k, topo.NUM_MESH, 3), np.sqrt(np.maximum(var[:k], MIN_VARIANCE)), var[:k] / total,
                      model.jaw_reference, jaw_rows.reshape(2, topo.NUM_MESH, 3),
                      1.0 - float(np.square(residual).sum()) / len(free) / total)
 
 
 def _least_squares(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """B minimising |x B - y|² for centred jaw angles x [N, 2] (radians); damped by a variance of (0.06°)², so
-    that a jaw that never moves gives B ≈ 0 while a real one (several degrees) is not shrunk."""
-    return np.linalg.solve(x.T @ x + len(x) * 1e-6 * np.eye(x.shape[1]), x.T @ y)
+    """B minimising |x B - y|² for centred jaw angles x [N, 2] (radians), over the directions in which the jaw
+    moved by more than 0.06° (sd): what is left of y is then exactly uncorrelated with the jaw, however few the
+    frames, and a jaw that never moves gives B = 0."""
+    u, sv, vt = np.linalg.svd(x, full_matrices=False)
+    moved = sv**2 / len(x) > 1e-6
+    return vt[moved].T @ (u[:, moved].T @ y / sv[moved, None])

@@ -13,11 +13,11 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from pvp.tracking.face_model import FaceModel
-from pvp_contract import controls
+from pvp_contract import controls, driving
 from pvp_contract.atomic import atomic_path
 
 FORMAT = "pvp.track"
-VERSION = 1
+VERSION = driving.PVP_TRACK_VERSION  # 2: a face model with a jaw basis; 1 is read as before
 FRAME_ARRAYS = ("frame_index", "valid", "confidence", "landmarks_2d", "landmarks_3d", "rotation", "yaw_pitch_roll",
                 "neck_pose", "jaw_pose", "expression", "translation", "scale", "align_quad")
 
