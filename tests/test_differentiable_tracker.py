@@ -1,3 +1,5 @@
+import copy
+
 import cv2
 import numpy as np
 import pytest
@@ -167,3 +169,22 @@ def test_reads_the_expressions_as_the_embedded_tracker_does(d3_track):
         out = tracker(torch.zeros(len(idx), 3, 8, 8))
     assert np.allclose(out["jaw"].numpy(), d3_track.jaw_pose[idx], atol=1e-4)
     assert np.allclose(out["expression"].numpy(), d3_track.expression[idx], atol=2e-3)
+
+
+def test_the_expressions_gradient_does_not_run_through_the_jaw_estimate(d3_track):
+    """The jaw's offset is taken out of the expressions at the tracked jaw angle, which three landmarks set (the
+    chin and the two ear points, in the head's rigid set too). Through it, their noise and an objective's gradient
+    would reach every coefficient; the offset is subtracted as a constant."""
+    tracker = DifferentiableTracker(d3_track.face_model)
+    landmarks = torch.as_tensor(d3_track.landmarks_3d[[0, 150], :468] * [1, -1, -1], dtype=torch.float32)
+    landmarks.requires_grad_(True)
+    tracker.landmarks = lambda images: landmarks
+    out = tracker(torch.zeros(2, 3, 8, 8))
+    (grad,) = torch.autograd.grad(out["expression"][:, :8].sum(), landmarks)
+    offset_left_in = copy.deepcopy(tracker)  # the same tracker, the jaw's offset not taken out at all
+    offset_left_in.jaw_rows.zero_()
+    offset_left_in.landmarks = lambda images: landmarks
+    expression = offset_left_in(torch.zeros(2, 3, 8, 8))["expression"]
+    (reference,) = torch.autograd.grad(expression[:, :8].sum(), landmarks)
+    assert d3_track.face_model.jaw_basis.any()
+    assert torch.allclose(grad, reference, atol=1e-5)

@@ -108,7 +108,9 @@ class DifferentiableTracker(nn.Module):
         v = free[:, topo.CHIN] - (free[:, topo.EAR_RIGHT] + free[:, topo.EAR_LEFT]) / 2
         jaw = torch.stack([self.jaw_reference[0] - torch.atan2(v[:, 2], -v[:, 1]),
                            torch.atan2(v[:, 0], -v[:, 1]) - self.jaw_reference[1], torch.zeros_like(v[:, 0])], -1)
-        jaw_free = (free - self.mean).reshape(len(free), -1) - jaw[:, :2] @ self.jaw_rows
+        # The jaw's offset as a constant: three landmarks set the jaw angle (two of them in the rigid set), and
+        # through it their noise and an objective's gradient would reach every coefficient (the pitch paid).
+        jaw_free = (free - self.mean).reshape(len(free), -1) - jaw[:, :2].detach() @ self.jaw_rows
         expression = jaw_free @ self.components.T / self.scales
         return {"landmarks": lm, "rotation": R, "scale": s, "yaw": yaw, "pitch": pitch, "jaw": jaw,
                 "expression": expression}
