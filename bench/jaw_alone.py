@@ -2,8 +2,9 @@
 median of the training frames' controls, the jaw's opening swept alone over its learned range, and each of the
 first expression channels swept alone over its own; every render re-tracked with `pvp eval`'s tracker.
 
-Per fit: the slope of the re-tracked opening over the requested one (1: the mouth opens as asked; a jaw the
-expression channels also carry opens less when keyed alone), the opening the re-tracker reads at each end of
+Per fit: the slope of the re-tracked opening over the requested one (the re-tracker reads real 64 px frames of the
+shared clips at 0.76–0.84, so about that means the mouth opens as asked; a jaw the expression channels also carry
+opens less when keyed alone), the opening the re-tracker reads at each end of
 the sweep, the head's yaw and pitch travel while only the jaw moves, and the median over the expression
 channels of the re-tracked opening's travel while one of them moves alone (0: no expression channel opens the
 mouth).
