@@ -4,10 +4,9 @@ first expression channels swept alone over its own; every render re-tracked with
 
 Per fit: the slope of the re-tracked opening over the requested one (the re-tracker reads real 64 px frames of the
 shared clips at 0.76–0.84, so about that means the mouth opens as asked; a jaw the expression channels also carry
-opens less when keyed alone), the opening the re-tracker reads at each end of
-the sweep, the head's yaw and pitch travel while only the jaw moves, and the median over the expression
-channels of the re-tracked opening's travel while one of them moves alone (0: no expression channel opens the
-mouth).
+opens less when keyed alone), the opening the re-tracker reads at each end of the sweep, the head's yaw and pitch
+travel while only the jaw moves, and the median and the most, over the expression channels, of the re-tracked
+opening's travel while one of them moves alone (0: no expression channel opens the mouth).
 
     python bench/jaw_alone.py [--clips lp_d3 lp_d12] [--variant preset] [--work DIR] [--steps 9]
 
