@@ -12,12 +12,13 @@ As in the paper, where DECA reads both the frame and the render, the tracker's t
 reading of the training frame, shifted by the perturbation: the bias of a tracker reading renders cancels.
 
 One term beyond the paper, off in its preset: novel pose. I^p is rendered at the frame's head pose
-shifted by N(0, sigma_p) with a jaw and expression drawn uniformly from the renderer's ranges, and the
-tracker must read the frame's pose plus the shift. The paper's terms only ask for the training frames'
-poses with their own expressions (+ small perturbations), so the mappers are free to do anything between
-and beyond them; with a personal prior learned from one short video (no FFHQ to fall back on) that is
-where new performances land: poses between the frames', expressions at the edge of the learned range
-(which the renderer clamps to) that must not tilt the head.
+shifted by N(0, sigma_p) with a jaw and expression drawn uniformly from the renderer's ranges (every channel at
+once: faces no one makes) or, ``novel_pose_drive='recombined'``, another training frame's (a face the video
+shows, at a pose it was not shown with), and the tracker must read the frame's pose plus the shift. The paper's
+terms only ask for the training frames' poses with their own expressions (+ small perturbations), so the mappers
+are free to do anything between and beyond them; with a personal prior learned from one short video (no FFHQ to
+fall back on) that is where new performances land: poses between the frames', expressions at the edge of the
+learned range (which the renderer clamps to) that must not tilt the head.
 
 Another, on in the CPU presets ``tiny`` and ``small`` (weight 5): fine-detail energy
 (``pvp.models.losses.detail_energy_l1``) of I' and of I^e against the frame. L2 and the perceptual term settle
@@ -30,6 +31,11 @@ term is on) — the renders between and beyond the frames, where no frame says w
 terms settle for blur; the mappers (and the generator, when it trains with them) are asked to make those renders
 pass for frames. Measured on tiny (bench/RESULTS.md, issue 20): its effect on PSNR and sharpness changes sign
 with the seed; not adopted.
+
+And one off in every preset: blend spread, 1 - sum_i p_i^2 with p_i = |a_i| / sum_j |a_j| over the pose mapper's
+weights at the frames' poses (1 - 1 / the number of pivots a blend spreads over evenly; by size, as the hull lets a
+blend reach past its pivots with negative weights). The pose mapper sees the head pose alone, so the image terms
+settle for blends of about ten pivots that differ in expression: a latent no frame had.
 
 And a training choice beyond the authors': what the stage trains (the mappers, and the noise maps and generator where
 they train) may be kept as the moving average of the last steps' weights (``average_half_life``, Polyak averaging)
@@ -65,9 +71,10 @@ OUTER_LIPS = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 
 
 
 TERMS = ("l2", "perceptual", "identity", "pose", "expression", "consistency", "locality", "novel_pose",
-         "detail_energy", "adversarial")
+         "detail_energy", "adversarial", "blend_spread")
 DISCRIMINATOR_LR = 2e-3  # the from-scratch prior discriminator's starting rate (Preset.prior_lr's default); constant
 CONSISTENCY_MASKS = ("soft", "hard")
+NOVEL_POSE_DRIVES = ("uniform", "recombined")
 
 
 @dataclass(frozen=True)
@@ -85,10 +92,12 @@ class ObjectiveConfig:
     novel_pose: float = 0.0  # beyond the paper (module docstring)
     detail_energy: float = 0.0  # beyond the paper (module docstring)
     adversarial: float = 0.0  # beyond the paper (module docstring)
+    blend_spread: float = 0.0  # beyond the paper (module docstring)
     adversarial_r1: float = 0.1  # the discriminator's R1 penalty
     sigma: float = 0.5  # expression perturbation (sd)
     perturb_jaw: bool = False  # the authors perturb the expression only; the paper says jaw and expression
     novel_pose_sigma_deg: float = 4.0  # head-pose shift of the novel-pose renders
+    novel_pose_drive: str = "uniform"  # their jaw and expression: NOVEL_POSE_DRIVES (module docstring)
     loss_resolution: int = 512  # image terms on renders downsampled to at most this size
     consistency_mask: str = "soft"  # 'soft': the authors' (eye and mouth hulls, dilated, blurred); 'hard'
     optimize_noise: bool = True  # train the generator's noise maps with the mappers (re-randomised first)
@@ -96,6 +105,9 @@ class ObjectiveConfig:
     def __post_init__(self):
         if self.consistency_mask not in CONSISTENCY_MASKS:
             raise ValueError(f"consistency_mask {self.consistency_mask!r}: expected soft or hard")
+        if self.novel_pose_drive not in NOVEL_POSE_DRIVES:
+            raise ValueError(f"novel_pose_drive {self.novel_pose_drive!r}: expected one of "
+                             f"{', '.join(NOVEL_POSE_DRIVES)}")
 
 
 @dataclass
@@ -219,6 +231,10 @@ class MapperObjective:
         full_e, img_e, dw_e = self.render(mappers, py, je_pert)
         terms["locality"] = dw.square().mean() + dw_e.square().mean()
         terms["consistency"] = (d.masks[idx] * (img_e - img)).square().mean()
+        if cfg.blend_spread > 0:
+            share = mappers.pose.weights(py).abs()
+            share = share / share.sum(-1, keepdim=True)  # the hull's negative weights count by their size
+            terms["blend_spread"] = 1.0 - share.square().sum(-1).mean()
         if cfg.detail_energy > 0:
             terms["detail_energy"] = detail_energy_l1(img, target).mean() + detail_energy_l1(img_e, target).mean()
         fakes = [img_e]
@@ -235,8 +251,7 @@ class MapperObjective:
         if self.tracker is not None and cfg.novel_pose > 0:
             py_shift = torch.randn(py.shape, generator=gen, device=gen.device).to(device) * np.radians(
                 cfg.novel_pose_sigma_deg)
-            u = torch.rand(je.shape, generator=gen, device=gen.device).to(device)
-            img_p, small_p, _ = self.render(mappers, py + py_shift, d.drive_min + u * (d.drive_max - d.drive_min))
+            img_p, small_p, _ = self.render(mappers, py + py_shift, self.novel_pose_drive(je, gen))
             terms["novel_pose"] = (_pitch_yaw(self.tracker(img_p)) - ref["pitch_yaw"][idx] - py_shift).square().mean()
             fakes.append(small_p)
         if self.discriminator is not None:
@@ -244,6 +259,15 @@ class MapperObjective:
             self.fakes = judged.detach()
             terms["adversarial"] = generator_adversarial_loss(self.discriminator, diff_augment(judged, gen))
         return terms
+
+    def novel_pose_drive(self, je: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The novel-pose renders' (jaw, expression), one per row of ``je``."""
+        d = self.data
+        if self.config.novel_pose_drive == "recombined":
+            other = torch.randint(len(d.jaw_expression), (len(je),), generator=gen, device=gen.device)
+            return d.jaw_expression[other.to(d.jaw_expression.device)]
+        u = torch.rand(je.shape, generator=gen, device=gen.device).to(je.device)
+        return d.drive_min + u * (d.drive_max - d.drive_min)
 
     def discriminator_step(self, opt: torch.optim.Optimizer, gen: torch.Generator) -> torch.Tensor:
         """One update of the discriminator: random training frames against the last batch's renders."""
@@ -346,4 +370,5 @@ def losses_record(objective: ObjectiveConfig, perceptual: str, identity: bool, t
     record["novel_pose"]["enabled"] = tracker is not None and objective.novel_pose > 0
     record["detail_energy"]["enabled"] = objective.detail_energy > 0
     record["adversarial"]["enabled"] = objective.adversarial > 0
+    record["blend_spread"]["enabled"] = objective.blend_spread > 0
     return {**record, **settings, "tracker": tracker}
