@@ -127,6 +127,10 @@ def test_the_record_says_which_terms_ran():
     assert tiny["detail_energy"] == {"weight": 5.0, "enabled": True}
     assert paper["detail_energy"] == {"weight": 0.0, "enabled": False}
     assert tiny["adversarial"] == paper["adversarial"] == {"weight": 0.0, "enabled": False}
+    assert tiny["blend_spread"] == paper["blend_spread"] == {"weight": 0.0, "enabled": False}
+    assert tiny["novel_pose_drive"] == paper["novel_pose_drive"] == "uniform"
+    spread = losses_record(dataclasses.replace(PRESETS["tiny"].objective, blend_spread=0.5), "msssim", False, None)
+    assert spread["blend_spread"] == {"weight": 0.5, "enabled": True}
     untracked = losses_record(PRESETS["tiny"].objective, "msssim", identity=False, tracker=None)
     assert not any(untracked[k]["enabled"] for k in ("pose", "expression", "novel_pose"))
 
@@ -143,21 +147,22 @@ def test_novel_pose_renders_draw_from_the_renderers_ranges():
 
 @pytest.mark.parametrize("drive", ["uniform", "recombined"])
 def test_novel_pose_drives(parts, drive):
-    """'uniform': every channel drawn over the renderer's range at once; 'recombined': one training frame's jaw
-    and expression, whole."""
+    """'uniform': each channel drawn over the renderer's range on its own, as before the option (the same draws);
+    'recombined': a random training frame's jaw and expression, whole, whichever frames the batch holds."""
     G, pivots, _, _, controls = parts
     m = _mappers(G, pivots, controls, trained_expression=False)
     objective = _objective(parts, m, torch.zeros(N, 3, 64, 64), ObjectiveConfig(novel_pose_drive=drive))
-    je = controls[1]
-    drawn = torch.cat([objective.novel_pose_drive(je, torch.Generator().manual_seed(s)) for s in range(20)])
-    assert drawn.shape == (20 * N, je.shape[1])
-    is_a_frame = (drawn[:, None] == je[None]).all(-1).any(1)
+    frames_je, lo, hi = controls[1], objective.data.drive_min, objective.data.drive_max
+    batch = frames_je[[0] * 8]  # one frame's controls, repeated
+    drawn = torch.cat([objective.novel_pose_controls(batch, torch.Generator().manual_seed(s)) for s in range(20)])
+    assert drawn.shape == (20 * 8, frames_je.shape[1])
     if drive == "recombined":
-        assert is_a_frame.all()
-        assert len(torch.unique(drawn, dim=0)) == N  # every frame drawn, no other
+        assert (drawn[:, None] == frames_je[None]).all(-1).any(1).all()  # every row a training frame's
+        assert len(torch.unique(drawn, dim=0)) == N  # every frame drawn, not only the batch's
     else:
-        assert not is_a_frame.any()
-        assert ((drawn >= je.min(0).values) & (drawn <= je.max(0).values)).all()
+        before = torch.cat([lo + torch.rand(batch.shape, generator=torch.Generator().manual_seed(s)) * (hi - lo)
+                            for s in range(20)])
+        assert torch.equal(drawn, before)
     with pytest.raises(ValueError, match="novel_pose_drive"):
         ObjectiveConfig(novel_pose_drive="frames")
 
@@ -228,11 +233,11 @@ def test_the_objective_renders_in_the_dtype_asked_and_its_terms_stay_float32(par
         renders[dtype] = objective.render(mappers, *controls)[0].detach()
         terms = objective.terms(mappers, torch.arange(2), torch.Generator().manual_seed(0))
         assert {value.dtype for value in terms.values()} == {torch.float32}
-    # the same image, rounded differently: bfloat16 keeps 8 bits of mantissa, and CPUs without native bfloat16
+    # the same image, rounded differently: bfloat16 keeps 8 significant bits, and CPUs without native bfloat16
     # round in other places (the largest difference under 0.1 with it, 0.12 without, on images spanning 12.6)
     reference = renders[torch.float32]
     difference = (reference - renders[torch.bfloat16]).abs()
-    assert 0 < difference.max() < 0.05 * (reference.max() - reference.min())
+    assert 0 < difference.max() < 0.02 * (reference.max() - reference.min())
     assert difference.mean() < 0.02 * reference.std()
 
 

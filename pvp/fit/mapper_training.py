@@ -12,13 +12,13 @@ As in the paper, where DECA reads both the frame and the render, the tracker's t
 reading of the training frame, shifted by the perturbation: the bias of a tracker reading renders cancels.
 
 One term beyond the paper, off in its preset: novel pose. I^p is rendered at the frame's head pose
-shifted by N(0, sigma_p) with a jaw and expression drawn uniformly from the renderer's ranges (every channel at
-once: faces no one makes) or, ``novel_pose_drive='recombined'``, another training frame's (a face the video
-shows, at a pose it was not shown with), and the tracker must read the frame's pose plus the shift. The paper's
-terms only ask for the training frames' poses with their own expressions (+ small perturbations), so the mappers
-are free to do anything between and beyond them; with a personal prior learned from one short video (no FFHQ to
-fall back on) that is where new performances land: poses between the frames', expressions at the edge of the
-learned range (which the renderer clamps to) that must not tilt the head.
+shifted by N(0, sigma_p) with a jaw and expression drawn uniformly from the renderer's ranges (each channel on its
+own: faces no one makes) or, ``novel_pose_drive='recombined'``, a random training frame's, whole (a face the video
+shows, most often at a pose it was not shown with), and the tracker must read the frame's pose plus the shift.
+The paper's terms only ask for the training frames' poses with their own expressions (+ small perturbations), so
+the mappers are free to do anything between and beyond them; with a personal prior learned from one short video
+(no FFHQ to fall back on) that is where new performances land: poses between the frames', expressions at the edge
+of the learned range (which the renderer clamps to) that must not tilt the head.
 
 Another, on in the CPU presets ``tiny`` and ``small`` (weight 5): fine-detail energy
 (``pvp.models.losses.detail_energy_l1``) of I' and of I^e against the frame. L2 and the perceptual term settle
@@ -35,7 +35,9 @@ with the seed; not adopted.
 And one off in every preset: blend spread, 1 - sum_i p_i^2 with p_i = |a_i| / sum_j |a_j| over the pose mapper's
 weights at the frames' poses (1 - 1 / the number of pivots a blend spreads over evenly; by size, as the hull lets a
 blend reach past its pivots with negative weights). The pose mapper sees the head pose alone, so the image terms
-settle for blends of about ten pivots that differ in expression: a latent no frame had.
+settle for blends of many pivots that differ in expression (9-11 evenly weighted pivots' worth, 1 / sum a^2, at the
+shared clips' training poses): a latent no frame had. At the centroid, where the CPU presets' zero-started pose
+mapper begins, the term's gradient is zero: it acts once the image terms have moved the blends.
 
 And a training choice beyond the authors': what the stage trains (the mappers, and the noise maps and generator where
 they train) may be kept as the moving average of the last steps' weights (``average_half_life``, Polyak averaging)
@@ -251,7 +253,7 @@ class MapperObjective:
         if self.tracker is not None and cfg.novel_pose > 0:
             py_shift = torch.randn(py.shape, generator=gen, device=gen.device).to(device) * np.radians(
                 cfg.novel_pose_sigma_deg)
-            img_p, small_p, _ = self.render(mappers, py + py_shift, self.novel_pose_drive(je, gen))
+            img_p, small_p, _ = self.render(mappers, py + py_shift, self.novel_pose_controls(je, gen))
             terms["novel_pose"] = (_pitch_yaw(self.tracker(img_p)) - ref["pitch_yaw"][idx] - py_shift).square().mean()
             fakes.append(small_p)
         if self.discriminator is not None:
@@ -260,7 +262,7 @@ class MapperObjective:
             terms["adversarial"] = generator_adversarial_loss(self.discriminator, diff_augment(judged, gen))
         return terms
 
-    def novel_pose_drive(self, je: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def novel_pose_controls(self, je: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """The novel-pose renders' (jaw, expression), one per row of ``je``."""
         d = self.data
         if self.config.novel_pose_drive == "recombined":

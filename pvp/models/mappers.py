@@ -4,7 +4,8 @@ F_rot: (pitch, yaw) -> blend weights over the K pivots, inside the beta-dilated 
 P_beta = {sum_i a_i w_i : sum_i a_i = 1, a_i >= -beta} (Eq. 6-7). The MLP predicts residuals around the
 centroid (1/K each); two ways to keep them in the hull (``MapperConfig.hull``):
   'authors'  the authors' code (ken2576/pvp ExprAlphaV2, as MyStyle): s = softplus(a + beta, 100) - beta,
-             then s / sum(s). Dividing by the sum (about 1) leaves weights at about -beta/100 or above.
+             then s / sum(s). Dividing by the sum leaves weights at -beta / sum(s) or above: about -beta while
+             the sum stays near 1, further below where it is small.
   'eq6'      the literal Eq. 6: shifted softplus normalised so that the weights sum to 1 and reach -beta.
 
 F_expr: (jaw, expression) -> residuals of W+ layers 0..7 only, one MLP per layer (Eq. 8-9).
