@@ -197,8 +197,9 @@ CPU_MAPPERS = dict(standardize_mapper_inputs=True, objective=CPU_OBJECTIVE,
 # on both clips; no fit of small without them). 6000 prior steps in tiny: with bfloat16 renders (training.render_dtype,
 # 'auto' in the CPU presets) the whole fit is still shorter than the float32 fit with 4000 (14.8 against 17.2 min
 # estimated, alone on 2 cores): held-out 0.80 / 0.54, +0.06 / +0.10 dB. A CPU without native bfloat16 runs it in
-# float32, about 20.6 min on that CPU (over issue 20's 20; `--set prior_steps=4000` keeps under). A 2-core CPU with AVX2
-# only is slower again: two fits side by side took 63-64 min each. 8000 leaves no margin even in bfloat16.
+# float32, about 20.6 min on the same AVX512-BF16 CPU (over issue 20's 20; `--set prior_steps=4000` keeps under). A
+# 2-core CPU with AVX2 only takes about four times as long a step: two fits side by side 63-64 min each, against about
+# 16 there. 8000 leaves no margin even in bfloat16.
 SHARP_DETAIL = dict(prior_detail_energy=0.5, mapper_generator_lr=2e-4,
                     objective=replace(CPU_OBJECTIVE, detail_energy=5.0))
 # The CPU presets' controls keep the expression coefficients holding 99.5% of the landmark variance, not 98% (28 and
