@@ -15,6 +15,7 @@ import argparse
 import base64
 import hashlib
 import importlib.resources
+import os
 import re
 import subprocess
 import sys
@@ -64,16 +65,19 @@ def fetch_wheels(platform: str, cache: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     wanted = {r.split("==")[0].lower(): r.split("==")[1] for r in REQUIREMENTS}
     have = {name: sorted(folder.glob(f"{name}-{ver}-*.whl")) for name, ver in wanted.items()}
-    if not all(have.values()):
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-               "--python-version", PYTHON_VERSION, "--implementation", "cp", "--abi", "cp311", "--abi", "abi3",
-               "--abi", "none", "--dest", str(folder), *REQUIREMENTS]
-        for tag in PLATFORMS[platform]:
-            cmd += ["--platform", tag]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise ExtensionBuildError(f"pip could not fetch {', '.join(REQUIREMENTS)} for {platform}:\n"
-                             f"{result.stderr.strip()[-2000:]}")
+    if not all(have.values()):  # into a folder of its own, then moved: a build beside it sees whole wheels only
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as partial:
+            cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                   "--python-version", PYTHON_VERSION, "--implementation", "cp", "--abi", "cp311", "--abi", "abi3",
+                   "--abi", "none", "--dest", partial, *REQUIREMENTS]
+            for tag in PLATFORMS[platform]:
+                cmd += ["--platform", tag]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise ExtensionBuildError(f"pip could not fetch {', '.join(REQUIREMENTS)} for {platform}:\n"
+                                          f"{result.stderr.strip()[-2000:]}")
+            for wheel in Path(partial).glob("*.whl"):
+                os.replace(wheel, folder / wheel.name)
         have = {name: sorted(folder.glob(f"{name}-{ver}-*.whl")) for name, ver in wanted.items()}
     missing = [name for name, files in have.items() if not files]
     if missing:
@@ -97,9 +101,14 @@ def contract_wheel(out_dir: Path, ver: str) -> Path:
     files[f"{info}/RECORD"] = ("\n".join([*record, f"{info}/RECORD,,"]) + "\n").encode()
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{CONTRACT}-{ver}-py3-none-any.whl"
-    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as z:
-        for path, data in files.items():  # fixed dates: the same sources give the same wheel
-            z.writestr(zipfile.ZipInfo(path, date_time=(1980, 1, 1, 0, 0, 0)), data, zipfile.ZIP_DEFLATED)
+    partial = target.with_name(f".{target.name}.{os.getpid()}")  # replaced whole: a build beside it reads no half
+    try:
+        with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as z:
+            for path, data in files.items():  # fixed dates: the same sources give the same wheel
+                z.writestr(zipfile.ZipInfo(path, date_time=(1980, 1, 1, 0, 0, 0)), data, zipfile.ZIP_DEFLATED)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
     return target
 
 

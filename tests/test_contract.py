@@ -181,3 +181,42 @@ def test_extension_zip_carries_the_contract_as_a_wheel(addon_zip, tmp_path):
     assert r.returncode == 0, r.stderr  # a valid wheel (pip checks its RECORD)
     sources = {p.name: p.read_bytes() for p in (target / "pvp_contract").glob("*.py")}
     assert sources == {p.name: p.read_bytes() for p in (ROOT / "pvp_contract").glob("*.py")}
+
+
+def test_the_extension_builds_wheel_cache_holds_whole_wheels_only(monkeypatch, tmp_path):
+    """Two builds share --wheels-cache (pytest -n 2 builds one per worker): a wheel is in the cache only once it
+    is whole, and an interrupted build leaves the one there as it was."""
+    from pvp import extension
+
+    cache = tmp_path / "cache"
+    platform = extension.current_platform()
+    folder = cache / platform
+    seen_while_downloading = []
+
+    def pip_download(cmd, **kwargs):
+        dest = Path(cmd[cmd.index("--dest") + 1])
+        for requirement in extension.REQUIREMENTS:
+            name, version = requirement.split("==")
+            (dest / f"{name}-{version}-cp311-cp311-any.whl").write_bytes(b"half")
+            seen_while_downloading.append(sorted(p.name for p in folder.glob("*.whl")))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(extension.subprocess, "run", pip_download)
+    wheels = extension.fetch_wheels(platform, cache)
+    assert seen_while_downloading == [[]] * len(extension.REQUIREMENTS)
+    assert sorted(w.name for w in wheels) == sorted(p.name for p in folder.glob("*.whl"))
+    assert not list(folder.glob(".*"))
+
+    whole = extension.contract_wheel(cache / "contract", "1.0")
+    before = whole.read_bytes()
+
+    class Interrupted(Exception):
+        pass
+
+    def failing_write(self, *args, **kwargs):
+        raise Interrupted
+
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", failing_write)
+    with pytest.raises(Interrupted):
+        extension.contract_wheel(cache / "contract", "1.0")
+    assert whole.read_bytes() == before and list(whole.parent.iterdir()) == [whole]
