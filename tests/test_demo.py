@@ -11,7 +11,7 @@ import numpy as np
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "pvp.cli", "demo", "--out", str(out), "--frames", "60",
-                        "--set", "prior_steps=200", "--set", "mapper_steps=20"], cwd=tmp_path, capture_output=True,
+                        "--set", "prior_steps=100", "--set", "mapper_steps=10"], cwd=tmp_path, capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "pvp demo finished" in r.stdout and "total" in r.stdout
@@ -85,3 +85,41 @@ def test_the_synthetic_clip_is_the_same_in_every_process(tmp_path):
         run("-m", "pvp.demo.synthetic_head", str(tmp_path / name), "--frames", "3", "--size", "48")
         clips.append([cv2.imread(str(p)) for p in sorted((tmp_path / name / "frames").glob("*.png"))])
     assert len(clips[0]) == 3 and all(np.array_equal(x, y) for x, y in zip(*clips))
+
+
+def test_the_demo_trains_a_third_of_its_preset_unless_asked_for_the_whole(monkeypatch, tmp_path):
+    import pvp.demo.run as demo
+    from pvp.cli import build_parser
+    from pvp.fit.presets import PRESETS
+
+    given, outputs = [], ("input", "avatar", "out_mp4", "frames", "blend", "report")
+    monkeypatch.setattr(demo, "run_demo", lambda settings: given.append(settings.preset) or {
+        "face_found": 1.0, "seconds": {}, **dict.fromkeys(outputs, "")})
+    for argv in (["demo"], ["demo", "--full"], ["demo", "--set", "mapper_steps=7"], ["demo", "--preset", "small"]):
+        args = build_parser().parse_args([*argv, "--out", str(tmp_path)])
+        args.func(args)
+    tiny = PRESETS["tiny"]
+    assert [(p.name, p.prior_steps, p.mapper_steps) for p in given] == [
+        ("tiny", 2000, 500), ("tiny", tiny.prior_steps, tiny.mapper_steps), ("tiny", 2000, 7), ("small", 6667, 3333)]
+    assert given[0] == tiny.with_overrides(prior_steps=2000, mapper_steps=500)  # nothing else shortened
+    assert demo.DemoSettings(tmp_path).preset == given[0]
+
+
+def test_a_finished_demo_avatar_fitted_otherwise_is_named_not_shown_as_asked(tmp_path):
+    import pytest
+
+    from pvp.demo.run import DemoError, DemoSettings, demo_schedule, fit
+    from pvp.fit.pipeline import FitInputs
+    from pvp.fit.presets import PRESETS
+
+    avatar = tmp_path / "avatar"
+    (avatar / "work").mkdir(parents=True)
+    (avatar / "avatar.json").write_text("{}")
+    third = demo_schedule(PRESETS["tiny"])
+    settings = FitInputs(tmp_path / "input.mp4", avatar, third).settings()
+    (avatar / "work" / "settings.json").write_text(json.dumps(settings))
+    assert fit(DemoSettings(tmp_path, preset=third), tmp_path / "input.mp4", 8) == avatar  # as asked: kept
+    with pytest.raises(DemoError) as e:
+        fit(DemoSettings(tmp_path, preset=PRESETS["tiny"]), tmp_path / "input.mp4", 8)
+    assert str(e.value) == (f"{avatar}: fitted with other settings (mapper_steps was 500, prior_steps was 2000); "
+                            f"choose another --out, or delete {avatar} to fit it again")

@@ -96,6 +96,11 @@ def settings_changes(previous: dict, current: dict) -> dict[str, object]:
     return dict(sorted(changed.items()))
 
 
+def changes_text(changed: dict[str, object]) -> str:
+    """What ``settings_changes`` found, as a refusal says it: 'FIELD was OLD, ...'."""
+    return ", ".join(f"{name.removeprefix('preset.')} was {old!r}" for name, old in changed.items())
+
+
 # pvp fit's options (cli.py) for the settings outside the preset's fields; the source is its first argument
 SETTING_OPTIONS = {"prior": "--prior", "deca": "--deca", "e4e": "--e4e", "train_frames": "--train-frames",
                    "pivot_method": "--pivots", "seed": "--seed"}
@@ -170,8 +175,7 @@ class FitJob:
             previous = json.loads(settings_path.read_text()) if settings_path.is_file() else settings
             changed = settings_changes(previous, settings)
             if changed:
-                given = ", ".join(f"{name.removeprefix('preset.')} was {old!r}" for name, old in changed.items())
-                raise FitError(f"{x.avatar}: --resume with different settings ({given}); "
+                raise FitError(f"{x.avatar}: --resume with different settings ({changes_text(changed)}); "
                                f"{restoring_hint(previous, settings)}"
                                "or choose another output directory")
         self.work.mkdir(parents=True, exist_ok=True)
