@@ -107,8 +107,8 @@ def test_tuning_path_with_official_layout_priors(layout, d3_track_file, tmp_path
 
 def test_fit_killed_during_training_resumes(d3_track_file, tmp_path):
     out = tmp_path / "avatar"
-    args = [d3_track_file, "-o", out, "--train-frames", "0:40", "--device", "cpu", "--set", "prior_steps=400",
-            "--set", "checkpoint_every=40", "--set", "pivots=6", "--set", "mapper_steps=5"]
+    args = [d3_track_file, "-o", out, "--train-frames", "0:40", "--device", "cpu", "--set", "prior_steps=100",
+            "--set", "checkpoint_every=20", "--set", "pivots=6", "--set", "mapper_steps=5"]
     proc = subprocess.Popen([sys.executable, "-m", "pvp.cli", "fit", *map(str, args)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = out / "work" / "prior_checkpoint.pt"
@@ -119,14 +119,14 @@ def test_fit_killed_during_training_resumes(d3_track_file, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     step_at_kill = torch.load(ckpt, weights_only=True)["step"]
-    assert 0 < step_at_kill < 400
+    assert 0 < step_at_kill < 100
     again = _fit(args)
     assert again.returncode == 2 and "pass --resume" in again.stderr
     resumed = _fit([*args, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     log = (out / "work" / "fit.log").read_text()
     assert "resuming from step" in log
-    assert torch.load(ckpt, weights_only=True)["step"] == 400
+    assert torch.load(ckpt, weights_only=True)["step"] == 100
     assert (out / "work" / "generator.safetensors").is_file()
     changed = _fit([*args[:-4], "--set", "pivots=7", "--set", "mapper_steps=5", "--resume"])
     assert changed.returncode == 2 and "(pivots was 6)" in changed.stderr
