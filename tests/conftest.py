@@ -4,6 +4,11 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("GLOG_minloglevel", "2")
+# `pytest -n N` (pytest-xdist): the workers share the cores, in their own processes and in those they start; a
+# worker's torch taking every core beside another's makes both slower than one after the other
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 TEST_DATA = Path(__file__).resolve().parent / "data"  # real clips and a photo, with provenance (data/README.md)
 
 
