@@ -399,8 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--frames", type=int, default=240, help="length of the synthetic clip")
     dm.add_argument("--preset", default="tiny", choices=("tiny", "small"))
     dm.add_argument("--full", action="store_true",
-                    help="train the preset's whole schedule (tiny: 6000 prior and 1500 mapper steps, about three "
-                         "times as long) rather than the demo's third of it")
+                    help="train the preset's whole schedule, three times the demo's steps (about three times as "
+                         "long), rather than a third of it")
     dm.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a preset field (repeatable)")
     dm.set_defaults(func=cmd_demo)
 

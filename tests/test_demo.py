@@ -105,21 +105,39 @@ def test_the_demo_trains_a_third_of_its_preset_unless_asked_for_the_whole(monkey
     assert demo.DemoSettings(tmp_path).preset == given[0]
 
 
-def test_a_finished_demo_avatar_fitted_otherwise_is_named_not_shown_as_asked(tmp_path):
+def test_a_demo_avatar_fitted_otherwise_is_named_with_the_options_that_show_it(tmp_path):
     import pytest
 
     from pvp.demo.run import DemoError, DemoSettings, demo_schedule, fit
     from pvp.fit.pipeline import FitInputs
     from pvp.fit.presets import PRESETS
 
-    avatar = tmp_path / "avatar"
+    avatar, video = tmp_path / "avatar", tmp_path / "input.mp4"
     (avatar / "work").mkdir(parents=True)
-    (avatar / "avatar.json").write_text("{}")
-    third = demo_schedule(PRESETS["tiny"])
-    settings = FitInputs(tmp_path / "input.mp4", avatar, third).settings()
-    (avatar / "work" / "settings.json").write_text(json.dumps(settings))
-    assert fit(DemoSettings(tmp_path, preset=third), tmp_path / "input.mp4", 8) == avatar  # as asked: kept
-    with pytest.raises(DemoError) as e:
-        fit(DemoSettings(tmp_path, preset=PRESETS["tiny"]), tmp_path / "input.mp4", 8)
-    assert str(e.value) == (f"{avatar}: fitted with other settings (mapper_steps was 500, prior_steps was 2000); "
-                            f"choose another --out, or delete {avatar} to fit it again")
+    tiny, third = PRESETS["tiny"], demo_schedule(PRESETS["tiny"])
+
+    def fitted_with(preset, finished=True):
+        settings = FitInputs(video, avatar, preset, train_frames="0:8").settings()
+        (avatar / "work" / "settings.json").write_text(json.dumps(settings))
+        (avatar / "avatar.json").unlink(missing_ok=True)
+        if finished:
+            (avatar / "avatar.json").write_text("{}")
+
+    def refusal(asked) -> str:
+        with pytest.raises(DemoError) as e:
+            fit(DemoSettings(tmp_path, preset=asked), video, 8)
+        return str(e.value)
+
+    fitted_with(third)
+    assert fit(DemoSettings(tmp_path, preset=third), video, 8) == avatar  # as asked: kept, not fitted again
+    assert refusal(tiny) == (f"{avatar}: fitted with other settings (mapper_steps was 500, prior_steps was 2000); "
+                             "`pvp demo` without --full or --set shows it, or choose another --out, or delete "
+                             f"{avatar} to fit it again")
+    fitted_with(tiny)  # a demo from before the demo's shorter schedule
+    assert "(mapper_steps was 1500, prior_steps was 6000); `pvp demo --full` shows it, or" in refusal(third)
+    fitted_with(third.with_overrides(mapper_steps=7))
+    assert "`pvp demo --set mapper_steps=7` shows it" in refusal(third)
+    fitted_with(tiny, finished=False)  # stopped half-way: refused as the demo's, not as `pvp fit --resume`'s
+    assert "`pvp demo --full` shows it" in refusal(third)
+    with pytest.raises(DemoError, match=r"other settings \(train_frames was '0:8'\); choose another --out, or"):
+        fit(DemoSettings(tmp_path, preset=tiny), video, 9)  # a clip of another length: no option shows it

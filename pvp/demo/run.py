@@ -1,6 +1,7 @@
 """`pvp demo`: the whole product on its embedded defaults — video in (a synthetic Blender clip unless
---video is given), avatar fitted (tiny preset), server started, Blender headless with the extension
-animating the rig from a driving track and rendering the timeline — with the evaluation report.
+--video is given), avatar fitted (tiny preset, a third of its training steps unless --full), server started,
+Blender headless with the extension animating the rig from a driving track and rendering the timeline — with
+the evaluation report.
 
 Outputs in OUT (default ./demo): input.mp4 (+ truth.json for the synthetic clip), avatar/, driving.safetensors,
 frames/ and out.mp4 (the Blender render, VIEW_SIZE px), side_by_side.mp4 (each held-out input frame beside the
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import subprocess
 import sys
 import time
@@ -34,10 +36,12 @@ VIEW_SIZE = 512  # the Blender render's frame size: a size a person can look at,
 DEMO_SHARE = 1 / 3
 
 
-def demo_schedule(preset: Preset, share: float = DEMO_SHARE) -> Preset:
-    """``preset`` with ``share`` of its prior and mapper training steps."""
-    return preset.with_overrides(prior_steps=max(1, round(preset.prior_steps * share)),
-                                 mapper_steps=max(1, round(preset.mapper_steps * share)))
+def demo_schedule(preset: Preset) -> Preset:
+    """``preset`` with DEMO_SHARE of its prior and mapper training steps (a stage with none keeps none)."""
+    def share(steps: int) -> int:
+        return max(1, round(steps * DEMO_SHARE)) if steps else 0
+
+    return preset.with_overrides(prior_steps=share(preset.prior_steps), mapper_steps=share(preset.mapper_steps))
 
 
 class DemoError(RuntimeError):
@@ -76,18 +80,33 @@ def fit(s: DemoSettings, video: Path, train_end: int) -> Path:
     from pvp.fit.pipeline import FitInputs, FitJob, changes_text, settings_changes
 
     avatar = s.out / "avatar"
-    if (avatar / "avatar.json").is_file():
-        fitted = avatar / "work" / "settings.json"
-        changed = settings_changes(json.loads(fitted.read_text()), {"preset": s.preset.to_json()}) \
-            if fitted.is_file() else {}
-        if changed:  # a finished avatar is kept as it is: say so rather than show it as what was asked for
-            raise DemoError(f"{avatar}: fitted with other settings ({changes_text(changed)}); choose another --out, "
-                            f"or delete {avatar} to fit it again")
-        return avatar
-
-    FitJob(FitInputs(video, avatar, s.preset, train_frames=f"0:{train_end}", resume=(avatar / "work").exists(),
-                     progress=True)).run()
+    inputs = FitInputs(video, avatar, s.preset, train_frames=f"0:{train_end}", resume=(avatar / "work").exists(),
+                       progress=True)
+    started = avatar / "work" / "settings.json"
+    if started.is_file():  # a fit there, finished or not, goes on (or is shown) only as it started
+        previous, current = json.loads(started.read_text()), inputs.settings()
+        changed = settings_changes(previous, {k: current[k] for k in ("preset", "train_frames")})
+        if changed:
+            shown = _options_as_fitted(previous) if all(k.startswith("preset.") for k in changed) else []
+            advice = [*shown, "choose another --out", f"delete {avatar} to fit it again"]
+            raise DemoError(f"{avatar}: fitted with other settings ({changes_text(changed)}); {', or '.join(advice)}")
+    if not (avatar / "avatar.json").is_file():
+        FitJob(inputs).run()
     return avatar
+
+
+def _options_as_fitted(previous: dict) -> list[str]:
+    """The refusal's advice: the pvp demo options that give the preset a fit started with (none where none can)."""
+    from pvp.fit.pipeline import restoring_arguments
+
+    name = previous.get("preset", {}).get("name")
+    if name not in PRESETS:
+        return []
+    named = [] if name == "tiny" else ["--preset", name]
+    whole = ["--full", *restoring_arguments(previous, {"preset": PRESETS[name].to_json()})[0]]
+    third = restoring_arguments(previous, {"preset": demo_schedule(PRESETS[name]).to_json()})[0]
+    options = " ".join(map(shlex.quote, named + min(third, whole, key=len)))
+    return [f"`pvp demo {options}` shows it" if options else "`pvp demo` without --full or --set shows it"]
 
 
 def driving_track(avatar: Path, start: int, out: Path) -> Track:
