@@ -77,7 +77,8 @@ def fetch_wheels(platform: str, cache: Path) -> list[Path]:
                 raise ExtensionBuildError(f"pip could not fetch {', '.join(REQUIREMENTS)} for {platform}:\n"
                                           f"{result.stderr.strip()[-2000:]}")
             for wheel in Path(partial).glob("*.whl"):
-                os.replace(wheel, folder / wheel.name)
+                if not (folder / wheel.name).exists():  # one a build beside it moved in first may be open there
+                    os.replace(wheel, folder / wheel.name)
         have = {name: sorted(folder.glob(f"{name}-{ver}-*.whl")) for name, ver in wanted.items()}
     missing = [name for name, files in have.items() if not files]
     if missing:

@@ -8,7 +8,8 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 # worker's torch taking every core beside another's makes both slower than one after the other
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # not the host's
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // _workers)))
 TEST_DATA = Path(__file__).resolve().parent / "data"  # real clips and a photo, with provenance (data/README.md)
 
 

@@ -183,7 +183,7 @@ def test_extension_zip_carries_the_contract_as_a_wheel(addon_zip, tmp_path):
     assert sources == {p.name: p.read_bytes() for p in (ROOT / "pvp_contract").glob("*.py")}
 
 
-def test_the_extension_builds_wheel_cache_holds_whole_wheels_only(monkeypatch, tmp_path):
+def test_the_wheel_cache_of_extension_builds_holds_whole_wheels_only(monkeypatch, tmp_path):
     """Two builds share --wheels-cache (pytest -n 2 builds one per worker): a wheel is in the cache only once it
     is whole, and an interrupted build leaves the one there as it was."""
     from pvp import extension
@@ -204,7 +204,7 @@ def test_the_extension_builds_wheel_cache_holds_whole_wheels_only(monkeypatch, t
     monkeypatch.setattr(extension.subprocess, "run", pip_download)
     wheels = extension.fetch_wheels(platform, cache)
     assert seen_while_downloading == [[]] * len(extension.REQUIREMENTS)
-    assert sorted(w.name for w in wheels) == sorted(p.name for p in folder.glob("*.whl"))
+    assert sorted(wheels) == sorted(folder.glob("*.whl")) and all(w.read_bytes() == b"half" for w in wheels)
     assert not list(folder.glob(".*"))
 
     whole = extension.contract_wheel(cache / "contract", "1.0")
