@@ -118,36 +118,55 @@ def driving_track(avatar: Path, start: int, out: Path) -> Track:
 
 
 def ground_truth_accuracy(avatar_dir: Path, frames: list[Path], truth: dict, frame_numbers: np.ndarray,
-                          keyed: np.ndarray) -> dict:
+                          keyed: np.ndarray, held: Track) -> dict:
     """Re-track the rendered animation and compare head rotation and jaw with the synthetic truth of the
-    frames that drove it; also the keyed controls against the truth (what tracking + import delivered)."""
+    frames that drove it. Beside it: the keyed controls against the truth (what tracking + import delivered),
+    and the real frames that drove it taken through the same path — their aligned crops at the avatar's
+    resolution, rolled as the renderer rolls its image, served at VIEW_SIZE and scaled back — which is the
+    re-tracker's own error: at the avatar's resolution it reads a little blur or roll as degrees of yaw."""
     import torch
 
-    from pvp.avatar import Avatar
+    from pvp.avatar import Avatar, rotate_images
+    from pvp.evaluation.evaluate import load_frames
     from pvp.fit.data import parse_range, to_tensor
+    from pvp.models.generator import to_uint8
+    from pvp.serve.render_service import resize
     from pvp.tracking.differentiable import DifferentiableTracker, aligned_roi
-    from pvp.tracking.track import Track
+    from pvp_contract import controls
 
     avatar = Avatar.load(avatar_dir)
     res = avatar.meta.resolution  # re-tracked at the avatar's own resolution (the render is an upscale of it)
-    images = np.stack([cv2.resize(cv2.imread(str(f)), (res, res), interpolation=cv2.INTER_AREA)[:, :, ::-1]
-                       for f in frames])
+
+    def as_read(view_rgb: list[np.ndarray]) -> np.ndarray:
+        return np.stack([cv2.resize(v, (res, res), interpolation=cv2.INTER_AREA) for v in view_rgb])
+
+    rendered = as_read([cv2.imread(str(f))[:, :, ::-1] for f in frames])
+    crops = to_tensor(load_frames(held, np.flatnonzero(held.valid), avatar).images)
+    rolled = to_uint8(rotate_images(crops, torch.from_numpy(keyed[:, controls.ROLL]).float())).numpy()
+    real = as_read([resize(crop, VIEW_SIZE) for crop in rolled])
     fit_track = Track.load(avatar_dir / "work" / "track.safetensors")
     trained_on = np.arange(*parse_range(avatar.meta.provenance.get("train_frames"), len(fit_track)))
     tracker = DifferentiableTracker(avatar.face_model, roi=aligned_roi(fit_track, trained_on))  # as its fit's
-    with torch.no_grad():
-        r = tracker(to_tensor(images))
-    got = {"yaw": np.degrees(r["yaw"].numpy()), "pitch": np.degrees(r["pitch"].numpy()),
-           "jaw": np.degrees(r["jaw"][:, 0].numpy())}
+
+    def read(images: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            r = tracker(to_tensor(np.ascontiguousarray(images)))
+        return {"yaw": np.degrees(r["yaw"].numpy()), "pitch": np.degrees(r["pitch"].numpy()),
+                "jaw": np.degrees(r["jaw"][:, 0].numpy())}
+
+    got, real_read = read(rendered), read(real)
     by_frame = {f["frame"]: f for f in truth["frames"]}
     gt = {k: np.array([by_frame[int(i)][k] for i in frame_numbers]) for k in ("yaw", "pitch", "jaw")}
+    columns = {"yaw": controls.YAW, "pitch": controls.PITCH, "jaw": controls.JAW_OPEN}
     out = {"frames": int(len(frames))}
-    for k, col in (("yaw", 0), ("pitch", 1), ("jaw", 3)):
+    for k, col in columns.items():
         out[k] = {"render_median_abs_err_deg": float(np.median(np.abs(got[k] - gt[k]))),
                   "render_corr": float(np.corrcoef(got[k], gt[k])[0, 1]) if gt[k].std() > 0 else None,
-                  "keyed_median_abs_err_deg": float(np.median(np.abs(keyed[:, col] - gt[k])))}
+                  "keyed_median_abs_err_deg": float(np.median(np.abs(keyed[:, col] - gt[k]))),
+                  "real_median_abs_err_deg": float(np.median(np.abs(real_read[k] - gt[k])))}
     out["series"] = {"truth": {k: v.tolist() for k, v in gt.items()}, "render": {k: v.tolist() for k, v in got.items()},
-                     "keyed": {"yaw": keyed[:, 0].tolist(), "pitch": keyed[:, 1].tolist(), "jaw": keyed[:, 3].tolist()}}
+                     "real": {k: v.tolist() for k, v in real_read.items()},
+                     "keyed": {k: keyed[:, col].tolist() for k, col in columns.items()}}
     return out
 
 
@@ -198,7 +217,7 @@ def run_demo(s: DemoSettings) -> dict:
     gt = None
     if truth_path is not None:
         gt = step("ground-truth accuracy", ground_truth_accuracy, avatar, frames, json.loads(truth_path.read_text()),
-                  valid_numbers, np.array(blender["controls"]))
+                  valid_numbers, np.array(blender["controls"]), held)
     report = step("evaluation report", evaluate_and_report, avatar, video, train_end, s.out / "eval", gt)
     summary = {"input": str(video), "face_found": found, "avatar": str(avatar), "out_mp4": str(movie),
                "side_by_side_mp4": str(side), "frames": str(frames_dir), "blend": str(s.out / "scene.blend"),
