@@ -386,3 +386,22 @@ def test_the_preset_sets_the_share_of_expression_variance_the_avatar_controls(d3
     assert counts[0.95] < counts[0.999]
     with pytest.raises(UserError, match="expression_variance 0.0: expected a share"):
         _preset_overrides(PRESETS["tiny"], ["expression_variance=0"])
+
+
+def test_neutral_pivots_take_out_the_pivot_frames_own_jaw_and_expression(d3_track_file, tmp_path):
+    from pvp.avatar import Avatar
+    from pvp.fit.pipeline import FitInputs, FitJob
+    from pvp.models.mappers import mapper_inputs
+    from pvp.tracking.track import Track
+
+    out = tmp_path / "avatar"
+    preset = apply_settings(PRESETS["tiny"], ["prior_steps=1", "mapper_steps=1", "pivots=4",
+                                              "mapper_design.neutral_pivots=true"])
+    FitJob(FitInputs(d3_track_file, out, preset, train_frames="0:30", progress=False)).run()
+    avatar = Avatar.load(out)
+    track = Track.load(out / "work" / "track.safetensors")
+    position = {int(i): k for k, i in enumerate(track.frame_index)}
+    pivots = [position[i] for i in json.loads((out / "work" / "pivots.json").read_text())["frame_index"]]
+    own = mapper_inputs(torch.from_numpy(track.controls(avatar.meta.schema, np.array(pivots))))[1].float()
+    assert avatar.mappers.cfg.design.neutral_pivots
+    assert torch.allclose(avatar.mappers.pivot_jaw_expression, own, atol=1e-6)

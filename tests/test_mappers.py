@@ -1,5 +1,6 @@
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -143,3 +144,49 @@ def test_inputs_are_standardised_and_the_statistics_saved(tmp_path):
     assert not torch.allclose(before, after)
     save_mappers(m, tmp_path / "m.safetensors")
     assert torch.equal(load_mappers(tmp_path / "m.safetensors")(pitch_yaw, jaw_expression)[0], after)
+
+
+def _neutral_mappers(k=7, num_ws=10, w_dim=16, e=5, seed=0):
+    """Mappers with neutral pivots whose pivots differ only by their own expressions' offsets: w_k = c + F_expr(e_k)."""
+    torch.manual_seed(seed)
+    cfg = MapperConfig(num_pivots=k, num_ws=num_ws, w_dim=w_dim, jaw_expression_dim=e,
+                       design=MapperDesign(neutral_pivots=True))
+    pivot_expressions = torch.randn(k, e)
+    m = Mappers(cfg, torch.zeros(k, num_ws, w_dim), pivot_expressions)
+    for p in [*m.pose.net.parameters(), *m.expression.parameters()]:  # trained-looking weights
+        torch.nn.init.normal_(p, std=0.5)
+    common = torch.randn(1, num_ws, w_dim)
+    with torch.no_grad():
+        m.pose.pivots.copy_(common + m.expression(pivot_expressions))
+    return m, common
+
+
+def test_neutral_pivots_leave_the_requested_expression_the_only_one_at_every_pose():
+    """Pivots that differ only by their expressions: with neutral pivots every pose renders the requested one
+    (c + F_expr(e)); without, the pose's blend of the pivots' expressions is added to it."""
+    m, common = _neutral_mappers()
+    pitch_yaw, expr = torch.randn(6, 2), torch.randn(6, 5)
+    with torch.no_grad():
+        w, offset = m(pitch_yaw, expr)
+        wanted = common + m.expression(expr)
+        assert torch.allclose(w, wanted, atol=1e-5)
+        assert torch.allclose(offset, w - m.pose(pitch_yaw), atol=1e-5)  # the departure from the pivots' blend
+        plain = Mappers(replace(m.cfg, design=MapperDesign()), m.pose.pivots.clone())
+        plain.load_state_dict({k: v for k, v in m.state_dict().items() if k != "pivot_jaw_expression"})
+        assert not torch.allclose(plain(pitch_yaw, expr)[0], wanted, atol=1e-2)
+
+
+def test_neutral_pivots_render_a_pivot_at_its_own_expression_and_survive_a_file(tmp_path):
+    m, _ = _neutral_mappers()
+    weights = m.pose.weights
+    m.pose.weights = lambda pitch_yaw: torch.eye(7)[[2] * len(pitch_yaw)]  # a blend of pivot 2 alone
+    with torch.no_grad():
+        w, offset = m(torch.zeros(1, 2), m.pivot_jaw_expression[2:3])
+    assert torch.allclose(w, m.pose.pivots[2:3], atol=1e-5) and offset.abs().max() < 1e-5
+    m.pose.weights = weights
+    save_mappers(m, tmp_path / "m.safetensors")
+    back = load_mappers(tmp_path / "m.safetensors")
+    x = (torch.randn(3, 2), torch.randn(3, 5))
+    assert back.cfg.design.neutral_pivots and torch.equal(back(*x)[0], m(*x)[0])
+    with pytest.raises(ValueError, match=r"neutral pivots need the pivots' jaw and expression \[7, 5\], got None"):
+        Mappers(m.cfg, m.pose.pivots)

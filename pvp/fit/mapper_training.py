@@ -287,16 +287,17 @@ def train_mappers(G: Generator, pivots: torch.Tensor, data: MapperData, perceptu
                   objective: ObjectiveConfig = ObjectiveConfig(), design: MapperDesign = MapperDesign(),
                   standardize_inputs: bool = False, lr_schedule: str = "constant", seed: int = 0,
                   progress: bool = True, generator_lr: float = 0.0, dtype: torch.dtype = torch.float32,
-                  average_half_life: float = 0.0):
+                  average_half_life: float = 0.0, pivot_jaw_expression: torch.Tensor | None = None):
     """Returns (mappers, the last step's loss terms). With ``objective.optimize_noise`` the generator's noise
     maps are trained too, and with ``generator_lr`` > 0 its synthesis weights (at that rate): in place, save G
     afterwards. ``dtype``: the generator's renders (training.render_dtype). ``average_half_life`` > 0: the
-    mappers, noise maps and generator weights kept are their moving average over the steps (that half-life)."""
+    mappers, noise maps and generator weights kept are their moving average over the steps (that half-life).
+    ``pivot_jaw_expression``: the pivots' own (jaw, expression), which ``design.neutral_pivots`` needs."""
     device = data.frames.device
     cfg = MapperConfig(num_pivots=len(pivots), num_ws=G.num_ws, w_dim=G.cfg.w_dim,
                        jaw_expression_dim=data.jaw_expression.shape[1], design=design)
     torch.manual_seed(seed)
-    mappers = Mappers(cfg, pivots).to(device).train()
+    mappers = Mappers(cfg, pivots, pivot_jaw_expression if design.neutral_pivots else None).to(device).train()
     if standardize_inputs:
         mappers.pose.inputs.fit(data.pitch_yaw)
         mappers.expression.inputs.fit(data.jaw_expression)

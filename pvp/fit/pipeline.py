@@ -315,7 +315,7 @@ class FitJob:
         return np.array([pos[int(frame_index[r])] for r in rows])
 
     def mappers(self, track: Track, G, latents: dict, frames: torch.Tensor, frame_index: np.ndarray,
-                rows: np.ndarray, expression_dim: int):
+                rows: np.ndarray, pivots: np.ndarray, expression_dim: int):
         path, noise_path = self.work / "mappers.safetensors", self.work / "noise.safetensors"
         x, device, objective = self.x, self.x.device, self.x.preset.objective
         noise = NoiseMaps(G)
@@ -353,7 +353,8 @@ class FitJob:
             identity, objective=objective, design=x.preset.mapper_design,
             standardize_inputs=x.preset.standardize_mapper_inputs, lr_schedule=x.preset.lr_schedule, seed=x.seed,
             progress=x.progress, generator_lr=x.preset.mapper_generator_lr, dtype=dtype,
-            average_half_life=x.preset.mapper_average_half_life)
+            average_half_life=x.preset.mapper_average_half_life,
+            pivot_jaw_expression=jaw_expr[np.searchsorted(rows, pivots)].to(device))
         self._record(mapper_training=metrics, mapper_render_dtype=dtype_name(dtype),
                      losses=losses_record(objective, perceptual.kind, identity is not None, tracker and track.backend))
         if x.preset.mapper_generator_lr > 0:  # the generator the mappers were trained with, before them
@@ -448,7 +449,8 @@ class FitJob:
         pivots = timed("pivots", self.pivots, track, data["frame_index"], rows)
         G, latents = timed("prior", self.prior, track, frames, data["frame_index"], rows, pivots)
         expression_dim = choose_expression_dim(track, self.x.preset.expression_variance)
-        mappers = timed("mappers", self.mappers, track, G, latents, frames, data["frame_index"], rows, expression_dim)
+        mappers = timed("mappers", self.mappers, track, G, latents, frames, data["frame_index"], rows, pivots,
+                        expression_dim)
         # stage times of this run (a resumed stage counts only what it did now); bench/fit.py reads them
         self._record(stage_seconds=seconds)
         timed("bundle", self.bundle, track, G, mappers, frames, data["frame_index"], rows, expression_dim)

@@ -41,6 +41,7 @@ class MapperDesign:
     hull: str = "authors"  # or 'eq6' (module docstring)
     leaky_slope: float = 0.01  # nn.LeakyReLU's default, as the authors
     zero_init_output: bool = False  # True: the last layers start at zero (the mappers start at the centroid)
+    neutral_pivots: bool = False  # True: each pivot enters the pose blend without its own expression (Mappers)
 
     def __post_init__(self):
         if self.hull not in HULLS:
@@ -160,18 +161,34 @@ def mapper_inputs(ctrl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Mappers(nn.Module):
-    """w_final = F_rot(pitch, yaw) + F_expr(jaw, expression)."""
+    """w_final = F_rot(pitch, yaw) + F_expr(jaw, expression).
 
-    def __init__(self, cfg: MapperConfig, pivots: torch.Tensor):
+    With ``design.neutral_pivots`` each pivot w_k enters the blend as w_k - F_expr(e_k), its own jaw and
+    expression e_k (``pivot_jaw_expression``, [K, 3 + E] in the expression mapper's units) taken out. The pose
+    mapper sees the head pose alone, so at a pose its blend averages the mouths of the pivots there, which an
+    expression mapper that sees no pose cannot undo; neutral pivots leave the requested expression the only one in
+    w_final. Where the blend is one pivot and the request its own expression, w_final is that pivot either way."""
+
+    def __init__(self, cfg: MapperConfig, pivots: torch.Tensor, pivot_jaw_expression: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
         self.pose = PoseMapper(cfg, pivots)
         self.expression = ExpressionMapper(cfg)
+        if cfg.design.neutral_pivots:
+            shape = (cfg.num_pivots, cfg.jaw_expression_dim)
+            if pivot_jaw_expression is None or tuple(pivot_jaw_expression.shape) != shape:
+                got = None if pivot_jaw_expression is None else list(pivot_jaw_expression.shape)
+                raise ValueError(f"neutral pivots need the pivots' jaw and expression {list(shape)}, got {got}")
+            self.register_buffer("pivot_jaw_expression", pivot_jaw_expression.float())
 
     def forward(self, pitch_yaw: torch.Tensor, jaw_expression: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (w_final, delta_w_expr)."""
+        """Returns (w_final, its offset from the blend of the pivots as they are: delta_w_expr)."""
         delta = self.expression(jaw_expression)
-        return self.pose(pitch_yaw) + delta, delta
+        if not self.cfg.design.neutral_pivots:
+            return self.pose(pitch_yaw) + delta, delta
+        weights = self.pose.weights(pitch_yaw)
+        offset = delta - torch.einsum("bk,kld->bld", weights, self.expression(self.pivot_jaw_expression))
+        return torch.einsum("bk,kld->bld", weights, self.pose.pivots) + offset, offset
 
 
 def save_mappers(mappers: Mappers, path) -> None:
@@ -197,7 +214,7 @@ def load_mappers(path) -> Mappers:
         with safe_open(str(path), "pt") as f:
             cfg = MapperConfig.from_json(json.loads((f.metadata() or {})["config"]))
         state = load_file(str(path))
-        mappers = Mappers(cfg, state["pose.pivots"])
+        mappers = Mappers(cfg, state["pose.pivots"], state.get("pivot_jaw_expression"))
         mappers.load_state_dict(state, strict=True)
     except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
         raise MapperFileError(f"{path}: not a readable pvp mapper file ({type(e).__name__}: {e})") from None
