@@ -87,13 +87,14 @@ def blends(avatar, frame_set) -> dict:
     with torch.no_grad():
         weights = avatar.mappers.pose.weights(pitch_yaw)
         offsets = avatar.mappers.expression(jaw_expression)
+        pivots = avatar.mappers.blended_pivots()
     sharper = {"avatar": weights, "argmax": torch.nn.functional.one_hot(weights.argmax(1), weights.shape[1]).float()}
     for p in POWERS:
         raised = weights.clamp(min=0) ** p
         sharper[f"weights^{p}"] = raised / raised.sum(1, keepdim=True)
     out = {"effective_pivots": round(float((1 / (weights ** 2).sum(1)).median()), 2)}
     for name, blend in sharper.items():
-        w = torch.einsum("bk,kld->bld", blend, avatar.mappers.pose.pivots)
+        w = torch.einsum("bk,kld->bld", blend, pivots)
         for label, latents in ((name, w + offsets), (f"{name}, no offsets", w)):
             with torch.no_grad():
                 renders = to_uint8(avatar.generator.synthesis(latents, noise_mode="const")).numpy()

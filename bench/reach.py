@@ -61,9 +61,9 @@ def optimised(avatar, frame_set, freedom: str, steps: int, lr: float, detail_ene
     from pvp.models.mappers import mapper_inputs
 
     pitch_yaw, jaw_expression = mapper_inputs(avatar.clamp(torch.from_numpy(frame_set.controls).float()))
-    pivots = avatar.mappers.pose.pivots
     expr_layers = avatar.mappers.cfg.expr_layers
     with torch.no_grad():
+        pivots = avatar.mappers.blended_pivots()
         blend = avatar.mappers.pose.weights(pitch_yaw)
         offsets = avatar.mappers.expression(jaw_expression)[:, :expr_layers]
         w_plus = torch.einsum("bk,kld->bld", blend, pivots)

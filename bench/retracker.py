@@ -26,33 +26,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import RESULTS, fitted_avatar_args, fitted_clip, print_table, write_results  # noqa: E402
 from bench.prior import machine  # noqa: E402
+from pvp.evaluation.evaluate import RETRACKED_COLUMNS  # noqa: E402
 
-SIGMAS = (0.3, 0.5, 0.7, 1.0)
+SIGMAS = (0.5, 0.7, 1.0)
 MATCHING_SIGMAS = np.round(np.arange(0.0, 1.51, 0.1), 1)
-ANGLES = ("yaw", "pitch", "jaw")
-VIEW_SIZE = 512
 
 
 def blurred(images: np.ndarray, sigma: float) -> np.ndarray:
-    """A fixed 5x5 support, so that small sigmas blur too (OpenCV sizes its own kernel to 1 px under 0.35)."""
-    return images if sigma == 0 else np.stack([cv2.GaussianBlur(x, (5, 5), sigma) for x in images])
-
-
-def round_trip(images: np.ndarray) -> np.ndarray:
-    from pvp.serve.render_service import resize
-
-    res = images.shape[1]
-    return np.stack([cv2.resize(resize(x, VIEW_SIZE), (res, res), interpolation=cv2.INTER_AREA) for x in images])
+    return images if sigma == 0 else np.stack([cv2.GaussianBlur(x, (0, 0), sigma) for x in images])
 
 
 def control_errors(read: dict, requested: np.ndarray) -> dict:
-    from pvp_contract import controls
-
-    columns = {"yaw": controls.YAW, "pitch": controls.PITCH, "jaw": controls.JAW_OPEN}
-    return {k: round(float(np.median(np.abs(read[k] - requested[:, c]))), 3) for k, c in columns.items()}
+    return {k: round(float(np.median(np.abs(read[k] - requested[:, c]))), 3) for k, c in RETRACKED_COLUMNS.items()}
 
 
 def instrument_figures(avatar, track, training: np.ndarray, held_out: np.ndarray) -> dict:
+    from pvp.demo.run import at_resolution, served
     from pvp.evaluation.evaluate import _render, _retrack, load_frames, sharpness
     from pvp.tracking.differentiable import DifferentiableTracker, aligned_roi
 
@@ -63,7 +52,7 @@ def instrument_figures(avatar, track, training: np.ndarray, held_out: np.ndarray
 
     def shift(images: np.ndarray) -> dict:
         read = _retrack(tracker, images)
-        return {k: round(float(np.mean(read[k] - plain[k])), 3) for k in ANGLES}
+        return {k: round(float(np.mean(read[k] - plain[k])), 3) for k in RETRACKED_COLUMNS}
 
     by_sigma = [{"sigma": s, "sharpness_ratio": round(float(np.mean(sharpness(blurred(real, s)) / plain_sharpness)), 3),
                  **shift(blurred(real, s))} for s in SIGMAS]
@@ -72,7 +61,8 @@ def instrument_figures(avatar, track, training: np.ndarray, held_out: np.ndarray
     ladder = np.stack([sharpness(blurred(real, s)) / plain_sharpness for s in MATCHING_SIGMAS], 1)
     matched_sigma = MATCHING_SIGMAS[np.abs(ladder - render_ratio[:, None]).argmin(1)]
     matched = np.stack([blurred(real[i:i + 1], s)[0] for i, s in enumerate(matched_sigma)])
-    return {"frames": int(len(held_out)), "by_sigma": by_sigma, "round_trip_512": shift(round_trip(real)),
+    round_trip = at_resolution(served(real), real.shape[1])
+    return {"frames": int(len(held_out)), "by_sigma": by_sigma, "round_trip_512": shift(round_trip),
             "render_sharpness_ratio": round(float(render_ratio.mean()), 3),
             "matched_sigma_median": float(np.median(matched_sigma)),
             "render_err": control_errors(_retrack(tracker, renders), frames.controls),
@@ -94,9 +84,9 @@ def main(argv=None):
     table = [{"clip": r["clip"], "variant": r["variant"], "render sharpness": r["render_sharpness_ratio"],
               **{f"{k} err: render / real / real at its sharpness": " / ".join(
                   str(r[part][k]) for part in ("render_err", "real_err", "real_at_render_sharpness_err"))
-                 for k in ANGLES},
+                 for k in RETRACKED_COLUMNS},
               **{f"σ {s['sigma']}: sharpness, yaw / pitch / jaw shift": f"{s['sharpness_ratio']}, " + " / ".join(
-                  f"{s[k]:+.2f}" for k in ANGLES) for s in r["by_sigma"]}} for r in rows]
+                  f"{s[k]:+.2f}" for k in RETRACKED_COLUMNS) for s in r["by_sigma"]}} for r in rows]
     print_table(table, list(table[0]))
 
 

@@ -44,10 +44,10 @@ def test_demo_runs_end_to_end(tmp_path):
     assert gt["frames"] == held
     # the keys Blender got come from tracking the synthetic clip: they follow the known yaw
     assert gt["yaw"]["keyed_median_abs_err_deg"] < 8.0
-    # beside the render's error, the re-tracker's own: the real frames that drove it, shown the same way
+    # beside the render's error, the re-tracker's own: the real frames that drove it, shown the same way, read
+    # within its coarseness of the known yaw (6.5 degrees in this run; over 10: the wrong frames, or not faces)
     assert "the re-tracker's error" in page
-    for angle in ("yaw", "pitch", "jaw"):
-        assert np.isfinite(gt[angle]["real_median_abs_err_deg"]) and gt[angle]["real_median_abs_err_deg"] >= 0
+    assert gt["yaw"]["real_median_abs_err_deg"] < 10.0
 
 
 MESH_DIGEST = """

@@ -397,7 +397,8 @@ def test_neutral_pivots_take_out_the_pivot_frames_own_jaw_and_expression(d3_trac
     out = tmp_path / "avatar"
     preset = apply_settings(PRESETS["tiny"], ["prior_steps=1", "mapper_steps=1", "pivots=4",
                                               "mapper_design.neutral_pivots=true"])
-    FitJob(FitInputs(d3_track_file, out, preset, train_frames="0:30", progress=False)).run()
+    # frames from 20 on: the pivots' rows in the training frames are not their numbers
+    FitJob(FitInputs(d3_track_file, out, preset, train_frames="20:50", progress=False)).run()
     avatar = Avatar.load(out)
     track = Track.load(out / "work" / "track.safetensors")
     position = {int(i): k for k, i in enumerate(track.frame_index)}

@@ -178,15 +178,16 @@ def test_neutral_pivots_leave_the_requested_expression_the_only_one_at_every_pos
 
 def test_neutral_pivots_render_a_pivot_at_its_own_expression_and_survive_a_file(tmp_path):
     m, _ = _neutral_mappers()
-    weights = m.pose.weights
     m.pose.weights = lambda pitch_yaw: torch.eye(7)[[2] * len(pitch_yaw)]  # a blend of pivot 2 alone
     with torch.no_grad():
         w, offset = m(torch.zeros(1, 2), m.pivot_jaw_expression[2:3])
     assert torch.allclose(w, m.pose.pivots[2:3], atol=1e-5) and offset.abs().max() < 1e-5
-    m.pose.weights = weights
+    del m.pose.weights  # the pose mapper's own again
     save_mappers(m, tmp_path / "m.safetensors")
     back = load_mappers(tmp_path / "m.safetensors")
     x = (torch.randn(3, 2), torch.randn(3, 5))
     assert back.cfg.design.neutral_pivots and torch.equal(back(*x)[0], m(*x)[0])
     with pytest.raises(ValueError, match=r"neutral pivots need the pivots' jaw and expression \[7, 5\], got None"):
         Mappers(m.cfg, m.pose.pivots)
+    with pytest.raises(ValueError, match="are for neutral pivots"):
+        Mappers(replace(m.cfg, design=MapperDesign()), m.pose.pivots, m.pivot_jaw_expression)

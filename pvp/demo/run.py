@@ -117,56 +117,58 @@ def driving_track(avatar: Path, start: int, out: Path) -> Track:
     return held
 
 
+def served(images: np.ndarray) -> list[np.ndarray]:
+    """Images at the avatar's resolution as the server sends them to Blender's VIEW_SIZE image plane."""
+    from pvp.serve.render_service import resize
+
+    return [resize(image, VIEW_SIZE) for image in images]
+
+
+def at_resolution(view_rgb: list[np.ndarray], res: int) -> np.ndarray:
+    """Frames shown at VIEW_SIZE, scaled back to the avatar's resolution for the re-tracker."""
+    return np.stack([cv2.resize(v, (res, res), interpolation=cv2.INTER_AREA) for v in view_rgb])
+
+
 def ground_truth_accuracy(avatar_dir: Path, frames: list[Path], truth: dict, frame_numbers: np.ndarray,
                           keyed: np.ndarray, held: Track) -> dict:
     """Re-track the rendered animation and compare head rotation and jaw with the synthetic truth of the
     frames that drove it. Beside it: the keyed controls against the truth (what tracking + import delivered),
     and the real frames that drove it taken through the same path — their aligned crops at the avatar's
     resolution, rolled as the renderer rolls its image, served at VIEW_SIZE and scaled back — which is the
-    re-tracker's own error: at the avatar's resolution it reads a little blur or roll as degrees of yaw."""
+    re-tracker's own error: at the avatar's resolution it reads a little blur or roll as degrees of yaw.
+    One keyed row and one frame per face-tracked frame of ``held`` (the synthetic subject's face is found on
+    every frame)."""
     import torch
 
     from pvp.avatar import Avatar, rotate_images
-    from pvp.evaluation.evaluate import load_frames
+    from pvp.evaluation.evaluate import RETRACKED_COLUMNS, _retrack, load_frames
     from pvp.fit.data import parse_range, to_tensor
     from pvp.models.generator import to_uint8
-    from pvp.serve.render_service import resize
     from pvp.tracking.differentiable import DifferentiableTracker, aligned_roi
     from pvp_contract import controls
 
     avatar = Avatar.load(avatar_dir)
     res = avatar.meta.resolution  # re-tracked at the avatar's own resolution (the render is an upscale of it)
-
-    def as_read(view_rgb: list[np.ndarray]) -> np.ndarray:
-        return np.stack([cv2.resize(v, (res, res), interpolation=cv2.INTER_AREA) for v in view_rgb])
-
-    rendered = as_read([cv2.imread(str(f))[:, :, ::-1] for f in frames])
+    rendered = at_resolution([cv2.imread(str(f))[:, :, ::-1] for f in frames], res)
     crops = to_tensor(load_frames(held, np.flatnonzero(held.valid), avatar).images)
-    rolled = to_uint8(rotate_images(crops, torch.from_numpy(keyed[:, controls.ROLL]).float())).numpy()
-    real = as_read([resize(crop, VIEW_SIZE) for crop in rolled])
+    roll = avatar.clamp(torch.from_numpy(keyed).float())[:, controls.ROLL]  # as the server rolls the render
+    real = at_resolution(served(to_uint8(rotate_images(crops, roll)).numpy()), res)
     fit_track = Track.load(avatar_dir / "work" / "track.safetensors")
     trained_on = np.arange(*parse_range(avatar.meta.provenance.get("train_frames"), len(fit_track)))
     tracker = DifferentiableTracker(avatar.face_model, roi=aligned_roi(fit_track, trained_on))  # as its fit's
-
-    def read(images: np.ndarray) -> dict[str, np.ndarray]:
-        with torch.no_grad():
-            r = tracker(to_tensor(np.ascontiguousarray(images)))
-        return {"yaw": np.degrees(r["yaw"].numpy()), "pitch": np.degrees(r["pitch"].numpy()),
-                "jaw": np.degrees(r["jaw"][:, 0].numpy())}
-
-    got, real_read = read(rendered), read(real)
+    got, real_read = _retrack(tracker, rendered), _retrack(tracker, real)
     by_frame = {f["frame"]: f for f in truth["frames"]}
-    gt = {k: np.array([by_frame[int(i)][k] for i in frame_numbers]) for k in ("yaw", "pitch", "jaw")}
-    columns = {"yaw": controls.YAW, "pitch": controls.PITCH, "jaw": controls.JAW_OPEN}
+    gt = {k: np.array([by_frame[int(i)][k] for i in frame_numbers]) for k in RETRACKED_COLUMNS}
     out = {"frames": int(len(frames))}
-    for k, col in columns.items():
+    for k, col in RETRACKED_COLUMNS.items():
         out[k] = {"render_median_abs_err_deg": float(np.median(np.abs(got[k] - gt[k]))),
                   "render_corr": float(np.corrcoef(got[k], gt[k])[0, 1]) if gt[k].std() > 0 else None,
                   "keyed_median_abs_err_deg": float(np.median(np.abs(keyed[:, col] - gt[k]))),
                   "real_median_abs_err_deg": float(np.median(np.abs(real_read[k] - gt[k])))}
-    out["series"] = {"truth": {k: v.tolist() for k, v in gt.items()}, "render": {k: v.tolist() for k, v in got.items()},
-                     "real": {k: v.tolist() for k, v in real_read.items()},
-                     "keyed": {k: keyed[:, col].tolist() for k, col in columns.items()}}
+    out["series"] = {"truth": {k: v.tolist() for k, v in gt.items()},
+                     "render": {k: got[k].tolist() for k in RETRACKED_COLUMNS},
+                     "real": {k: real_read[k].tolist() for k in RETRACKED_COLUMNS},
+                     "keyed": {k: keyed[:, col].tolist() for k, col in RETRACKED_COLUMNS.items()}}
     return out
 
 

@@ -38,6 +38,7 @@ from pvp_contract import controls
 from pvp_contract.atomic import atomic_path, write_text
 
 log = logging.getLogger(__name__)
+RETRACKED_COLUMNS = {"yaw": controls.YAW, "pitch": controls.PITCH, "jaw": controls.JAW_OPEN}  # _retrack's angles
 METHODS = ("avatar", "nearest_pivot", "nearest_frame", "nearest_pose_frame")
 METRICS = ("psnr", "ssim", "lpips", "sharpness", "yaw_err", "pitch_err", "jaw_err", "expr_err", "yaw_shift",
            "pitch_shift", "size_shift")
@@ -103,7 +104,7 @@ class Evaluation:
             c = self.eval_set.controls[pick]
             out["ground_truth_retracked"] = {
                 f"{name}_err": float(np.median(np.abs(floor[name][pick] - c[:, column])))
-                for name, column in (("yaw", controls.YAW), ("pitch", controls.PITCH), ("jaw", controls.JAW_OPEN))}
+                for name, column in RETRACKED_COLUMNS.items()}
         return out
 
 

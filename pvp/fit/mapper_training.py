@@ -292,12 +292,12 @@ def train_mappers(G: Generator, pivots: torch.Tensor, data: MapperData, perceptu
     maps are trained too, and with ``generator_lr`` > 0 its synthesis weights (at that rate): in place, save G
     afterwards. ``dtype``: the generator's renders (training.render_dtype). ``average_half_life`` > 0: the
     mappers, noise maps and generator weights kept are their moving average over the steps (that half-life).
-    ``pivot_jaw_expression``: the pivots' own (jaw, expression), which ``design.neutral_pivots`` needs."""
+    ``pivot_jaw_expression``: the pivots' own (jaw, expression), for ``design.neutral_pivots``."""
     device = data.frames.device
     cfg = MapperConfig(num_pivots=len(pivots), num_ws=G.num_ws, w_dim=G.cfg.w_dim,
                        jaw_expression_dim=data.jaw_expression.shape[1], design=design)
     torch.manual_seed(seed)
-    mappers = Mappers(cfg, pivots, pivot_jaw_expression if design.neutral_pivots else None).to(device).train()
+    mappers = Mappers(cfg, pivots, pivot_jaw_expression).to(device).train()
     if standardize_inputs:
         mappers.pose.inputs.fit(data.pitch_yaw)
         mappers.expression.inputs.fit(data.jaw_expression)

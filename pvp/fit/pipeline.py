@@ -314,8 +314,18 @@ class FitJob:
         pos = {int(i): k for k, i in enumerate(track.frame_index)}
         return np.array([pos[int(frame_index[r])] for r in rows])
 
+    @staticmethod
+    def pivot_jaw_expression(latents: dict, rows: np.ndarray, jaw_expression: torch.Tensor,
+                             design) -> torch.Tensor | None:
+        """The pivots' own (jaw, expression) rows of ``jaw_expression`` (one per training row), in the order of
+        the pivots' latents, for neutral pivots; else None."""
+        if not design.neutral_pivots:
+            return None
+        row_of = {int(r): k for k, r in enumerate(rows)}
+        return jaw_expression[[row_of[int(p)] for p in latents["pivot_rows"]]]
+
     def mappers(self, track: Track, G, latents: dict, frames: torch.Tensor, frame_index: np.ndarray,
-                rows: np.ndarray, pivots: np.ndarray, expression_dim: int):
+                rows: np.ndarray, expression_dim: int):
         path, noise_path = self.work / "mappers.safetensors", self.work / "noise.safetensors"
         x, device, objective = self.x, self.x.device, self.x.preset.objective
         noise = NoiseMaps(G)
@@ -354,7 +364,7 @@ class FitJob:
             standardize_inputs=x.preset.standardize_mapper_inputs, lr_schedule=x.preset.lr_schedule, seed=x.seed,
             progress=x.progress, generator_lr=x.preset.mapper_generator_lr, dtype=dtype,
             average_half_life=x.preset.mapper_average_half_life,
-            pivot_jaw_expression=jaw_expr[np.searchsorted(rows, pivots)].to(device))
+            pivot_jaw_expression=self.pivot_jaw_expression(latents, rows, jaw_expr, x.preset.mapper_design))
         self._record(mapper_training=metrics, mapper_render_dtype=dtype_name(dtype),
                      losses=losses_record(objective, perceptual.kind, identity is not None, tracker and track.backend))
         if x.preset.mapper_generator_lr > 0:  # the generator the mappers were trained with, before them
@@ -449,8 +459,7 @@ class FitJob:
         pivots = timed("pivots", self.pivots, track, data["frame_index"], rows)
         G, latents = timed("prior", self.prior, track, frames, data["frame_index"], rows, pivots)
         expression_dim = choose_expression_dim(track, self.x.preset.expression_variance)
-        mappers = timed("mappers", self.mappers, track, G, latents, frames, data["frame_index"], rows, pivots,
-                        expression_dim)
+        mappers = timed("mappers", self.mappers, track, G, latents, frames, data["frame_index"], rows, expression_dim)
         # stage times of this run (a resumed stage counts only what it did now); bench/fit.py reads them
         self._record(stage_seconds=seconds)
         timed("bundle", self.bundle, track, G, mappers, frames, data["frame_index"], rows, expression_dim)

@@ -167,13 +167,16 @@ class Mappers(nn.Module):
     expression e_k (``pivot_jaw_expression``, [K, 3 + E] in the expression mapper's units) taken out. The pose
     mapper sees the head pose alone, so at a pose its blend averages the mouths of the pivots there, which an
     expression mapper that sees no pose cannot undo; neutral pivots leave the requested expression the only one in
-    w_final. Where the blend is one pivot and the request its own expression, w_final is that pivot either way."""
+    w_final: where the blend is one pivot and the request its own expression, w_final is that pivot (without
+    neutral pivots, only as far as F_expr(e_k) is 0)."""
 
     def __init__(self, cfg: MapperConfig, pivots: torch.Tensor, pivot_jaw_expression: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
         self.pose = PoseMapper(cfg, pivots)
         self.expression = ExpressionMapper(cfg)
+        if pivot_jaw_expression is not None and not cfg.design.neutral_pivots:
+            raise ValueError("the pivots' jaw and expression are for neutral pivots (mapper_design.neutral_pivots)")
         if cfg.design.neutral_pivots:
             shape = (cfg.num_pivots, cfg.jaw_expression_dim)
             if pivot_jaw_expression is None or tuple(pivot_jaw_expression.shape) != shape:
@@ -181,14 +184,20 @@ class Mappers(nn.Module):
                 raise ValueError(f"neutral pivots need the pivots' jaw and expression {list(shape)}, got {got}")
             self.register_buffer("pivot_jaw_expression", pivot_jaw_expression.float())
 
+    def blended_pivots(self) -> torch.Tensor:
+        """[K, num_ws, w_dim]: the latents the pose mapper's weights blend."""
+        if not self.cfg.design.neutral_pivots:
+            return self.pose.pivots
+        return self.pose.pivots - self.expression(self.pivot_jaw_expression)
+
     def forward(self, pitch_yaw: torch.Tensor, jaw_expression: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (w_final, its offset from the blend of the pivots as they are: delta_w_expr)."""
         delta = self.expression(jaw_expression)
         if not self.cfg.design.neutral_pivots:
             return self.pose(pitch_yaw) + delta, delta
         weights = self.pose.weights(pitch_yaw)
-        offset = delta - torch.einsum("bk,kld->bld", weights, self.expression(self.pivot_jaw_expression))
-        return torch.einsum("bk,kld->bld", weights, self.pose.pivots) + offset, offset
+        w = torch.einsum("bk,kld->bld", weights, self.blended_pivots()) + delta
+        return w, w - torch.einsum("bk,kld->bld", weights, self.pose.pivots)
 
 
 def save_mappers(mappers: Mappers, path) -> None:
