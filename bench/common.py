@@ -62,6 +62,28 @@ def fitted_avatar_args(doc: str, variant: str, argv=None, add_arguments=None) ->
     return ap.parse_args(argv)
 
 
+def kept_rows(out_json: Path, args: argparse.Namespace) -> list[dict]:
+    """The rows of a results file that a rerun for ``args`` (fitted_avatar_args) keeps: all but its clips' rows of
+    its variant."""
+    rows = json.loads(out_json.read_text())["rows"] if out_json.is_file() else []
+    return [r for r in rows if not (r["clip"] in args.clips and r["variant"] == args.variant)]
+
+
+def measure_fitted_clips(name: str, args: argparse.Namespace, figures_of) -> list[dict]:
+    """For each clip of ``args`` (fitted_avatar_args), ``figures_of(avatar, track, parts)`` (fitted_clip's) on its
+    bench/prior.py fit, as a row of bench/results/<name>_<preset>.json (or --out), written as each clip is done.
+    Returns every row of the file."""
+    from bench.prior import machine
+
+    out_json = args.out or RESULTS / f"{name}_{args.preset}.json"
+    rows = kept_rows(out_json, args)
+    for clip in args.clips:
+        _, avatar, track, parts = fitted_clip(args, clip)
+        rows.append({"clip": clip, "variant": args.variant, "work": str(args.work), **figures_of(avatar, track, parts)})
+        write_results(f"{name}_{args.preset}", machine(), rows, out_json)
+    return rows
+
+
 def fitted_clip(args: argparse.Namespace, clip: str):
     """The bench/prior.py fit of ``clip`` that ``args`` (fitted_avatar_args) names: its directory, the avatar,
     its track, and the valid track positions of the training and the held-out frames ('training', 'held_out')."""

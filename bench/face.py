@@ -16,7 +16,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import RESULTS, evaluate, fitted_avatar_args, held_out_split, print_table, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    RESULTS,
+    evaluate,
+    fitted_avatar_args,
+    held_out_split,
+    kept_rows,
+    print_table,
+    write_results,
+)
 from bench.prior import COLUMNS, DATA, machine, score  # noqa: E402
 
 
@@ -24,8 +32,7 @@ def main(argv=None):
     args = fitted_avatar_args(__doc__, "preset", argv)
     os.chdir(ROOT)
     out_json = args.out or RESULTS / f"face_{args.preset}.json"
-    rows = [r for r in (json.loads(out_json.read_text())["rows"] if out_json.is_file() else [])
-            if not (r["clip"] in args.clips and r["variant"] == args.variant)]
+    rows = kept_rows(out_json, args)
     for clip in args.clips:
         video = DATA / f"{clip}.mp4"
         _, held_out = held_out_split(video)

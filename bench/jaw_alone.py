@@ -14,7 +14,6 @@ Writes bench/results/jaw_alone_<preset>.json (a rerun replaces its clips' rows o
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -23,8 +22,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import RESULTS, fitted_avatar_args, fitted_clip, print_table, write_results  # noqa: E402
-from bench.prior import machine  # noqa: E402
+from bench.common import fitted_avatar_args, measure_fitted_clips, print_table  # noqa: E402
 
 EXPRESSION_CHANNELS = 8
 
@@ -54,14 +52,8 @@ def sweep_figures(avatar, track, training: np.ndarray, steps: int) -> dict:
 def main(argv=None):
     args = fitted_avatar_args(__doc__, "preset", argv, lambda ap: ap.add_argument("--steps", type=int, default=9))
     os.chdir(ROOT)
-    out_json = args.out or RESULTS / f"jaw_alone_{args.preset}.json"
-    rows = [r for r in (json.loads(out_json.read_text())["rows"] if out_json.is_file() else [])
-            if not (r["clip"] in args.clips and r["variant"] == args.variant)]
-    for clip in args.clips:
-        _, avatar, track, parts = fitted_clip(args, clip)
-        figures = sweep_figures(avatar, track, parts["training"], args.steps)
-        rows.append({"clip": clip, "variant": args.variant, "work": str(args.work), **figures})
-        write_results(f"jaw_alone_{args.preset}", machine(), rows, out_json)
+    rows = measure_fitted_clips("jaw_alone", args, lambda avatar, track, parts: sweep_figures(
+        avatar, track, parts["training"], args.steps))
     print_table(rows, ["clip", "variant", "jaw_slope", "jaw_requested_deg", "jaw_retracked_deg", "yaw_travel_deg",
                        "pitch_travel_deg", "expression_jaw_travel_deg", "expression_jaw_travel_max_deg"])
 

@@ -14,7 +14,6 @@ Writes bench/results/retracker_<preset>.json (a rerun replaces its clips' rows o
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,8 +23,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import RESULTS, fitted_avatar_args, fitted_clip, print_table, write_results  # noqa: E402
-from bench.prior import machine  # noqa: E402
+from bench.common import fitted_avatar_args, measure_fitted_clips, print_table  # noqa: E402
 from pvp.evaluation.evaluate import RETRACKED_COLUMNS  # noqa: E402
 
 SIGMAS = (0.5, 0.7, 1.0)
@@ -73,14 +71,8 @@ def instrument_figures(avatar, track, training: np.ndarray, held_out: np.ndarray
 def main(argv=None):
     args = fitted_avatar_args(__doc__, "preset", argv)
     os.chdir(ROOT)
-    out_json = args.out or RESULTS / f"retracker_{args.preset}.json"
-    rows = [r for r in (json.loads(out_json.read_text())["rows"] if out_json.is_file() else [])
-            if not (r["clip"] in args.clips and r["variant"] == args.variant)]
-    for clip in args.clips:
-        _, avatar, track, parts = fitted_clip(args, clip)
-        figures = instrument_figures(avatar, track, parts["training"], parts["held_out"])
-        rows.append({"clip": clip, "variant": args.variant, "work": str(args.work), **figures})
-        write_results(f"retracker_{args.preset}", machine(), rows, out_json)
+    rows = measure_fitted_clips("retracker", args, lambda avatar, track, parts: instrument_figures(
+        avatar, track, parts["training"], parts["held_out"]))
     table = [{"clip": r["clip"], "variant": r["variant"], "render sharpness": r["render_sharpness_ratio"],
               **{f"{k} err: render / real / real at its sharpness": " / ".join(
                   str(r[part][k]) for part in ("render_err", "real_err", "real_at_render_sharpness_err"))
