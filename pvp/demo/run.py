@@ -129,8 +129,8 @@ def at_resolution(view_rgb: list[np.ndarray], res: int) -> np.ndarray:
     return np.stack([cv2.resize(v, (res, res), interpolation=cv2.INTER_AREA) for v in view_rgb])
 
 
-def ground_truth_accuracy(avatar_dir: Path, frames: list[Path], truth: dict, frame_numbers: np.ndarray,
-                          keyed: np.ndarray, held: Track) -> dict:
+def ground_truth_accuracy(avatar_dir: Path, frames: list[Path], truth: dict, keyed: np.ndarray,
+                          held: Track) -> dict:
     """Re-track the rendered animation and compare head rotation and jaw with the synthetic truth of the
     frames that drove it. Beside it: the keyed controls against the truth (what tracking + import delivered),
     and the real frames that drove it taken through the same path — their aligned crops at the avatar's
@@ -158,7 +158,7 @@ def ground_truth_accuracy(avatar_dir: Path, frames: list[Path], truth: dict, fra
     tracker = DifferentiableTracker(avatar.face_model, roi=aligned_roi(fit_track, trained_on))  # as its fit's
     got, real_read = _retrack(tracker, rendered), _retrack(tracker, real)
     by_frame = {f["frame"]: f for f in truth["frames"]}
-    gt = {k: np.array([by_frame[int(i)][k] for i in frame_numbers]) for k in RETRACKED_COLUMNS}
+    gt = {k: np.array([by_frame[int(i)][k] for i in held.frame_index[held.valid]]) for k in RETRACKED_COLUMNS}
     out = {"frames": int(len(frames))}
     for k, col in RETRACKED_COLUMNS.items():
         out[k] = {"render_median_abs_err_deg": float(np.median(np.abs(got[k] - gt[k]))),
@@ -219,7 +219,7 @@ def run_demo(s: DemoSettings) -> dict:
     gt = None
     if truth_path is not None:
         gt = step("ground-truth accuracy", ground_truth_accuracy, avatar, frames, json.loads(truth_path.read_text()),
-                  valid_numbers, np.array(blender["controls"]), held)
+                  np.array(blender["controls"]), held)
     report = step("evaluation report", evaluate_and_report, avatar, video, train_end, s.out / "eval", gt)
     summary = {"input": str(video), "face_found": found, "avatar": str(avatar), "out_mp4": str(movie),
                "side_by_side_mp4": str(side), "frames": str(frames_dir), "blend": str(s.out / "scene.blend"),
