@@ -224,6 +224,31 @@ def test_the_perturbation_moves_the_jaw_only_when_asked(parts, perturb_jaw):
     assert bool(moved[:, 0].all()) == perturb_jaw and not moved[:, 2].any()  # the third jaw axis never varies
 
 
+class _TrackerReadingAJaw:
+    """Reads every image as a head at rest with no expression and its jaw ``opening`` radians open."""
+
+    opening = 0.0
+
+    def __call__(self, images):
+        n = len(images)
+        jaw = torch.zeros(n, 3)
+        jaw[:, 0] = self.opening
+        return {"pitch": torch.zeros(n), "yaw": torch.zeros(n), "jaw": jaw, "expression": torch.zeros(n, EXPR)}
+
+
+def test_the_expression_term_reads_the_jaw_in_units_of_its_spread(parts):
+    """A render whose jaw is read one spread (sd over the training frames) away from the frame's counts as much
+    as an expression coefficient one sd away: 1 over the jaw's two axes and the coefficients."""
+    G, pivots, _, _, controls = parts
+    m = _mappers(G, pivots, controls, trained_expression=True)
+    tracker = _TrackerReadingAJaw()  # reads the frames (the term's reference) with the jaw closed
+    with_tracker = (*parts[:2], tracker, *parts[3:])
+    objective = _objective(with_tracker, m, torch.zeros(N, 3, 64, 64), ObjectiveConfig(perturb_jaw=True, sigma=0.0))
+    tracker.opening = controls[1][:, 0].std().item()  # and the renders one spread open
+    terms = objective.terms(m, torch.arange(N), torch.Generator().manual_seed(0))
+    assert terms["expression"].item() == pytest.approx(1 / (2 + EXPR), rel=1e-4)
+
+
 def test_the_objective_renders_in_the_dtype_asked_and_its_terms_stay_float32(parts):
     G, pivots, _, _, controls = parts
     mappers = _mappers(G, pivots, controls, trained_expression=True)

@@ -4,7 +4,8 @@ Per step, for a batch of training frames: render I' at the frame's controls and 
 expression controls (expression + N(0, sigma); the jaw too when ``perturb_jaw``, in units of its spread);
 then, the image terms on renders downsampled to at most 512 px (antialiased), as the authors' code:
   10 L2(I', I) + 10 perceptual(I', I) + 0.5 identity(I', I)
-  + 0.1 |pose(I^e) - pose(I)|^2 + 0.1 |exp(I^e) - exp'|^2     (the tracker: DECA, or the differentiable one)
+  + 0.1 |pose(I^e) - pose(I)|^2 + 0.1 |exp(I^e) - exp'|^2     (the tracker: DECA, or the differentiable one;
+                                                               exp holds the jaw too when it is perturbed)
   + 1.0 |m (I^e - I')|^2 (m: 0 on the eyes and mouth, soft edges)
   + 0.5 (|dw_expr|^2 + |dw_expr^e|^2), averaged over the layers the expression mapper predicts.
 The optimiser trains the mappers and, as the authors, the generator's noise maps (re-randomised first).
@@ -201,8 +202,12 @@ class MapperObjective:
         self.dtype = dtype  # the generator's renders (training.render_dtype)
         self.data, self.perceptual, self.config = data, perceptual, config
         self.tracker, self.identity = tracker, identity
-        scale = data.jaw_expression.std(0).clamp(min=1e-3)
-        scale[JAW_AXES:] = 1.0  # expression coefficients are unit-variance already
+        spread = data.jaw_expression.std(0).clamp(min=1e-3)
+        spread[JAW_AXES:] = 1.0  # expression coefficients are unit-variance already
+        # the expression term reads the jaw in units of its spread, as it is perturbed: in radians its squared
+        # error weighed some 1/350 of an expression coefficient's (a spread of 3 degrees): the term left it alone
+        self.jaw_spread = spread[:2]  # its two free axes
+        scale = spread.clone()
         scale[2] = 0.0  # the jaw's third axis is always 0 in the schema
         if not config.perturb_jaw:
             scale[:JAW_AXES] = 0.0
@@ -249,7 +254,8 @@ class MapperObjective:
             predicted = torch.cat([out["jaw"][:, jaw], out["expression"][:, :k]], 1)
             shift = torch.cat([je_pert[:, jaw] - je[:, jaw], je_pert[:, JAW_AXES:] - je[:, JAW_AXES:]], 1)
             reference = torch.cat([ref["jaw"][idx, jaw], ref["expression"][idx, :k]], 1)
-            terms["expression"] = (predicted - reference - shift).square().mean()
+            units = torch.cat([self.jaw_spread[jaw], torch.ones(k, device=device)])
+            terms["expression"] = ((predicted - reference - shift) / units).square().mean()
         if self.tracker is not None and cfg.novel_pose > 0:
             py_shift = torch.randn(py.shape, generator=gen, device=gen.device).to(device) * np.radians(
                 cfg.novel_pose_sigma_deg)
