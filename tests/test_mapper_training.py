@@ -295,20 +295,6 @@ def test_soft_masks_blur_dilated_hulls(d3_track):
         ObjectiveConfig(consistency_mask="round")
 
 
-def test_the_jaw_mask_frees_the_mouth_down_to_the_chin(d3_track):
-    """'jaw': the hard mask with the region a perturbed jaw moves, the lips down to the chin, left out too."""
-    from pvp.fit.pipeline import aligned_landmarks
-
-    pts = aligned_landmarks(d3_track, np.arange(3), 128)
-    hard, jaw = eyes_mouth_masks(pts, 128, kind="hard"), eyes_mouth_masks(pts, 128, kind="jaw")
-    assert (jaw <= hard).all() and (jaw < hard).any()  # everything the hard mask leaves out, and more
-    assert set(np.unique(jaw)) == {0.0, 1.0}
-    between = np.round((pts[:, 17] + pts[:, 152]) / 2).astype(int)  # halfway from the lower lip to the chin
-    for i, (x, y) in enumerate(between):
-        assert hard[i, 0, y, x] == 1 and jaw[i, 0, y, x] == 0
-    assert jaw[:, 0, 0, 0].min() == 1.0 and jaw[:, 0, 64, 64].min() == 1.0  # the corner and the nose still count
-
-
 @pytest.mark.parametrize("optimize_noise", [False, True])
 def test_noise_maps_train_with_the_mappers(parts, tmp_path, optimize_noise):
     """The authors re-randomise the generator's noise maps and optimise them with the mappers; its weights stay."""

@@ -71,13 +71,12 @@ from pvp_contract import controls
 
 log = logging.getLogger(__name__)
 OUTER_LIPS = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185)
-CHIN = (150, 149, 176, 148, 152, 377, 400, 378, 379)  # the face oval's lowest points, right to left
 
 
 TERMS = ("l2", "perceptual", "identity", "pose", "expression", "consistency", "locality", "novel_pose",
          "detail_energy", "adversarial", "blend_spread")
 DISCRIMINATOR_LR = 2e-3  # the from-scratch prior discriminator's starting rate (Preset.prior_lr's default); constant
-CONSISTENCY_MASKS = ("soft", "hard", "jaw")
+CONSISTENCY_MASKS = ("soft", "hard")
 NOVEL_POSE_DRIVES = ("uniform", "recombined")
 
 
@@ -103,13 +102,12 @@ class ObjectiveConfig:
     novel_pose_sigma_deg: float = 4.0  # head-pose shift of the novel-pose renders
     novel_pose_drive: str = "uniform"  # their jaw and expression: NOVEL_POSE_DRIVES (module docstring)
     loss_resolution: int = 512  # image terms on renders downsampled to at most this size
-    consistency_mask: str = "soft"  # 'soft': the authors' (eye and mouth hulls, dilated, blurred); 'hard'; 'jaw'
+    consistency_mask: str = "soft"  # 'soft': the authors' (eye and mouth hulls, dilated, blurred); 'hard'
     optimize_noise: bool = True  # train the generator's noise maps with the mappers (re-randomised first)
 
     def __post_init__(self):
         if self.consistency_mask not in CONSISTENCY_MASKS:
-            raise ValueError(f"consistency_mask {self.consistency_mask!r}: expected one of "
-                             f"{', '.join(CONSISTENCY_MASKS)}")
+            raise ValueError(f"consistency_mask {self.consistency_mask!r}: expected soft or hard")
         if self.novel_pose_drive not in NOVEL_POSE_DRIVES:
             raise ValueError(f"novel_pose_drive {self.novel_pose_drive!r}: expected one of "
                              f"{', '.join(NOVEL_POSE_DRIVES)}")
@@ -138,8 +136,7 @@ def eyes_mouth_masks(pts: np.ndarray, resolution: int, kind: str = "soft") -> np
     """[N, 1, R, R] float masks from MediaPipe landmarks [N, 468, 2] in aligned crops of R pixels: 0 on the
     eyes and the mouth, 1 elsewhere. 'soft' (the authors'): each region's convex hull, dilated by a 31 px
     square and blurred with a Gaussian (sigma 5 px, 51 px window), sizes given at 512 px; 'hard': the
-    contours dilated by R/16, no blur; 'jaw': 'hard' with the mouth's region reaching down to the chin (the hull of
-    the lips and the chin), which a perturbed jaw moves."""
+    contours dilated by R/16, no blur."""
     masks = np.ones((len(pts), 1, resolution, resolution), np.float32)
     at_512 = resolution / 512
 
@@ -155,8 +152,6 @@ def eyes_mouth_masks(pts: np.ndarray, resolution: int, kind: str = "soft") -> np
                 cv2.fillConvexPoly(region, cv2.convexHull(polygon), 1)
             else:
                 cv2.fillPoly(region, [polygon], 1)
-        if kind == "jaw":
-            cv2.fillConvexPoly(region, cv2.convexHull(np.round(p[list(OUTER_LIPS + CHIN)]).astype(np.int32)), 1)
         covered = cv2.dilate(region, kernel).astype(np.float32)
         if kind == "soft":
             covered = cv2.GaussianBlur(covered, (odd(51 * at_512),) * 2, 5 * at_512, borderType=cv2.BORDER_REFLECT)
