@@ -35,7 +35,7 @@ def parts(d3_track):
     pivots = G.map_z(torch.randn(5, 32)).detach()
     tracker = DifferentiableTracker(d3_track.face_model)
     identity = IdentityLoss(ArcFace().eval().requires_grad_(False))
-    jaw = torch.cat([torch.rand(N, 1) * 0.2, torch.zeros(N, 2)], 1)
+    jaw = torch.cat([torch.rand(N, 1) * 0.2, torch.randn(N, 1) * 0.05, torch.zeros(N, 1)], 1)  # open, lateral, 0
     controls = (torch.randn(N, 2) * 0.2, torch.cat([jaw, torch.randn(N, EXPR)], 1))
     return G, pivots, tracker, identity, controls
 
@@ -225,28 +225,49 @@ def test_the_perturbation_moves_the_jaw_only_when_asked(parts, perturb_jaw):
 
 
 class _TrackerReadingAJaw:
-    """Reads every image as a head at rest with no expression and its jaw ``opening`` radians open."""
+    """Reads every image as a head at rest with no expression and its jaw at ``jaw`` (radians, two axes)."""
 
-    opening = 0.0
+    jaw = (0.0, 0.0)
 
     def __call__(self, images):
         n = len(images)
         jaw = torch.zeros(n, 3)
-        jaw[:, 0] = self.opening
+        jaw[:, :2] = torch.tensor(self.jaw)
         return {"pitch": torch.zeros(n), "yaw": torch.zeros(n), "jaw": jaw, "expression": torch.zeros(n, EXPR)}
 
 
-def test_the_expression_term_reads_the_jaw_in_units_of_its_spread(parts):
-    """A render whose jaw is read one spread (sd over the training frames) away from the frame's counts as much
-    as an expression coefficient one sd away: 1 over the jaw's two axes and the coefficients."""
-    G, pivots, _, _, controls = parts
+def _expression_term(parts, controls, perturb_jaw: bool, read_jaw) -> float:
+    """The expression term of renders the tracker reads with the jaw at ``read_jaw`` where it read the frames closed,
+    the perturbation at 0."""
+    G, pivots = parts[:2]
     m = _mappers(G, pivots, controls, trained_expression=True)
-    tracker = _TrackerReadingAJaw()  # reads the frames (the term's reference) with the jaw closed
-    with_tracker = (*parts[:2], tracker, *parts[3:])
-    objective = _objective(with_tracker, m, torch.zeros(N, 3, 64, 64), ObjectiveConfig(perturb_jaw=True, sigma=0.0))
-    tracker.opening = controls[1][:, 0].std().item()  # and the renders one spread open
-    terms = objective.terms(m, torch.arange(N), torch.Generator().manual_seed(0))
-    assert terms["expression"].item() == pytest.approx(1 / (2 + EXPR), rel=1e-4)
+    tracker = _TrackerReadingAJaw()
+    with_tracker = (*parts[:2], tracker, parts[3], controls)
+    objective = _objective(with_tracker, m, torch.zeros(N, 3, 64, 64),
+                           ObjectiveConfig(perturb_jaw=perturb_jaw, sigma=0.0))
+    tracker.jaw = read_jaw
+    return objective.terms(m, torch.arange(N), torch.Generator().manual_seed(0))["expression"].item()
+
+
+@pytest.mark.parametrize("perturb_jaw", [True, False])
+def test_the_expression_term_reads_the_jaw_in_units_of_its_spread(parts, perturb_jaw):
+    """A render whose jaw is read one spread (sd over the training frames) from the frame's counts as much as an
+    expression coefficient one sd away, each axis by its own spread; the jaw counts only where it is perturbed."""
+    controls = parts[4]
+    spread = controls[1][:, :2].std(0)
+    assert (spread > np.radians(0.5)).all()
+    term = _expression_term(parts, controls, perturb_jaw, (spread[0].item(), 2 * spread[1].item()))
+    assert term == pytest.approx((1 + 4) / (2 + EXPR) if perturb_jaw else 0.0, rel=1e-4, abs=1e-9)
+
+
+def test_a_jaw_that_hardly_moves_is_read_in_the_trackers_noise_not_its_spread(parts):
+    """A lateral axis that never moves in training: a render read 0.5 degree off there counts as one sd, not as the
+    thousands its (zero) spread would make of it."""
+    pitch_yaw, jaw_expression = parts[4]
+    still = jaw_expression.clone()
+    still[:, 1] = 0.0
+    term = _expression_term(parts, (pitch_yaw, still), True, (0.0, np.radians(0.5)))
+    assert term == pytest.approx(1 / (2 + EXPR), rel=1e-4)
 
 
 def test_the_objective_renders_in_the_dtype_asked_and_its_terms_stay_float32(parts):

@@ -5,7 +5,8 @@ expression controls (expression + N(0, sigma); the jaw too when ``perturb_jaw``,
 then, the image terms on renders downsampled to at most 512 px (antialiased), as the authors' code:
   10 L2(I', I) + 10 perceptual(I', I) + 0.5 identity(I', I)
   + 0.1 |pose(I^e) - pose(I)|^2 + 0.1 |exp(I^e) - exp'|^2     (the tracker: DECA, or the differentiable one;
-                                                               exp holds the jaw too when it is perturbed)
+                                                               exp holds the jaw too when it is perturbed,
+                                                               in units of its spread)
   + 1.0 |m (I^e - I')|^2 (m: 0 on the eyes and mouth, soft edges)
   + 0.5 (|dw_expr|^2 + |dw_expr^e|^2), averaged over the layers the expression mapper predicts.
 The optimiser trains the mappers and, as the authors, the generator's noise maps (re-randomised first).
@@ -202,7 +203,9 @@ class MapperObjective:
         self.dtype = dtype  # the generator's renders (training.render_dtype)
         self.data, self.perceptual, self.config = data, perceptual, config
         self.tracker, self.identity = tracker, identity
-        spread = data.jaw_expression.std(0).clamp(min=1e-3)
+        spread = data.jaw_expression.std(0)
+        # a jaw axis that hardly moves spreads by the tracker's noise, which the units below would amplify
+        spread[:JAW_AXES] = spread[:JAW_AXES].clamp(min=np.radians(controls.JAW_NOISE_DEG))
         spread[JAW_AXES:] = 1.0  # expression coefficients are unit-variance already
         # the expression term reads the jaw in units of its spread, as it is perturbed: in radians its squared
         # error weighed some 1/350 of an expression coefficient's (a spread of 3 degrees): the term left it alone
